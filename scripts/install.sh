@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs streamvae and everything its tests and examples use, on a fresh Debian machine.
+# torch==2.13.0 goes first so that pip does not pull a multi-GB CUDA build for "torch>=2.4".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if command -v apt-get >/dev/null 2>&1; then
+  need=()
+  for pkg in mosquitto ffmpeg; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+  fi
+  # The tests start their own broker on a free port; the packaged service is not needed.
+  (systemctl disable --now mosquitto 2>/dev/null || service mosquitto stop 2>/dev/null || true) >/dev/null 2>&1
+fi
+python3 -m pip install -q "torch==2.13.0"
+python3 -m pip install -q -e ".[test,mqtt,hub,bench]"

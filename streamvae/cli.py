@@ -1,0 +1,91 @@
+"""The ``streamvae`` command: ``encode`` | ``live`` | ``bench``.
+
+Run ``streamvae COMMAND --help`` for each command's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from streamvae.model import WanEncoder
+
+__all__ = ["ModelChoice", "add_model_arguments", "main", "model_from_args"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+NO_WEIGHTS_HELP = (
+    "no weights given. Pass --weights with the Wan 2.1 VAE: a local Wan2.1_VAE.pth, ComfyUI's "
+    "wan_2.1_vae.safetensors, diffusers' vae/ folder, or a hub id such as Wan-AI/Wan2.1-T2V-1.3B "
+    "(pip install 'streamvae[hub]'; e.g. huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B "
+    "Wan2.1_VAE.pth). To try the pipeline without them, pass --random-weights: every output is "
+    "then labelled as meaningless."
+)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The loaded encoder and what to call it in outputs (``random`` marks meaningless latents)."""
+
+    encoder: WanEncoder
+    label: str
+    random: bool
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--weights", help="anything streamvae.load_encoder takes (file, folder, hub id)"
+    )
+    group.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random weights, for trying the pipeline: the latents mean nothing and are labelled so",
+    )
+    group.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    group.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+    )
+
+
+def model_from_args(args: argparse.Namespace) -> ModelChoice:
+    from streamvae.weights import load_encoder, random_encoder
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype]
+    if args.weights and args.random_weights:
+        raise SystemExit("streamvae: give --weights or --random-weights, not both")
+    if args.weights:
+        return ModelChoice(
+            load_encoder(args.weights, device=device, dtype=dtype), str(args.weights), False
+        )
+    if args.random_weights:
+        encoder = random_encoder(device=device, dtype=dtype)
+        return ModelChoice(encoder, "RANDOM WEIGHTS (latents are meaningless)", True)
+    raise SystemExit(f"streamvae: {NO_WEIGHTS_HELP}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamvae", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    from streamvae import bench
+    from streamvae.io import commands as io_commands
+
+    io_commands.add_encode_command(commands)
+    io_commands.add_live_command(commands)
+    bench.add_bench_command(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

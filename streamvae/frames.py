@@ -1,0 +1,146 @@
+"""What a frame may be, how it is checked, and how it reaches the model's device and layout.
+
+Accepted frames (one video frame each):
+
+- numpy ``[H, W, 3]`` in RGB order: ``uint8`` (0..255) or floating point in [-1, 1];
+- torch ``[3, H, W]``: ``uint8`` (0..255) or floating point in [-1, 1], on the CPU or on the
+  encoder's device;
+- a :class:`Frame`, which wraps one of the above with its capture timestamp.
+
+``H`` and ``W`` must be multiples of 8. uint8 frames travel to the device as uint8 and are
+scaled there (``x / 127.5 - 1``), so a 480x832 frame uploads 1.2 MB, not 4.8 MB.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Frame", "FrameError", "FrameLike", "check_frame"]
+
+# Float frames may stray this far outside [-1, 1] (rounding in the caller's conversion).
+RANGE_TOLERANCE = 1e-3
+SPATIAL_MULTIPLE = 8
+
+
+class FrameError(ValueError):
+    """A frame was refused. The stream's state is unchanged."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A frame with what is known about it.
+
+    ``timestamp`` is the capture time (seconds since the epoch) when the source knows it.
+    ``gap`` marks the first frame after a discontinuity (a source that reconnected): the
+    stream ends its current run before this frame and starts afresh from it.
+    """
+
+    image: Any
+    timestamp: float | None = None
+    gap: bool = False
+
+
+FrameLike = np.ndarray | torch.Tensor | Frame
+
+
+@dataclass(frozen=True)
+class CheckedFrame:
+    """A frame that passed every check: ``tensor`` is ``[3, H, W]`` (uint8 or float)."""
+
+    tensor: torch.Tensor
+    height: int
+    width: int
+    timestamp: float | None
+    gap: bool
+
+    @property
+    def is_uint8(self) -> bool:
+        return self.tensor.dtype == torch.uint8
+
+
+def _describe(frame: Any) -> str:
+    if isinstance(frame, np.ndarray):
+        return f"numpy array of shape {frame.shape} and dtype {frame.dtype}"
+    if isinstance(frame, torch.Tensor):
+        return f"torch tensor of shape {tuple(frame.shape)}, dtype {frame.dtype} on {frame.device}"
+    return f"{type(frame).__name__}"
+
+
+_EXPECTED = (
+    "expected numpy uint8 [H, W, 3] RGB, or torch [3, H, W] uint8 (0..255) or float in [-1, 1]"
+)
+
+
+def check_frame(frame: Any, device: torch.device, timestamp: float | None = None) -> CheckedFrame:
+    """Check one frame without touching any stream state; raise :class:`FrameError` if refused."""
+    gap = False
+    if isinstance(frame, Frame):
+        timestamp = frame.timestamp if timestamp is None else timestamp
+        gap = frame.gap
+        frame = frame.image
+    if timestamp is not None and not (
+        isinstance(timestamp, (int, float)) and math.isfinite(timestamp)
+    ):
+        raise FrameError(f"timestamp must be a finite number of seconds, got {timestamp!r}")
+    if isinstance(frame, np.ndarray):
+        if frame.ndim != 3 or frame.shape[2] != 3:
+            raise FrameError(f"got a {_describe(frame)}; {_EXPECTED}")
+        tensor = _numpy_to_tensor(frame).permute(2, 0, 1)
+    elif isinstance(frame, torch.Tensor):
+        if frame.dim() != 3 or frame.shape[0] != 3:
+            raise FrameError(f"got a {_describe(frame)}; {_EXPECTED}")
+        if frame.device.type != "cpu" and frame.device != device:
+            raise FrameError(
+                f"got a {_describe(frame)}; frames must be on the CPU or on the encoder's "
+                f"device {device}"
+            )
+        tensor = frame
+        if tensor.dtype not in (torch.uint8,) and not tensor.is_floating_point():
+            raise FrameError(f"got a {_describe(frame)}; {_EXPECTED}")
+    else:
+        raise FrameError(f"got {_describe(frame)}; {_EXPECTED}")
+    _, height, width = tensor.shape
+    if height == 0 or width == 0 or height % SPATIAL_MULTIPLE or width % SPATIAL_MULTIPLE:
+        raise FrameError(
+            f"got a frame of {height}x{width}; height and width must be positive multiples of "
+            f"{SPATIAL_MULTIPLE} (resize or crop it, e.g. open_source(..., size='HxW'))"
+        )
+    if tensor.is_floating_point():
+        _check_float_values(tensor, frame)
+    return CheckedFrame(tensor, height, width, timestamp, gap)
+
+
+def _numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
+    if array.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    if array.dtype.kind == "f":
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    raise FrameError(f"got a {_describe(array)}; {_EXPECTED}")
+
+
+def _check_float_values(tensor: torch.Tensor, original: Any) -> None:
+    values = tensor.float()
+    if not bool(torch.isfinite(values).all()):
+        raise FrameError(f"got a {_describe(original)} containing NaN or Inf; {_EXPECTED}")
+    low, high = float(values.min()), float(values.max())
+    if low < -1 - RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+        raise FrameError(
+            f"got a {_describe(original)} with values in [{low:.4g}, {high:.4g}]; float frames "
+            f"must lie in [-1, 1] (uint8 frames are scaled as x / 127.5 - 1)"
+        )
+
+
+def to_model_input(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[..., 3, H, W]`` uint8 or float on the model's device -> model dtype in [-1, 1].
+
+    uint8 is scaled in float32 first, so the values equal ``x.float() / 127.5 - 1`` exactly;
+    float frames are only cast (no clamping), so they match :meth:`WanEncoder.encode`.
+    """
+    if tensor.dtype == torch.uint8:
+        tensor = tensor.float().div_(127.5).sub_(1.0)
+    return tensor.to(dtype)

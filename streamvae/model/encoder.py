@@ -1,0 +1,235 @@
+"""The Wan 2.1 VAE encoder as a chain of stepping layers; batch encode is one fresh-state pass.
+
+>>> import torch
+>>> from streamvae.config import narrow
+>>> from streamvae.model import WanEncoder
+>>> encoder = WanEncoder(narrow(8)).eval()
+>>> encoder.encode(torch.zeros(1, 3, 9, 32, 32)).shape
+torch.Size([1, 16, 3, 4, 4])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from streamvae.config import WAN21, WanConfig
+from streamvae.model.layers import (
+    CausalConv3d,
+    Downsample,
+    MidBlock,
+    ResidualBlock,
+    ResidualState,
+    RMSNorm,
+    StateSpec,
+)
+from streamvae.model.state import ConvState, TimeDownState
+
+__all__ = ["EncoderState", "WanEncoder", "state_nbytes"]
+
+Block = ResidualBlock | Downsample
+BlockState = ResidualState | TimeDownState | None
+
+
+class EncoderState:
+    """Everything one stream remembers: one state object per causal layer, sized for ``H x W``.
+
+    Allocated once by :meth:`WanEncoder.new_state`; never grows with stream length.
+    """
+
+    def __init__(
+        self,
+        spec: StateSpec,
+        height: int,
+        width: int,
+        conv_in: ConvState,
+        blocks: list[BlockState],
+        mid: list[ResidualState],
+        conv_out: ConvState,
+    ) -> None:
+        self.spec = spec
+        self.height = height
+        self.width = width
+        self.conv_in = conv_in
+        self.blocks = blocks
+        self.mid = mid
+        self.conv_out = conv_out
+
+    def _parts(self) -> Iterator[ConvState | ResidualState | TimeDownState]:
+        yield self.conv_in
+        yield from (s for s in self.blocks if s is not None)
+        yield from self.mid
+        yield self.conv_out
+
+    def reset(self) -> None:
+        """Back to the state before frame 0, in place (no reallocation)."""
+        for part in self._parts():
+            part.reset()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self._parts())
+
+
+class WanEncoder(nn.Module):
+    """The Wan 2.1 VAE encoder (encoder trunk plus ``quant_conv``), returning the latent mean.
+
+    Parameter names follow diffusers' ``AutoencoderKLWan`` (``conv_in``, ``down_blocks.N``,
+    ``mid_block``, ``norm_out``, ``conv_out``, ``quant_conv``) with the ``encoder.`` prefix
+    dropped; :mod:`streamvae.weights` maps Wan's original names onto them.
+    """
+
+    def __init__(self, config: WanConfig = WAN21) -> None:
+        super().__init__()
+        self.config = config
+        dims = config.dims
+        self.conv_in = CausalConv3d(config.in_channels, dims[0])
+        blocks: list[Block] = []
+        last_stage = len(config.dim_mult) - 1
+        for stage, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if stage != last_stage:
+                blocks.append(Downsample(out_dim, temporal=config.temporal_downsample[stage]))
+        self.down_blocks = nn.ModuleList(blocks)
+        self.mid_block = MidBlock(dims[-1])
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], 2 * config.z_dim)
+        self.quant_conv = nn.Conv3d(2 * config.z_dim, 2 * config.z_dim, 1)
+        # float32 whatever the model's dtype: kept out of the module's buffers so .to(dtype)
+        # cannot round them.
+        self._latent_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    # -- state ----
+
+    def new_state(
+        self,
+        height: int,
+        width: int,
+        *,
+        batch: int = 1,
+        capacity: int = 1,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> EncoderState:
+        """Allocate the streaming state for ``batch`` streams of ``height x width`` frames.
+
+        ``capacity`` is the most frames one :meth:`step` call feeds each layer at once; longer
+        inputs are stepped through in chunks of that many frames.
+        """
+        spec = StateSpec(batch, capacity, self.dtype, self.device, memory_format)
+        h, w = height, width
+        conv_in = self.conv_in.new_state(spec, h, w)
+        blocks: list[BlockState] = []
+        for block in self.down_blocks:
+            blocks.append(block.new_state(spec, h, w))
+            if isinstance(block, Downsample):
+                h, w = h // 2, w // 2
+        mid = self.mid_block.new_state(spec, h, w)
+        conv_out = self.conv_out.new_state(spec, h, w)
+        return EncoderState(spec, height, width, conv_in, blocks, mid, conv_out)
+
+    # -- stepping ----
+
+    @torch.inference_mode()
+    def step(self, video: torch.Tensor, state: EncoderState) -> torch.Tensor | None:
+        """Advance ``state`` by the frames of ``video`` (``[B, 3, n, H, W]``, model dtype, [-1, 1]).
+
+        Returns the raw latent means ``[B, z_dim, m, H/8, W/8]`` (model dtype) of the latent
+        frames that became complete, or ``None`` when none did.
+        """
+        outs = [
+            out
+            for chunk in video.split(state.spec.capacity, dim=2)
+            if (out := self._step_chunk(chunk, state)) is not None
+        ]
+        if not outs:
+            return None
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _step_chunk(self, x: torch.Tensor, state: EncoderState) -> torch.Tensor | None:
+        count = x.shape[2]
+        state.conv_in.slots(count).copy_(x)
+        h: torch.Tensor | None = self.conv_in.step(state.conv_in, count)
+        for block, block_state in zip(self.down_blocks, state.blocks):
+            if isinstance(block, ResidualBlock):
+                h = block.step(h, block_state)
+            else:
+                h = block.step(h, block_state)
+                if h is None:
+                    return None
+        assert h is not None
+        h = self.mid_block.step(h, state.mid)
+        count = h.shape[2]
+        self.norm_out.silu_into(h, state.conv_out.slots(count))
+        h = self.conv_out.step(state.conv_out, count)
+        z = self.config.z_dim
+        return torch.nn.functional.conv3d(h, self.quant_conv.weight[:z], self.quant_conv.bias[:z])
+
+    def normalize(self, mean: torch.Tensor) -> torch.Tensor:
+        """Wan's latent normalisation ``(mu - mean) / std`` per channel, in float32."""
+        stats = self._latent_stats.get(mean.device)
+        if stats is None:
+            shift = torch.tensor(self.config.latents_mean, dtype=torch.float32)
+            scale = 1.0 / torch.tensor(self.config.latents_std, dtype=torch.float32)
+            stats = self._latent_stats[mean.device] = (shift.to(mean.device), scale.to(mean.device))
+        shape = (1, -1, 1, 1, 1) if mean.dim() == 5 else (-1, 1, 1)
+        return (mean.float() - stats[0].view(shape)) * stats[1].view(shape)
+
+    # -- batch ----
+
+    @torch.inference_mode()
+    def encode(
+        self, video: torch.Tensor, *, normalize: bool = True, chunk_frames: int = 4
+    ) -> torch.Tensor:
+        """Encode whole clips: ``[B, 3, T, H, W]`` RGB in [-1, 1] -> ``[B, 16, 1 + (T-1)//4, H//8, W//8]``.
+
+        Returns float32 latent means, normalised with Wan's per-channel mean and std (the raw
+        mean with ``normalize=False``, which is what diffusers' ``latent_dist.mean`` returns).
+        As in the reference, frames after the last complete group of four (frames past
+        ``1 + 4 * ((T - 1) // 4)``) are ignored. This is the streaming code path run from a fresh
+        state over chunks of ``chunk_frames`` frames; any chunking gives the same latents.
+        """
+        if not isinstance(video, torch.Tensor) or video.dim() != 5:
+            got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ValueError(f"encode expects a [B, 3, T, H, W] tensor, got {got}")
+        b, c, t, h, w = video.shape
+        if c != self.config.in_channels:
+            raise ValueError(f"encode expects {self.config.in_channels} channels (RGB), got {c}")
+        if not video.is_floating_point():
+            raise TypeError(f"encode expects a float tensor in [-1, 1], got {video.dtype}")
+        if t < 1 or h < self.config.spatial_stride or w < self.config.spatial_stride:
+            raise ValueError(f"encode needs T >= 1 and H, W >= 8, got T={t}, H={h}, W={w}")
+        stride = self.config.temporal_stride
+        used = 1 + stride * ((t - 1) // stride)
+        video = video[:, :, :used].to(device=self.device, dtype=self.dtype)
+        state = self.new_state(h, w, batch=b, capacity=min(chunk_frames, used))
+        mean = self.step(video, state)
+        assert mean is not None
+        return self.normalize(mean) if normalize else mean.float()
+
+
+def state_nbytes(
+    config: WanConfig,
+    height: int,
+    width: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    batch: int = 1,
+    capacity: int = 1,
+) -> int:
+    """Bytes of one stream's state at ``height x width``, computed without allocating anything."""
+    with torch.device("meta"):
+        encoder = WanEncoder(config).to(dtype)
+        state = encoder.new_state(height, width, batch=batch, capacity=capacity)
+    return state.nbytes

@@ -1,0 +1,242 @@
+"""The Wan 2.1 encoder's building blocks, each with a ``step`` over the frames new since its last call.
+
+Tensors are ``[B, C, T, H, W]``. Layers without memory (norms, SiLU, attention, 1x1 convs, the
+spatial downsample) act per frame. The causal ones (3x3x3 convs, the temporal downsample) keep
+what they must remember in a state object owned by the stream (see :mod:`streamvae.model.state`),
+so one set of weights serves any number of streams.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamvae.model.state import ConvState, FrameWindow, TimeDownState
+
+__all__ = [
+    "Attention",
+    "CausalConv3d",
+    "Downsample",
+    "MidBlock",
+    "RMSNorm",
+    "ResidualBlock",
+    "ResidualState",
+    "StateSpec",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class StateSpec:
+    """What a stream's states are allocated with: batch, window capacity, dtype, device, layout."""
+
+    def __init__(
+        self,
+        batch: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1 frame per step, got {capacity}")
+        self.batch = batch
+        self.capacity = capacity
+        self.dtype = dtype
+        self.device = device
+        self.memory_format = memory_format
+
+    def window(self, channels: int, keep: int, height: int, width: int) -> FrameWindow:
+        return FrameWindow.allocate(
+            self.batch,
+            channels,
+            keep,
+            self.capacity,
+            height,
+            width,
+            dtype=self.dtype,
+            device=self.device,
+            memory_format=self.memory_format,
+        )
+
+
+class RMSNorm(nn.Module):
+    """``x / max(||x||_2 over C, 1e-12) * sqrt(C) * gamma``; in float32 for half-precision input."""
+
+    def __init__(self, dim: int, *, images: bool = False) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in _LOW_PRECISION:
+            return F.normalize(x.float(), dim=1)
+        return F.normalize(x, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self._normalized(x) * self.scale * self.gamma).to(x.dtype)
+
+    def silu_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``silu(norm(x))`` written into ``out`` (a slot of a conv's frame window)."""
+        torch.mul(self._normalized(x) * self.scale, self.gamma, out=out)
+        return F.silu(out, inplace=True)
+
+
+class CausalConv3d(nn.Conv3d):
+    """A 3D conv causal in time: ``2 * (k // 2)`` frames of memory in front, symmetric spatial padding.
+
+    ``step`` reads the state's window ``[last two input frames, new frames]``; the caller has
+    written the new frames into ``state.slots(n)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        pad = kernel_size // 2
+        super().__init__(in_channels, out_channels, kernel_size, padding=(0, pad, pad))
+        if kernel_size != 3:
+            raise ValueError("the Wan encoder's causal convs are 3x3x3")
+
+    def new_state(self, spec: StateSpec, height: int, width: int) -> ConvState:
+        return ConvState(spec.window(self.in_channels, ConvState.KEEP, height, width))
+
+    def step(self, state: ConvState, count: int) -> torch.Tensor:
+        window = state.window.slots(0, ConvState.KEEP + count)
+        out = self._conv_forward(window, self.weight, self.bias)
+        state.advance(count)
+        return out
+
+
+class ResidualState:
+    """The two causal convs' states of a residual block."""
+
+    def __init__(self, conv1: ConvState, conv2: ConvState) -> None:
+        self.conv1 = conv1
+        self.conv2 = conv2
+
+    def reset(self) -> None:
+        self.conv1.reset()
+        self.conv2.reset()
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv1.nbytes + self.conv2.nbytes
+
+
+class ResidualBlock(nn.Module):
+    """norm, SiLU, causal conv, norm, SiLU, causal conv; plus a 1x1x1 shortcut when widths differ."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(in_dim)
+        self.conv1 = CausalConv3d(in_dim, out_dim)
+        self.norm2 = RMSNorm(out_dim)
+        self.conv2 = CausalConv3d(out_dim, out_dim)
+        self.conv_shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
+
+    def new_state(self, spec: StateSpec, height: int, width: int) -> ResidualState:
+        return ResidualState(
+            self.conv1.new_state(spec, height, width), self.conv2.new_state(spec, height, width)
+        )
+
+    def step(self, x: torch.Tensor, state: ResidualState) -> torch.Tensor:
+        count = x.shape[2]
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        self.norm1.silu_into(x, state.conv1.slots(count))
+        h = self.conv1.step(state.conv1, count)
+        self.norm2.silu_into(h, state.conv2.slots(count))
+        h = self.conv2.step(state.conv2, count)
+        return h.add_(shortcut)
+
+
+class Downsample(nn.Module):
+    """Spatial /2 per frame (pad right and bottom by one, 3x3 conv stride 2); optionally time /2.
+
+    The time conv (kernel (3, 1, 1), stride 2) passes the very first frame through and then emits
+    one frame per two new ones: ``u[0] = s[0]``, ``u[j] = time_conv(s[2j-2], s[2j-1], s[2j])``.
+    """
+
+    def __init__(self, dim: int, *, temporal: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, stride=2)
+        self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
+
+    def new_state(self, spec: StateSpec, height: int, width: int) -> TimeDownState | None:
+        if self.time_conv is None:
+            return None
+        channels = self.conv.out_channels
+        return TimeDownState(spec.window(channels, 2, height // 2, width // 2))
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        frames = self.conv(F.pad(frames, (0, 1, 0, 1)))
+        return frames.reshape(b, t, c, h // 2, w // 2).transpose(1, 2)
+
+    def step(self, x: torch.Tensor, state: TimeDownState | None) -> torch.Tensor | None:
+        """The output frames this step can produce, or ``None`` when it can produce none yet."""
+        s = self.spatial(x)
+        if self.time_conv is None:
+            return s
+        assert state is not None
+        window = state.window
+        count = s.shape[2]
+        window.slots(state.held, count).copy_(s)
+        available = state.held + count
+        first = None
+        if not state.started:
+            first = window.slots(0, 1).clone()
+            state.started = True
+        pairs = (available - 1) // 2
+        out = None
+        if pairs:
+            out = F.conv3d(
+                window.slots(0, 1 + 2 * pairs),
+                self.time_conv.weight,
+                self.time_conv.bias,
+                stride=(2, 1, 1),
+            )
+        keep = available - 2 * pairs
+        window.shift_to_front(2 * pairs, keep)
+        state.held = keep
+        if first is None:
+            return out
+        return first if out is None else torch.cat([first, out], dim=2)
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the ``h * w`` positions of each frame, plus the input."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        qkv = self.to_qkv(self.norm(frames)).reshape(b * t, 3 * c, h * w).transpose(1, 2)
+        q, k, v = (part.unsqueeze(1) for part in qkv.chunk(3, dim=-1))
+        attended = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))
+        attended = attended.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        out = self.proj(attended).reshape(b, t, c, h, w).transpose(1, 2)
+        return x + out
+
+
+class MidBlock(nn.Module):
+    """Residual block, attention, residual block (names as in diffusers' ``WanMidBlock``)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim), ResidualBlock(dim, dim)])
+        self.attentions = nn.ModuleList([Attention(dim)])
+
+    def new_state(self, spec: StateSpec, height: int, width: int) -> list[ResidualState]:
+        return [resnet.new_state(spec, height, width) for resnet in self.resnets]
+
+    def step(self, x: torch.Tensor, states: list[ResidualState]) -> torch.Tensor:
+        x = self.resnets[0].step(x, states[0])
+        x = self.attentions[0](x)
+        return self.resnets[1].step(x, states[1])

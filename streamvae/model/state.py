@@ -1,0 +1,124 @@
+"""Streaming state of the causal layers: explicit, preallocated, updated in place.
+
+Each causal layer of the encoder owns one of these per stream. A state is sized once, when the
+frame size is known, and never grows: it holds the frames the layer must remember (two for a
+3x3x3 causal conv, up to two for a temporal downsample) plus ``capacity`` slots that the new
+frames of one step are written into, so the layer's convolution reads one contiguous window
+``[remembered, new]`` and no per-step concatenation or cache reallocation happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["ConvState", "FrameWindow", "TimeDownState"]
+
+
+@dataclass(frozen=True)
+class FrameWindow:
+    """A preallocated ``[B, C, keep + capacity, H, W]`` buffer of frames.
+
+    ``frames[:, :, :held]`` are remembered frames; a step writes its new frames after them.
+    """
+
+    frames: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls,
+        batch: int,
+        channels: int,
+        keep: int,
+        capacity: int,
+        height: int,
+        width: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> FrameWindow:
+        shape = (batch, channels, keep + capacity, height, width)
+        frames = torch.zeros(shape, dtype=dtype, device=device).to(memory_format=memory_format)
+        return cls(frames)
+
+    @property
+    def length(self) -> int:
+        return self.frames.shape[2]
+
+    def slots(self, start: int, count: int) -> torch.Tensor:
+        return self.frames[:, :, start : start + count]
+
+    def shift_to_front(self, start: int, count: int) -> None:
+        """Move frames ``[start, start + count)`` to ``[0, count)`` in place.
+
+        Frame by frame from the front, so overlapping ranges (``start < count``) are safe:
+        each source frame is read before it is overwritten.
+        """
+        if start == 0:
+            return
+        for i in range(count):
+            self.frames[:, :, i].copy_(self.frames[:, :, start + i])
+
+    @property
+    def nbytes(self) -> int:
+        return self.frames.numel() * self.frames.element_size()
+
+
+class ConvState:
+    """State of one causal 3x3x3 convolution: its last two input frames (zeros before frame 0).
+
+    ``window.frames[:, :, :2]`` are the remembered frames; ``slots(n)`` are where the ``n`` new
+    input frames of a step are written (by the norm and SiLU in front of the conv).
+    """
+
+    KEEP = 2
+
+    def __init__(self, window: FrameWindow) -> None:
+        self.window = window
+
+    @property
+    def capacity(self) -> int:
+        return self.window.length - self.KEEP
+
+    def slots(self, count: int) -> torch.Tensor:
+        return self.window.slots(self.KEEP, count)
+
+    def advance(self, count: int) -> None:
+        """After a step over ``count`` new frames: the last two input frames become the memory."""
+        self.window.shift_to_front(count, self.KEEP)
+
+    def reset(self) -> None:
+        self.window.frames.zero_()
+
+    @property
+    def nbytes(self) -> int:
+        return self.window.nbytes
+
+
+class TimeDownState:
+    """State of a temporal downsample: whether frame 0 has passed, the last frame used, a pending one.
+
+    Whole-sequence rule: ``u[0] = s[0]`` and ``u[j] = time_conv(s[2j-2], s[2j-1], s[2j])``.
+    ``held`` counts the frames at the front of the window: 0 before the first frame, then 1
+    (the previous pair's last frame ``s[2j-2]``) or 2 (that frame and a pending odd frame).
+    """
+
+    def __init__(self, window: FrameWindow) -> None:
+        self.window = window
+        self.held = 0
+        self.started = False
+
+    @property
+    def capacity(self) -> int:
+        return self.window.length - 2
+
+    def reset(self) -> None:
+        self.window.frames.zero_()
+        self.held = 0
+        self.started = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.window.nbytes

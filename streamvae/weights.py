@@ -1,0 +1,455 @@
+"""Checkpoint layouts, name mapping and loading: ``load_encoder`` takes every real Wan 2.1 VAE file.
+
+>>> import streamvae
+>>> encoder = streamvae.load_encoder("Wan2.1_VAE.pth")                   # Wan's own file  # doctest: +SKIP
+>>> encoder = streamvae.load_encoder("wan_2.1_vae.safetensors")          # ComfyUI's  # doctest: +SKIP
+>>> encoder = streamvae.load_encoder("Wan2.1-T2V-1.3B-Diffusers/vae")    # diffusers' folder  # doctest: +SKIP
+>>> encoder = streamvae.load_encoder("Wan-AI/Wan2.1-T2V-1.3B", dtype=torch.bfloat16)  # hub  # doctest: +SKIP
+
+Two layouts exist, told apart by their tensor names:
+
+- ``wan``: Wan's original names (``encoder.conv1``, ``encoder.downsamples.N.residual.{0,2,3,6}``,
+  ``encoder.middle.{0,1,2}``, ``encoder.head.{0,2}``, top-level ``conv1``), in ``Wan2.1_VAE.pth``
+  and ComfyUI's ``wan_2.1_vae.safetensors``;
+- ``diffusers``: ``AutoencoderKLWan``'s names (``encoder.conv_in``, ``encoder.down_blocks.N``,
+  ``encoder.mid_block``, ``encoder.norm_out``, ``encoder.conv_out``, ``quant_conv``).
+
+Only the encoder's tensors are read; the decoder's are skipped without being loaded. Tensors are
+converted one at a time into the parameters of a model built on the meta device, so the weights
+are never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from streamvae.config import WAN21, WanConfig
+from streamvae.model import WanEncoder
+
+__all__ = ["CheckpointError", "load_encoder", "random_encoder", "wan_to_streamvae_name"]
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+WAN_HUB_FILE = "Wan2.1_VAE.pth"
+DECODER_PREFIXES = ("decoder.", "conv2.", "post_quant_conv.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be loaded; the message says what was wrong and what was expected."""
+
+
+# -- name mapping ----
+
+_WAN_RESIDUAL = {"0": "norm1", "2": "conv1", "3": "norm2", "6": "conv2"}
+
+
+def wan_to_streamvae_name(name: str) -> str | None:
+    """Map one of Wan's original tensor names to streamvae's; ``None`` if it is not an encoder's."""
+    if name.startswith("conv1."):
+        return "quant_conv." + name[len("conv1.") :]
+    if not name.startswith("encoder."):
+        return None
+    rest = name[len("encoder.") :]
+    rules: list[tuple[str, Callable[[re.Match[str]], str]]] = [
+        (r"conv1\.(.+)", lambda m: f"conv_in.{m[1]}"),
+        (
+            r"downsamples\.(\d+)\.residual\.(\d+)\.(.+)",
+            lambda m: f"down_blocks.{m[1]}.{_WAN_RESIDUAL.get(m[2], 'residual.' + m[2])}.{m[3]}",
+        ),
+        (
+            r"downsamples\.(\d+)\.shortcut\.(.+)",
+            lambda m: f"down_blocks.{m[1]}.conv_shortcut.{m[2]}",
+        ),
+        (r"downsamples\.(\d+)\.resample\.1\.(.+)", lambda m: f"down_blocks.{m[1]}.conv.{m[2]}"),
+        (r"downsamples\.(\d+)\.time_conv\.(.+)", lambda m: f"down_blocks.{m[1]}.time_conv.{m[2]}"),
+        (
+            r"middle\.([02])\.residual\.(\d+)\.(.+)",
+            lambda m: (
+                f"mid_block.resnets.{int(m[1]) // 2}."
+                f"{_WAN_RESIDUAL.get(m[2], 'residual.' + m[2])}.{m[3]}"
+            ),
+        ),
+        (r"middle\.1\.(.+)", lambda m: f"mid_block.attentions.0.{m[1]}"),
+        (r"head\.0\.(.+)", lambda m: f"norm_out.{m[1]}"),
+        (r"head\.2\.(.+)", lambda m: f"conv_out.{m[1]}"),
+    ]
+    for pattern, build in rules:
+        match = re.fullmatch(pattern, rest)
+        if match:
+            return build(match)
+    return "encoder." + rest  # unknown encoder tensor: reported as unexpected
+
+
+def diffusers_to_streamvae_name(name: str) -> str | None:
+    """Map one of diffusers' ``AutoencoderKLWan`` names to streamvae's; ``None`` if not an encoder's."""
+    if name.startswith("quant_conv."):
+        return name
+    if not name.startswith("encoder."):
+        return None
+    rest = name[len("encoder.") :]
+    return re.sub(r"^(down_blocks\.\d+)\.resample\.1\.", r"\1.conv.", rest)
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    describe: str
+    to_streamvae: Callable[[str], str | None]
+
+
+WAN_LAYOUT = Layout("wan", "Wan's original names (Wan2.1_VAE.pth / ComfyUI)", wan_to_streamvae_name)
+DIFFUSERS_LAYOUT = Layout(
+    "diffusers", "diffusers' AutoencoderKLWan names", diffusers_to_streamvae_name
+)
+
+
+def detect_layout(names: list[str], origin: str) -> Layout:
+    if any(
+        n.startswith(("encoder.downsamples.", "encoder.conv1.", "encoder.head.")) for n in names
+    ):
+        return WAN_LAYOUT
+    if any(
+        n.startswith(("encoder.down_blocks.", "encoder.conv_in.", "encoder.mid_block."))
+        for n in names
+    ):
+        return DIFFUSERS_LAYOUT
+    if any(n.startswith(DECODER_PREFIXES) for n in names):
+        raise CheckpointError(
+            f"{origin} holds only decoder tensors ({len(names)} tensors, none named 'encoder.*'); "
+            "streamvae needs the encoder: use the full VAE checkpoint (Wan2.1_VAE.pth, "
+            "wan_2.1_vae.safetensors or diffusers' vae/ folder)"
+        )
+    sample = ", ".join(names[:5]) or "no tensors at all"
+    raise CheckpointError(
+        f"{origin} is not a Wan 2.1 VAE checkpoint: expected tensors named 'encoder.conv1.*' "
+        f"(Wan's layout) or 'encoder.conv_in.*' (diffusers' layout), found {sample}"
+    )
+
+
+# -- tensor sources ----
+
+
+class TensorSource:
+    """Names, shapes and lazy reading of the tensors in one checkpoint file."""
+
+    def __init__(
+        self,
+        origin: str,
+        shapes: dict[str, tuple[int, ...]],
+        read: Callable[[str], torch.Tensor],
+    ) -> None:
+        self.origin = origin
+        self.shapes = shapes
+        self.read = read
+
+
+@contextmanager
+def open_tensors(path: Path) -> Iterator[TensorSource]:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        with _open_safetensors(path) as source:
+            yield source
+    elif suffix in (".pth", ".pt", ".ckpt", ".bin"):
+        yield _open_pickle(path)
+    else:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint type {suffix!r}; expected .pth (Wan), .safetensors "
+            "(ComfyUI or diffusers) or a diffusers folder with config.json"
+        )
+
+
+@contextmanager
+def _open_safetensors(path: Path) -> Iterator[TensorSource]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+            yield TensorSource(str(path), shapes, handle.get_tensor)
+    except SafetensorError as error:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({error}); is it truncated?"
+        ) from error
+
+
+def _open_pickle(path: Path) -> TensorSource:
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} was refused: it is a pickle that holds more than tensors (loading it would "
+            f"run code, which streamvae never does: it loads with weights_only=True). {error}"
+        ) from error
+    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as error:
+        if "mmap" in str(error) or "zip" in str(error).lower():
+            state = _load_legacy_pickle(path)
+        else:
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch checkpoint ({error}); is it truncated?"
+            ) from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{path} does not hold a dict of tensors (got {type(state).__name__})"
+        )
+    tensors: dict[str, torch.Tensor] = state
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    return TensorSource(str(path), shapes, lambda name: tensors.pop(name))
+
+
+def _load_legacy_pickle(path: Path) -> Any:
+    """Checkpoints saved without the zip container cannot be memory-mapped."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} was refused: it is a pickle that holds more than tensors (loading it would "
+            f"run code, which streamvae never does: it loads with weights_only=True). {error}"
+        ) from error
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({error}); is it truncated?"
+        ) from error
+
+
+# -- configs ----
+
+
+def config_from_diffusers(config_path: Path) -> WanConfig:
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{config_path} is not a readable JSON config ({error})") from error
+    if raw.get("is_residual") or raw.get("patch_size"):
+        raise CheckpointError(
+            f"{config_path} describes a Wan 2.2-style VAE (is_residual/patch_size); streamvae "
+            "encodes the Wan 2.1 VAE"
+        )
+    fields: dict[str, Any] = {}
+    for ours, theirs in [
+        ("base_dim", "base_dim"),
+        ("z_dim", "z_dim"),
+        ("num_res_blocks", "num_res_blocks"),
+    ]:
+        if theirs in raw:
+            fields[ours] = int(raw[theirs])
+    if "dim_mult" in raw:
+        fields["dim_mult"] = tuple(int(m) for m in raw["dim_mult"])
+    if "temperal_downsample" in raw:
+        fields["temporal_downsample"] = tuple(bool(t) for t in raw["temperal_downsample"])
+    for key in ("latents_mean", "latents_std"):
+        if raw.get(key):
+            fields[key] = tuple(float(v) for v in raw[key])
+    if raw.get("attn_scales"):
+        raise CheckpointError(f"{config_path}: attention inside the stages is not Wan 2.1's layout")
+    try:
+        return replace(WAN21, **fields)
+    except ValueError as error:
+        raise CheckpointError(f"{config_path}: {error}") from error
+
+
+def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> WanConfig:
+    """The Wan 2.1 topology with the widths found in the checkpoint (narrow test models too)."""
+    conv_in = shapes.get("conv_in.weight")
+    conv_out = shapes.get("conv_out.weight")
+    if not conv_in or not conv_out or len(conv_in) != 5 or len(conv_out) != 5:
+        return WAN21
+    z_dim = conv_out[0] // 2
+    config = replace(WAN21, base_dim=conv_in[0], name="wan2.1")
+    if z_dim != WAN21.z_dim:
+        return config  # reported as mis-shaped tensors against the Wan 2.1 topology
+    if conv_in[0] != WAN21.base_dim:
+        config = replace(config, name=f"wan2.1-narrow{conv_in[0]}")
+    return config
+
+
+# -- loading ----
+
+
+def load_encoder(
+    source: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> WanEncoder:
+    """Load the Wan 2.1 VAE encoder from any of its real checkpoint layouts, in eval mode.
+
+    ``source`` is a ``.pth`` or ``.safetensors`` file with Wan's names, diffusers' folder (with
+    ``config.json`` and ``diffusion_pytorch_model.safetensors``) or that safetensors file, or a
+    hub repo id (``Wan-AI/Wan2.1-T2V-1.3B`` or ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``), fetched
+    through ``huggingface_hub`` (``pip install streamvae[hub]``; ``revision`` and
+    ``cache_dir`` are passed on to it). ``device`` defaults to the CPU and ``dtype`` to float32
+    (``torch.bfloat16`` and ``torch.float16`` are supported).
+
+    Raises :class:`CheckpointError` naming the layout it saw and every missing, unexpected or
+    mis-shaped tensor.
+    """
+    device = torch.device("cpu" if device is None else device)
+    dtype = torch.float32 if dtype is None else dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype}")
+    weights_path, config_path = _resolve(source, revision=revision, cache_dir=cache_dir)
+    with open_tensors(weights_path) as tensors:
+        names = list(tensors.shapes)
+        layout = detect_layout(names, str(weights_path))
+        mapped: dict[str, str] = {}  # streamvae name -> checkpoint name
+        unexpected: list[str] = []
+        for name in names:
+            ours = layout.to_streamvae(name)
+            if ours is None:
+                if not name.startswith(DECODER_PREFIXES):
+                    unexpected.append(name)
+                continue
+            mapped[ours] = name
+        shapes = {ours: tensors.shapes[theirs] for ours, theirs in mapped.items()}
+        config = config_from_diffusers(config_path) if config_path else config_from_shapes(shapes)
+        with torch.device("meta"):
+            encoder = WanEncoder(config)
+        expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+        unexpected += [mapped[k] for k in mapped if k not in expected]
+        missing = [k for k in expected if k not in mapped]
+        misshaped = [
+            f"{mapped[k]}: {list(shapes[k])}, expected {list(expected[k])}"
+            for k in expected
+            if k in mapped and shapes[k] != expected[k]
+        ]
+        if missing or unexpected or misshaped:
+            raise CheckpointError(
+                _mismatch_message(str(weights_path), layout, config, missing, unexpected, misshaped)
+            )
+        state = {}
+        for ours in expected:
+            tensor = tensors.read(mapped[ours])
+            state[ours] = tensor.to(device=device, dtype=dtype, copy=True)
+            del tensor
+    encoder.load_state_dict(state, strict=True, assign=True)
+    return encoder.eval().requires_grad_(False)
+
+
+def _mismatch_message(
+    origin: str,
+    layout: Layout,
+    config: WanConfig,
+    missing: list[str],
+    unexpected: list[str],
+    misshaped: list[str],
+) -> str:
+    lines = [
+        f"{origin} does not fit the {config.name} encoder (layout detected: {layout.name}, "
+        f"{layout.describe}):"
+    ]
+    for title, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mis-shaped", misshaped),
+    ):
+        if items:
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            lines.append(f"  {len(items)} {title}: " + "; ".join(shown))
+    return "\n".join(lines)
+
+
+def _resolve(
+    source: str | os.PathLike[str], *, revision: str | None, cache_dir: Any
+) -> tuple[Path, Path | None]:
+    """The weights file and, for diffusers' layout, its config.json."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        weights = path / DIFFUSERS_WEIGHTS
+        if not config.is_file() or not weights.is_file():
+            nested = path / "vae"
+            if (nested / "config.json").is_file():
+                return _resolve(nested, revision=revision, cache_dir=cache_dir)
+            raise CheckpointError(
+                f"{path} is a folder but not diffusers' VAE layout: expected config.json and "
+                f"{DIFFUSERS_WEIGHTS} in it (found: {sorted(p.name for p in path.iterdir())[:10]})"
+            )
+        return weights, config
+    if path.is_file():
+        sibling = path.parent / "config.json"
+        if path.name == DIFFUSERS_WEIGHTS and sibling.is_file():
+            return path, sibling
+        return path, None
+    text = os.fspath(source)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
+        return _from_hub(text, revision=revision, cache_dir=cache_dir)
+    raise CheckpointError(
+        f"{text}: no such file or folder (and not a hub repo id like 'Wan-AI/Wan2.1-T2V-1.3B')"
+    )
+
+
+def _from_hub(repo_id: str, *, revision: str | None, cache_dir: Any) -> tuple[Path, Path | None]:
+    try:
+        import huggingface_hub
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    except ImportError as error:
+        raise CheckpointError(
+            f"{repo_id} looks like a hub repo id, but huggingface_hub is not installed: "
+            "pip install 'streamvae[hub]', or download the file and pass its path"
+        ) from error
+
+    def fetch(filename: str) -> Path | None:
+        try:
+            return Path(
+                huggingface_hub.hf_hub_download(
+                    repo_id, filename, revision=revision, cache_dir=cache_dir
+                )
+            )
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            return None
+
+    attempts = []
+    for weights_name, config_name in (
+        ("vae/" + DIFFUSERS_WEIGHTS, "vae/config.json"),
+        (WAN_HUB_FILE, None),
+        ("wan_2.1_vae.safetensors", None),
+    ):
+        attempts.append(weights_name)
+        try:
+            config = fetch(config_name) if config_name else None
+            if config_name and config is None:
+                continue
+            weights = fetch(weights_name)
+        except Exception as error:  # network, auth, unknown repo
+            raise CheckpointError(f"could not fetch {repo_id} from the hub: {error}") from error
+        if weights is not None:
+            return weights, config
+    raise CheckpointError(
+        f"{repo_id}: none of {attempts} found on the hub or in its local cache "
+        "(offline? set HF_HUB_CACHE to where the files were downloaded)"
+    )
+
+
+def random_encoder(
+    config: WanConfig = WAN21,
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> WanEncoder:
+    """An encoder with random weights (PyTorch's default init, seeded): for timing and plumbing only.
+
+    Its latents mean nothing; anything that shows them should say so.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = WanEncoder(config)
+    return (
+        encoder.to(device=device or "cpu", dtype=dtype or torch.float32)
+        .eval()
+        .requires_grad_(False)
+    )

@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from helpers import random_encoder
+from streamvae import WAN21, narrow
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs these on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def narrow_encoder():
+    """Wan 2.1 topology, 8 channels wide, random weights: fast."""
+    return random_encoder(narrow(8), seed=1)
+
+
+@pytest.fixture(scope="session")
+def wan21_encoder():
+    """The full-size Wan 2.1 encoder with random weights (about 1 s per 9x64x64 clip here)."""
+    return random_encoder(WAN21, seed=2)

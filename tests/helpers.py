@@ -1,0 +1,79 @@
+"""Shared test helpers: random weights with real names, the diffusers oracle, error measures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from streamvae import WanConfig, WanEncoder
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MEGAMIND = SHARED / "data" / "Megamind.avi"
+
+
+def wan21_keys() -> list[tuple[str, tuple[int, ...]]]:
+    """All 194 tensor names and shapes of the real Wan2.1_VAE.pth (a copy of shared/fixtures)."""
+    data = json.loads((FIXTURES / "wan21_vae_keys.json").read_text())
+    return [(name, tuple(shape)) for name, shape in data["keys"]]
+
+
+def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Values that keep activations O(1) through the network: gammas near 1, small weights."""
+    if name.endswith("gamma"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    if name.endswith("bias"):
+        return 0.02 * torch.randn(shape, generator=generator)
+    fan_in = max(1, int(torch.tensor(shape[1:]).prod()))
+    return torch.randn(shape, generator=generator) * (1.0 / fan_in) ** 0.5
+
+
+def random_wan_state_dict(seed: int = 0, keys=None) -> dict[str, torch.Tensor]:
+    """A random state dict with Wan's real names and shapes (all 194 tensors by default)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: random_tensor(name, shape, generator) for name, shape in (keys or wan21_keys())}
+
+
+def random_encoder(config: WanConfig, seed: int = 0, dtype=torch.float32) -> WanEncoder:
+    """A streamvae encoder of ``config`` with random, well-scaled weights."""
+    encoder = WanEncoder(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in encoder.named_parameters():
+            param.copy_(random_tensor(name, tuple(param.shape), generator))
+    return encoder.to(dtype).eval().requires_grad_(False)
+
+
+def diffusers_reference(config: WanConfig):
+    """diffusers' AutoencoderKLWan with ``config``'s hyper-parameters (random init)."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=config.base_dim,
+        z_dim=config.z_dim,
+        dim_mult=list(config.dim_mult),
+        num_res_blocks=config.num_res_blocks,
+        attn_scales=[],
+        temperal_downsample=list(config.temporal_downsample),
+        dropout=0.0,
+        latents_mean=list(config.latents_mean),
+        latents_std=list(config.latents_std),
+    ).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the project's exactness measure."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def random_video(t: int, h: int, w: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    """uint8 frames ``[B, T, H, W, 3]`` (as a camera delivers them)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, t, h, w, 3), generator=generator, dtype=torch.uint8)
+
+
+def to_model_video(frames: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H, W, 3]`` uint8 -> ``[B, 3, T, H, W]`` float in [-1, 1], as the stream converts."""
+    return frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
