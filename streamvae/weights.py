@@ -90,6 +90,52 @@ def wan_to_streamvae_name(name: str) -> str | None:
     return "encoder." + rest  # unknown encoder tensor: reported as unexpected
 
 
+_STREAMVAE_RESIDUAL = {v: k for k, v in _WAN_RESIDUAL.items()}
+
+
+def streamvae_to_wan_name(name: str) -> str:
+    """The inverse of :func:`wan_to_streamvae_name` (used to name missing tensors)."""
+    rules: list[tuple[str, Callable[[re.Match[str]], str]]] = [
+        (r"quant_conv\.(.+)", lambda m: f"conv1.{m[1]}"),
+        (r"conv_in\.(.+)", lambda m: f"encoder.conv1.{m[1]}"),
+        (
+            r"down_blocks\.(\d+)\.(norm1|conv1|norm2|conv2)\.(.+)",
+            lambda m: f"encoder.downsamples.{m[1]}.residual.{_STREAMVAE_RESIDUAL[m[2]]}.{m[3]}",
+        ),
+        (
+            r"down_blocks\.(\d+)\.conv_shortcut\.(.+)",
+            lambda m: f"encoder.downsamples.{m[1]}.shortcut.{m[2]}",
+        ),
+        (
+            r"down_blocks\.(\d+)\.conv\.(.+)",
+            lambda m: f"encoder.downsamples.{m[1]}.resample.1.{m[2]}",
+        ),
+        (
+            r"down_blocks\.(\d+)\.time_conv\.(.+)",
+            lambda m: f"encoder.downsamples.{m[1]}.time_conv.{m[2]}",
+        ),
+        (
+            r"mid_block\.resnets\.(\d)\.(norm1|conv1|norm2|conv2)\.(.+)",
+            lambda m: f"encoder.middle.{2 * int(m[1])}.residual.{_STREAMVAE_RESIDUAL[m[2]]}.{m[3]}",
+        ),
+        (r"mid_block\.attentions\.0\.(.+)", lambda m: f"encoder.middle.1.{m[1]}"),
+        (r"norm_out\.(.+)", lambda m: f"encoder.head.0.{m[1]}"),
+        (r"conv_out\.(.+)", lambda m: f"encoder.head.2.{m[1]}"),
+    ]
+    for pattern, build in rules:
+        match = re.fullmatch(pattern, name)
+        if match:
+            return build(match)
+    raise KeyError(name)
+
+
+def streamvae_to_diffusers_name(name: str) -> str:
+    """The inverse of :func:`diffusers_to_streamvae_name`."""
+    if name.startswith("quant_conv."):
+        return name
+    return "encoder." + re.sub(r"^(down_blocks\.\d+)\.conv\.", r"\1.resample.1.", name)
+
+
 def diffusers_to_streamvae_name(name: str) -> str | None:
     """Map one of diffusers' ``AutoencoderKLWan`` names to streamvae's; ``None`` if not an encoder's."""
     if name.startswith("quant_conv."):
@@ -105,11 +151,20 @@ class Layout:
     name: str
     describe: str
     to_streamvae: Callable[[str], str | None]
+    from_streamvae: Callable[[str], str]
 
 
-WAN_LAYOUT = Layout("wan", "Wan's original names (Wan2.1_VAE.pth / ComfyUI)", wan_to_streamvae_name)
+WAN_LAYOUT = Layout(
+    "wan",
+    "Wan's original names (Wan2.1_VAE.pth / ComfyUI)",
+    wan_to_streamvae_name,
+    streamvae_to_wan_name,
+)
 DIFFUSERS_LAYOUT = Layout(
-    "diffusers", "diffusers' AutoencoderKLWan names", diffusers_to_streamvae_name
+    "diffusers",
+    "diffusers' AutoencoderKLWan names",
+    diffusers_to_streamvae_name,
+    streamvae_to_diffusers_name,
 )
 
 
@@ -320,7 +375,9 @@ def load_encoder(
             encoder = WanEncoder(config)
         expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
         unexpected += [mapped[k] for k in mapped if k not in expected]
-        missing = [k for k in expected if k not in mapped]
+        missing = [
+            f"{layout.from_streamvae(k)} {list(expected[k])}" for k in expected if k not in mapped
+        ]
         misshaped = [
             f"{mapped[k]}: {list(shapes[k])}, expected {list(expected[k])}"
             for k in expected

@@ -1,7 +1,11 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
 import pytest
 import torch
-
 from helpers import random_encoder
+
 from streamvae import WAN21, narrow
 
 
