@@ -119,12 +119,14 @@ def _numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
     if array.dtype == np.uint8:
         return torch.from_numpy(np.ascontiguousarray(array))
     if array.dtype.kind == "f":
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        if array.dtype not in (np.float16, np.float32, np.float64):
+            array = array.astype(np.float64)  # e.g. long double: checked, then cast later
+        return torch.from_numpy(np.ascontiguousarray(array))
     raise FrameError(f"got a {_describe(array)}; {_EXPECTED}")
 
 
 def _check_float_values(tensor: torch.Tensor, original: Any) -> None:
-    values = tensor.float()
+    values = tensor if tensor.dtype == torch.float64 else tensor.float()
     if not bool(torch.isfinite(values).all()):
         raise FrameError(f"got a {_describe(original)} containing NaN or Inf; {_EXPECTED}")
     low, high = float(values.min()), float(values.max())

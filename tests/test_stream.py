@@ -1,0 +1,301 @@
+"""StreamEncoder: frame-at-a-time latents equal the batch encoder's, with explicit bounded state."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import random_video, rel_err, to_model_video
+from streamvae import FrameError, StreamBroken, StreamEncoder, WanEncoder
+from streamvae.frames import Frame
+
+TOLERANCE = 1e-5
+
+
+def stream_all(stream: StreamEncoder, frames: torch.Tensor, bursts=None) -> list:
+    """Push ``[T, H, W, 3]`` uint8 frames (one by one, or in bursts of the given sizes), flush."""
+    latents = []
+    if bursts is None:
+        for frame in frames:
+            latents += stream.push(frame.numpy())
+    else:
+        start = 0
+        for size in bursts:
+            latents += stream.push_many([f.numpy() for f in frames[start : start + size]])
+            start += size
+    return latents + stream.flush()
+
+
+def stacked(latents) -> torch.Tensor:
+    return torch.stack([latent.data for latent in latents], dim=1)[None]
+
+
+@pytest.mark.parametrize("mode", ["frame", "group"])
+def test_push_returns_latent_k_on_frame_4k(narrow_encoder, mode):
+    stream = StreamEncoder(narrow_encoder, mode=mode)
+    frames = random_video(13, 16, 24)[0]
+    for t, frame in enumerate(frames):
+        out = stream.push(frame.numpy())
+        if t % 4 == 0:
+            assert [latent.index for latent in out] == [t // 4]
+        else:
+            assert out == []
+    assert stream.frames_pushed == 13 and stream.latents_emitted == 4
+
+
+@pytest.mark.parametrize("mode", ["frame", "group"])
+def test_streamed_latents_equal_the_batch_encoder(narrow_encoder, mode):
+    frames = random_video(17, 16, 24, seed=3)
+    expected = narrow_encoder.encode(to_model_video(frames))
+    latents = stream_all(StreamEncoder(narrow_encoder, mode=mode), frames[0])
+    assert [latent.index for latent in latents] == list(range(5))
+    assert rel_err(stacked(latents), expected) <= TOLERANCE
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_any_burst_split_equals_the_batch_encoder(narrow_encoder, data):
+    length = data.draw(st.integers(1, 14), label="frames")
+    bursts = []
+    remaining = length
+    while remaining:
+        size = data.draw(st.integers(1, remaining), label="burst")
+        bursts.append(size)
+        remaining -= size
+    mode = data.draw(st.sampled_from(["frame", "group"]), label="mode")
+    frames = random_video(length, 8, 16, seed=length)
+    expected = narrow_encoder.encode(to_model_video(frames))
+    stream = StreamEncoder(narrow_encoder, mode=mode)
+    latents = stream_all(stream, frames[0], bursts)
+    assert rel_err(stacked(latents), expected) <= TOLERANCE
+    assert stream.dropped_frames == (length - 1) % 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [(32, 32), (48, 80)])
+def test_full_wan21_config_streams_exactly(wan21_encoder, size):
+    frames = random_video(9, *size, seed=size[1])
+    expected = wan21_encoder.encode(to_model_video(frames))
+    latents = stream_all(StreamEncoder(wan21_encoder), frames[0])
+    error = rel_err(stacked(latents), expected)
+    print(f"Wan 2.1 {size}: streamed vs batch relative error {error:.2e}")
+    assert error <= TOLERANCE
+
+
+def test_latent_fields(narrow_encoder):
+    stream = StreamEncoder(narrow_encoder)
+    frames = random_video(9, 16, 24)[0]
+    latents = []
+    for t, frame in enumerate(frames):
+        latents += stream.push(frame.numpy(), timestamp=100.0 + t)
+    assert [latent.frames for latent in latents] == [range(0, 1), range(1, 5), range(5, 9)]
+    assert latents[1].timestamps == (101.0, 102.0, 103.0, 104.0)
+    assert latents[0].timestamps == (100.0,)
+    assert all(
+        latent.data.shape == (16, 2, 3) and latent.data.dtype == torch.float32 for latent in latents
+    )
+    assert all(latent.data.device.type == "cpu" for latent in latents)
+    assert latents[0].ready_time <= latents[1].ready_time <= latents[2].ready_time
+    assert not any(latent.gap or latent.padded for latent in latents)
+
+
+def test_unknown_timestamps_are_none(narrow_encoder):
+    stream = StreamEncoder(narrow_encoder)
+    frames = random_video(5, 8, 8)[0]
+    latents = [latent for frame in frames for latent in stream.push(frame.numpy())]
+    assert latents[1].timestamps == (None, None, None, None)
+
+
+def test_frame_kinds_give_identical_latents(narrow_encoder):
+    frames = random_video(5, 16, 16, seed=5)[0]
+    as_numpy = stream_all(StreamEncoder(narrow_encoder), frames)
+    chw = StreamEncoder(narrow_encoder)
+    as_uint8 = [lat for f in frames for lat in chw.push(f.permute(2, 0, 1))] + chw.flush()
+    floats = StreamEncoder(narrow_encoder)
+    as_float = [lat for f in frames for lat in floats.push(f.permute(2, 0, 1).float() / 127.5 - 1)]
+    wrapped = StreamEncoder(narrow_encoder)
+    as_frame = [lat for f in frames for lat in wrapped.push(Frame(f.numpy(), timestamp=1.0))]
+    for other in (as_uint8, as_float, as_frame):
+        assert torch.equal(stacked(other), stacked(as_numpy))
+
+
+def test_flush_drops_a_partial_group_and_counts_it(narrow_encoder):
+    stream = StreamEncoder(narrow_encoder)
+    frames = random_video(7, 8, 8)[0]
+    latents = [lat for f in frames for lat in stream.push(f.numpy())]
+    assert len(latents) == 2
+    assert stream.flush() == []
+    assert stream.dropped_frames == 2
+    assert stream.frames_pushed == 0  # flush ends the stream
+
+
+@pytest.mark.parametrize("mode", ["frame", "group"])
+def test_flush_with_padding_repeats_the_last_frame(narrow_encoder, mode):
+    frames = random_video(7, 16, 16, seed=7)
+    padded = torch.cat([frames, frames[:, -1:].expand(1, 2, 16, 16, 3)], dim=1)
+    expected = narrow_encoder.encode(to_model_video(padded))
+    stream = StreamEncoder(narrow_encoder, mode=mode, pad_tail=True)
+    latents = [lat for f in frames[0] for lat in stream.push(f.numpy(), timestamp=1.0)]
+    tail = stream.flush()
+    assert [(lat.index, lat.frames, lat.padded) for lat in tail] == [(2, range(5, 7), 2)]
+    assert tail[0].timestamps == (1.0, 1.0)
+    assert rel_err(stacked(latents + tail), expected) <= TOLERANCE
+    assert stream.dropped_frames == 0
+
+
+def test_reset_starts_a_new_stream_of_any_size(narrow_encoder):
+    stream = StreamEncoder(narrow_encoder)
+    first = random_video(5, 16, 16, seed=1)[0]
+    for frame in first[:3]:
+        stream.push(frame.numpy())
+    stream.reset()
+    again = stream_all(stream, first)
+    assert rel_err(stacked(again), stacked(stream_all(StreamEncoder(narrow_encoder), first))) == 0
+    other = random_video(5, 8, 24, seed=2)[0]
+    assert stacked(stream_all(stream, other)).shape == (1, 16, 2, 1, 3)
+
+
+def test_size_change_mid_stream_is_refused_and_says_reset(narrow_encoder):
+    stream = StreamEncoder(narrow_encoder)
+    stream.push(np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(FrameError, match=r"16x24 frame in a stream of 16x16.*reset\(\)"):
+        stream.push(np.zeros((16, 24, 3), np.uint8))
+    assert stream.frames_pushed == 1
+
+
+def test_state_is_allocated_once_and_bounded(narrow_encoder):
+    stream = StreamEncoder(narrow_encoder)
+    assert stream.state_nbytes == 0
+    frames = random_video(41, 16, 16, seed=3)[0]
+    stream.push(frames[0].numpy())
+    size = stream.state_nbytes
+    assert size > 0
+    for frame in frames[1:]:
+        stream.push(frame.numpy())
+    assert stream.state_nbytes == size
+    assert len(stream._timestamps) <= 4
+
+
+def test_gap_frame_restarts_the_stream_and_marks_the_next_latent(narrow_encoder):
+    frames = random_video(11, 16, 16, seed=4)[0]
+    stream = StreamEncoder(narrow_encoder)
+    before = [lat for f in frames[:6] for lat in stream.push(f.numpy())]
+    after = stream.push(Frame(frames[6].numpy(), gap=True))
+    after += [lat for f in frames[7:] for lat in stream.push(f.numpy())]
+    assert [lat.index for lat in before] == [0, 1]
+    assert stream.dropped_frames == 1  # frame 5 was a partial group when the source restarted
+    assert [(lat.index, lat.gap) for lat in after] == [(0, True), (1, False)]
+    fresh = stream_all(StreamEncoder(narrow_encoder), frames[6:])
+    assert torch.equal(stacked(after), stacked(fresh))
+
+
+def test_streams_sharing_one_encoder_do_not_interfere(narrow_encoder):
+    videos = [random_video(9, 16, 16, seed=s)[0] for s in range(3)]
+    separate = [stacked(stream_all(StreamEncoder(narrow_encoder), v)) for v in videos]
+    streams = [StreamEncoder(narrow_encoder) for _ in videos]
+    outputs: list[list] = [[] for _ in videos]
+    for t in range(9):  # interleaved pushes
+        for i, stream in enumerate(streams):
+            outputs[i] += stream.push(videos[i][t].numpy())
+    for out, expected in zip(outputs, separate):
+        assert torch.equal(stacked(out), expected)
+
+
+def test_streams_in_threads_equal_separate_runs(narrow_encoder):
+    videos = [random_video(13, 16, 16, seed=10 + s)[0] for s in range(4)]
+    separate = [stacked(stream_all(StreamEncoder(narrow_encoder), v)) for v in videos]
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = stacked(stream_all(StreamEncoder(narrow_encoder), videos[i]))
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    for i, expected in enumerate(separate):
+        assert torch.equal(results[i], expected)
+
+
+def test_model_exception_marks_the_stream_broken_until_reset(narrow_encoder, monkeypatch):
+    stream = StreamEncoder(narrow_encoder)
+    frames = random_video(5, 8, 8)[0]
+    stream.push(frames[0].numpy())
+
+    def failing_step(self, video, state):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(WanEncoder, "step", failing_step)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        stream.push(frames[1].numpy())
+    monkeypatch.undo()
+    with pytest.raises(StreamBroken, match=r"reset\(\)"):
+        stream.push(frames[1].numpy())
+    stream.reset()
+    assert torch.equal(
+        stacked(stream_all(stream, frames)),
+        stacked(stream_all(StreamEncoder(narrow_encoder), frames)),
+    )
+
+
+def test_options_are_checked(narrow_encoder):
+    with pytest.raises(ValueError, match="mode"):
+        StreamEncoder(narrow_encoder, mode="batch")
+
+
+def test_raw_mean_option(narrow_encoder):
+    frames = random_video(5, 8, 8, seed=6)
+    raw = stream_all(StreamEncoder(narrow_encoder, normalize=False), frames[0])
+    assert (
+        rel_err(stacked(raw), narrow_encoder.encode(to_model_video(frames), normalize=False))
+        <= TOLERANCE
+    )
+
+
+def test_each_frame_advances_as_far_as_causality_allows(narrow_encoder, monkeypatch):
+    """Stages 0-1 run on every push, stage 2 on every 2nd frame, the rest on every 4th."""
+    from streamvae.model.layers import MidBlock, ResidualBlock
+
+    ran: list[str] = []
+    stage_of = {id(block): i for i, block in enumerate(narrow_encoder.down_blocks)}
+    residual_step, mid_step = ResidualBlock.step, MidBlock.step
+
+    def recording_residual(self, x, state):
+        if id(self) in stage_of:
+            ran.append(f"block{stage_of[id(self)]}")
+        return residual_step(self, x, state)
+
+    def recording_mid(self, x, states):
+        ran.append("mid")
+        return mid_step(self, x, states)
+
+    monkeypatch.setattr(ResidualBlock, "step", recording_residual)
+    monkeypatch.setattr(MidBlock, "step", recording_mid)
+    stream = StreamEncoder(narrow_encoder)
+    per_push = []
+    for frame in random_video(9, 8, 8)[0]:
+        ran.clear()
+        stream.push(frame.numpy())
+        per_push.append(sorted(set(ran)))
+    stage01 = ["block0", "block1", "block3", "block4"]
+    stage2 = ["block6", "block7"]
+    stage3 = ["block10", "block9", "mid"]
+    assert per_push[0] == sorted(stage01 + stage2 + stage3)
+    for t in range(1, 9):
+        expected = stage01 + (stage2 if t % 2 == 0 else []) + (stage3 if t % 4 == 0 else [])
+        assert per_push[t] == sorted(expected), t
