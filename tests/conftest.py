@@ -4,8 +4,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 import pytest
 import torch
-from helpers import random_encoder
 
+from helpers import random_encoder
 from streamvae import WAN21, narrow
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import diffusers_reference, random_video, rel_err, to_model_video
 
+from helpers import diffusers_reference, random_video, rel_err, to_model_video
 from streamvae import WAN21, WanEncoder, narrow, state_nbytes
 from streamvae.weights import diffusers_to_streamvae_name
 

@@ -8,6 +8,9 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
+import streamvae.weights as weights
 from helpers import (
     diffusers_reference,
     random_video,
@@ -16,9 +19,6 @@ from helpers import (
     to_model_video,
     wan21_keys,
 )
-from safetensors.torch import save_file
-
-import streamvae.weights as weights
 from streamvae import WAN21, CheckpointError, WanEncoder, load_encoder, narrow
 
 TOLERANCE = 1e-5
