@@ -260,15 +260,15 @@ class StreamEncoder:
             return
         self._state = None  # free the old buffers before allocating new ones
         self._group = self._last = None
-        self._state = self._run_on_lane(
-            self.encoder.new_state,
-            height,
-            width,
-            capacity=capacity,
-            memory_format=self.memory_format,
-        )
-        shape = (1, 3, self.group_size if self.mode == "group" else 1, height, width)
-        self._group = torch.zeros(shape, dtype=self.encoder.dtype, device=self._device)
+
+        def allocate() -> tuple[EncoderState, torch.Tensor]:
+            state = self.encoder.new_state(
+                height, width, capacity=capacity, memory_format=self.memory_format
+            )
+            shape = (1, 3, capacity, height, width)
+            return state, torch.zeros(shape, dtype=self.encoder.dtype, device=self._device)
+
+        self._state, self._group = self._run_on_lane(allocate)
 
     def _process(self, items: list[CheckedFrame]) -> list[Latent]:
         latents: list[Latent] = []
@@ -313,7 +313,8 @@ class StreamEncoder:
             self.dropped_frames += pending
             return []
         assert self._last is not None
-        last = self._last.clone()
+        with self._lane():
+            last = self._last.clone()
         latents: list[Latent] = []
         missing = self.group_size - pending
         for _ in range(missing):
@@ -414,6 +415,7 @@ class _CudaLane:
         """Host -> device through double-buffered pinned memory, enqueued on this lane's stream."""
         if tensor.device.type == "cuda":
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            tensor.record_stream(self.stream)  # the caller may free it while we still read it
             return tensor
         # numpy frames arrive as [H, W, 3] memory viewed as [3, H, W]: upload that memory as it is.
         hwc = tensor.permute(1, 2, 0)
