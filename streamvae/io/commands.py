@@ -1,0 +1,527 @@
+"""``streamvae encode`` and ``streamvae live``: the CLI over sources, the encoder and sinks.
+
+::
+
+    streamvae encode clip.mp4 -o clip.latents --size 480x832 --weights Wan2.1_VAE.pth
+    streamvae live rtsp://camera.local/stream --mqtt mqtt://broker:1883/lab --stream-id cam1 \\
+        --size 480x832 --weights Wan2.1_VAE.pth
+
+``encode`` shows a progress bar on stderr and prints a summary (frames, latents, frames/s,
+latency percentiles); ``live`` prints live stats (fps in and out, latency, drops, MQTT state)
+every ``--stats-interval`` seconds. Both stop cleanly on Ctrl-C or SIGTERM: the source stops,
+the encoder is flushed, the file is closed, buffered MQTT messages are published and the
+stream's status becomes ``offline``. A second Ctrl-C aborts at once. ``--json`` prints the
+summary as one JSON line on stdout instead of text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlsplit
+
+from streamvae.io.backoff import Backoff
+from streamvae.io.filesink import FileSink
+from streamvae.io.pipeline import LatentSink, PipelineStats, encode_to_sinks, percentiles
+from streamvae.io.sources import FrameSource, SourceError, open_source, source_kind
+from streamvae.io.topics import PASSWORD_ENV, validate_stream_id
+from streamvae.io.wire import STORAGE_DTYPES
+from streamvae.stream import StreamEncoder
+
+if TYPE_CHECKING:
+    from streamvae.io.mqtt import MqttSettings, MqttSink
+
+__all__ = ["add_encode_command", "add_live_command", "default_stream_id", "model_labels"]
+
+
+def add_encode_command(commands: Any) -> argparse.ArgumentParser:
+    """``streamvae encode INPUT -o OUTPUT``: a video (or any source) to a ``.latents`` file."""
+    parser = commands.add_parser(
+        "encode",
+        help="encode a video file (or any source) into a .latents file",
+        description="Encode INPUT frame by frame into a .latents file (read it back with "
+        "streamvae.io.read_latents). INPUT: a video file, synthetic://moving?frames=N, a camera "
+        "(0, /dev/video0) or a stream URL (rtsp://, http://).",
+    )
+    parser.add_argument(
+        "input", metavar="INPUT", help="video file, synthetic://moving, camera or URL"
+    )
+    parser.add_argument("-o", "--output", required=True, help="the .latents file to write")
+    _add_source_arguments(parser)
+    _add_encoder_arguments(parser)
+    _add_cli_model_arguments(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    parser.set_defaults(run=run_encode)
+    return parser
+
+
+def add_live_command(commands: Any) -> argparse.ArgumentParser:
+    """``streamvae live SOURCE --mqtt URL``: a live source to MQTT (and/or a file)."""
+    parser = commands.add_parser(
+        "live",
+        help="encode a live source and publish latents over MQTT",
+        description="Encode SOURCE as it arrives and publish every latent to "
+        "<prefix>/<stream-id>/latents (and/or append it to --output). SOURCE: a camera (0, "
+        "/dev/video0), rtsp:// or http:// stream, synthetic://moving?fps=25 or a video file. "
+        f"The MQTT password is read from ${PASSWORD_ENV} or --mqtt-password-file.",
+    )
+    parser.add_argument("source", metavar="SOURCE", help="camera, stream URL, synthetic:// or file")
+    parser.add_argument(
+        "--mqtt", metavar="URL", help="mqtt://[user@]host:port/prefix (mqtts:// for TLS)"
+    )
+    parser.add_argument("-o", "--output", help="also append the latents to this .latents file")
+    parser.add_argument("--stream-id", help="topic level for this stream (default: from SOURCE)")
+    mqtt = parser.add_argument_group("MQTT")
+    mqtt.add_argument("--qos", type=int, choices=(0, 1, 2), default=1)
+    mqtt.add_argument(
+        "--buffer-messages",
+        type=int,
+        default=256,
+        help="latents held while the broker is away; the oldest are discarded beyond (default 256)",
+    )
+    mqtt.add_argument(
+        "--mqtt-password-file", help=f"file whose first line is the password (else ${PASSWORD_ENV})"
+    )
+    mqtt.add_argument("--mqtt-ca-file", help="CA certificate(s) for mqtts://")
+    mqtt.add_argument("--mqtt-cert-file", help="client certificate for mqtts://")
+    mqtt.add_argument("--mqtt-key-file", help="client key for mqtts://")
+    mqtt.add_argument(
+        "--mqtt-tls-insecure",
+        action="store_true",
+        help="skip the broker host-name check (testing only)",
+    )
+    mqtt.add_argument(
+        "--reconnect-max", type=float, default=5.0, help="longest wait between reconnects, s"
+    )
+    mqtt.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=5.0,
+        help="seconds to publish buffered latents at exit",
+    )
+    _add_source_arguments(parser)
+    _add_encoder_arguments(parser)
+    _add_cli_model_arguments(parser)
+    parser.add_argument(
+        "--stats-interval", type=float, default=2.0, help="seconds between stats lines (0: none)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    parser.set_defaults(run=run_live)
+    return parser
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("source")
+    group.add_argument("--size", help="HxW, multiples of 8 (e.g. 480x832); default: the source's")
+    group.add_argument(
+        "--resize",
+        choices=("resize", "crop"),
+        default="resize",
+        help="how --size is reached: scale (default) or scale and centre-crop",
+    )
+    group.add_argument("--frames", type=int, help="stop after this many frames")
+    group.add_argument(
+        "--max-queued-groups",
+        type=int,
+        default=2,
+        help="groups of 4 frames waiting for the encoder; live sources drop the oldest beyond",
+    )
+    group.add_argument(
+        "--ffmpeg-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="FFmpeg option for stream URLs, e.g. rtsp_transport=tcp or rtsp_flags=listen",
+    )
+
+
+def _add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("encoder")
+    group.add_argument("--mode", choices=("frame", "group"), default="frame")
+    group.add_argument(
+        "--pad-tail", action="store_true", help="pad a partial last group instead of dropping it"
+    )
+    group.add_argument(
+        "--no-normalize", action="store_true", help="raw latent means, without Wan's normalisation"
+    )
+    group.add_argument(
+        "--latent-dtype", choices=sorted(STORAGE_DTYPES), default="float32", help="storage dtype"
+    )
+
+
+def _add_cli_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from streamvae.cli import add_model_arguments
+
+    add_model_arguments(parser)
+
+
+# -- helpers shared by both commands ----
+
+
+def default_stream_id(source: str) -> str:
+    """A topic-safe stream id from a source: ``camera0``, the file's stem, the URL's host/path."""
+    kind = source_kind(source)
+    if kind == "webcam":
+        raw = "camera" + re.sub(r"\D", "", source)
+    elif kind == "synthetic":
+        raw = "synthetic-" + (urlsplit(source).netloc or "moving")
+    elif kind == "network":
+        parts = urlsplit(source)
+        raw = f"{parts.hostname or 'stream'}-{parts.path.strip('/')}"
+    else:
+        raw = Path(source).stem
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", raw).strip("-._")[:64]
+    return cleaned or "stream"
+
+
+def model_labels(choice: Any, *, normalize: bool) -> dict[str, str]:
+    """Labels stored with every latent: model, config, normalisation, meaningless."""
+    return {
+        "model": choice.label,
+        "config": choice.encoder.config.name,
+        "normalization": "wan2.1" if normalize else "none",
+        "meaningless": "true" if choice.random else "false",
+    }
+
+
+def _ffmpeg_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"streamvae: --ffmpeg-option takes KEY=VALUE, got {pair!r}")
+        options[key] = value
+    return options
+
+
+def _open_source_from_args(uri: str, args: argparse.Namespace) -> FrameSource:
+    try:
+        return open_source(
+            uri,
+            size=args.size,
+            resize=args.resize,
+            max_queued_groups=args.max_queued_groups,
+            ffmpeg_options=_ffmpeg_options(args.ffmpeg_option),
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"streamvae: {exc}") from None
+
+
+def _stream_encoder(args: argparse.Namespace) -> tuple[Any, StreamEncoder]:
+    from streamvae.cli import model_from_args
+
+    choice = model_from_args(args)
+    if choice.random:
+        print(
+            "streamvae: RANDOM WEIGHTS: the latents are meaningless (for trying the pipeline); "
+            "every output is labelled meaningless=true",
+            file=sys.stderr,
+        )
+    encoder = StreamEncoder(
+        choice.encoder, mode=args.mode, pad_tail=args.pad_tail, normalize=not args.no_normalize
+    )
+    return choice, encoder
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """First Ctrl-C / SIGTERM: ``stop()`` (a clean shutdown); the second: cancel the run."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    received = 0
+
+    def on_signal() -> None:
+        nonlocal received
+        received += 1
+        if received == 1:
+            print("\nstreamvae: stopping (flushing; Ctrl-C again to abort)", file=sys.stderr)
+            stop()
+        elif task is not None:
+            task.cancel()
+
+    installed = []
+    for sig in signals:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def _latency_text(values: Any) -> str:
+    points = percentiles(values)
+    if not points:
+        return "latency n/a"
+    return "latency " + "  ".join(f"{name} {_ms(value)}" for name, value in points.items())
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr (redrawn at most 10 times a second; TTY only)."""
+
+    def __init__(self, stream: TextIO, total: Callable[[], int | None], enabled: bool) -> None:
+        self.stream = stream
+        self.total = total
+        self.enabled = enabled and stream.isatty()
+        self._last = 0.0
+
+    def update(self, stats: PipelineStats, *, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        total = self.total()
+        rate = f"{stats.frames_per_second:6.1f} frames/s  {stats.latents} latents"
+        if total:
+            done = min(1.0, stats.frames / total)
+            bar = "#" * int(done * 30)
+            line = f"[{bar:<30}] {stats.frames}/{total} frames  {rate}"
+        else:
+            line = f"{stats.frames} frames  {rate}"
+        self.stream.write(f"\r{line}\x1b[K")
+        self.stream.flush()
+
+    def finish(self, stats: PipelineStats) -> None:
+        if self.enabled:
+            self.update(stats, force=True)
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _print_summary(args: argparse.Namespace, summary: dict[str, Any], lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        print("\n".join(lines), flush=True)
+
+
+# -- encode ----
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    """The ``encode`` command (see :func:`add_encode_command`)."""
+    source = _open_source_from_args(args.input, args)
+    choice, encoder = _stream_encoder(args)
+    return asyncio.run(_encode(args, source, choice, encoder))
+
+
+async def _encode(
+    args: argparse.Namespace, source: FrameSource, choice: Any, encoder: StreamEncoder
+) -> int:
+    labels = model_labels(choice, normalize=not args.no_normalize)
+    stats = PipelineStats()
+    progress = _ProgressBar(
+        sys.stderr,
+        lambda: min(filter(None, (source.total_frames, args.frames)), default=None),
+        not args.quiet,
+    )
+    error: str | None = None
+    with FileSink(args.output, labels=labels, dtype=args.latent_dtype) as sink:
+        async with source:
+            with _stop_on_signals(source.stop):
+                try:
+                    await encode_to_sinks(
+                        source,
+                        encoder,
+                        [sink],
+                        max_frames=args.frames,
+                        on_latent=lambda _, s: progress.update(s),
+                        stats=stats,
+                    )
+                except SourceError as exc:
+                    error = str(exc)
+        progress.finish(stats)
+    summary = {
+        **stats.summary(),
+        "output": str(args.output),
+        "bytes": sink.bytes_written,
+        "dropped_by_source": source.stats.dropped_frames,
+        "meaningless": choice.random,
+        "error": error,
+    }
+    meaningless = " (RANDOM WEIGHTS: latents are meaningless)" if choice.random else ""
+    _print_summary(
+        args,
+        summary,
+        [
+            f"encoded {stats.frames} frames -> {stats.latents} latents in {stats.elapsed:.2f} s "
+            f"({stats.frames_per_second:.1f} frames/s)",
+            f"{_latency_text(stats.latencies)} (capture of a latent's last frame -> latent ready)",
+            f"dropped: {stats.dropped_by_encoder} frame(s) of a partial last group, "
+            f"{source.stats.dropped_frames} by the source",
+            f"wrote {args.output} ({sink.latents_written} latents, {sink.bytes_written} bytes)"
+            + meaningless,
+            *([f"error: {error}"] if error else []),
+        ],
+    )
+    return 1 if error else 0
+
+
+# -- live ----
+
+
+def run_live(args: argparse.Namespace) -> int:
+    """The ``live`` command (see :func:`add_live_command`)."""
+    if not args.mqtt and not args.output:
+        raise SystemExit("streamvae live: give --mqtt URL and/or --output FILE")
+    from streamvae.io.mqtt import MqttSettings
+
+    try:
+        stream_id = validate_stream_id(args.stream_id or default_stream_id(args.source))
+        settings = (
+            MqttSettings.from_url(
+                args.mqtt,
+                password_file=args.mqtt_password_file,
+                ca_file=args.mqtt_ca_file,
+                cert_file=args.mqtt_cert_file,
+                key_file=args.mqtt_key_file,
+                tls_insecure=args.mqtt_tls_insecure,
+            )
+            if args.mqtt
+            else None
+        )
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"streamvae: {exc}") from None
+    source = _open_source_from_args(args.source, args)
+    choice, encoder = _stream_encoder(args)
+    return asyncio.run(_live(args, source, choice, encoder, settings, stream_id))
+
+
+async def _live(
+    args: argparse.Namespace,
+    source: FrameSource,
+    choice: Any,
+    encoder: StreamEncoder,
+    settings: MqttSettings | None,
+    stream_id: str,
+) -> int:
+    labels = {**model_labels(choice, normalize=not args.no_normalize), "stream": stream_id}
+    stats = PipelineStats()
+    sinks: list[LatentSink] = []
+    error: str | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        mqtt: MqttSink | None = None
+        if settings is not None:
+            from streamvae.io.mqtt import MqttSink
+
+            mqtt = MqttSink(
+                settings,
+                stream_id=stream_id,
+                labels=labels,
+                qos=args.qos,
+                dtype=args.latent_dtype,
+                buffer_messages=args.buffer_messages,
+                backoff=Backoff(initial=0.2, maximum=args.reconnect_max),
+                drain_timeout=args.drain_timeout,
+            )
+            await stack.enter_async_context(mqtt)
+            sinks.append(mqtt)
+            print(f"streamvae: publishing {stream_id} to {settings.display}", file=sys.stderr)
+        file_sink: FileSink | None = None
+        if args.output:
+            file_sink = stack.enter_context(
+                FileSink(args.output, labels=labels, dtype=args.latent_dtype)
+            )
+            sinks.append(file_sink)
+        await stack.enter_async_context(source)
+        stack.enter_context(_stop_on_signals(source.stop))
+        reporter = asyncio.ensure_future(_report_live(args.stats_interval, source, stats, mqtt))
+        try:
+            await encode_to_sinks(source, encoder, sinks, max_frames=args.frames, stats=stats)
+        except SourceError as exc:
+            error = str(exc)
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+    summary: dict[str, Any] = {
+        **stats.summary(),
+        "stream": stream_id,
+        "source": {
+            "dropped_frames": source.stats.dropped_frames,
+            "dropped_groups": source.stats.dropped_groups,
+            "disconnects": source.stats.disconnects,
+            "reconnects": source.stats.reconnects,
+        },
+        "meaningless": choice.random,
+        "error": error,
+    }
+    lines = [
+        f"{stream_id}: {stats.frames} frames -> {stats.latents} latents in {stats.elapsed:.2f} s "
+        f"({stats.frames_per_second:.1f} frames/s), {stats.gaps} gap(s)",
+        _latency_text(stats.latencies),
+        f"dropped: {source.stats.dropped_frames} frames in {source.stats.dropped_groups} whole "
+        f"groups by the source, {stats.dropped_by_encoder} in partial groups by the encoder",
+    ]
+    if mqtt is not None:
+        m = mqtt.stats
+        summary["mqtt"] = {
+            "sent": m.sent,
+            "published": m.published,
+            "discarded": m.discarded,
+            "unsent": m.unsent,
+            "connects": m.connects,
+            "publish_latency_ms": {
+                k: round(v * 1000, 2) for k, v in percentiles(m.publish_latency).items()
+            },
+        }
+        lines.append(
+            f"mqtt: {m.published}/{m.sent} published, {m.discarded} discarded (buffer full), "
+            f"{m.unsent} unsent at exit, {m.connects} connection(s)"
+        )
+    if file_sink is not None:
+        summary["output"] = str(args.output)
+        lines.append(f"wrote {args.output} ({file_sink.latents_written} latents)")
+    if error:
+        lines.append(f"error: {error}")
+    _print_summary(args, summary, lines)
+    return 1 if error else 0
+
+
+async def _report_live(
+    interval: float, source: FrameSource, stats: PipelineStats, mqtt: MqttSink | None
+) -> None:
+    if interval <= 0:
+        return
+    frames = latents = 0
+    last = time.monotonic()
+    while True:
+        await asyncio.sleep(interval)
+        now = time.monotonic()
+        span, last = now - last, now
+        fps_in = (source.stats.frames_read - frames) / span
+        fps_out = (stats.latents - latents) / span
+        frames, latents = source.stats.frames_read, stats.latents
+        recent = list(stats.latencies)[-100:]
+        line = (
+            f"in {fps_in:5.1f} fps | out {fps_out:5.1f} latents/s | {_latency_text(recent)} | "
+            f"dropped {source.stats.dropped_frames} frames"
+        )
+        if source.stats.disconnects:
+            line += f" | source reconnects {source.stats.reconnects}/{source.stats.disconnects}"
+        if mqtt is not None:
+            state = "connected" if mqtt.stats.connected else "DISCONNECTED"
+            line += (
+                f" | mqtt {state}, {mqtt.stats.published} published, "
+                f"{mqtt.stats.buffered} buffered, {mqtt.stats.discarded} discarded"
+            )
+        print(line, file=sys.stderr, flush=True)

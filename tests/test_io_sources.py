@@ -1,0 +1,264 @@
+"""Sources: files, synthetic, the webcam path on a file, and the live drop policy."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import io_fixtures
+from io_fixtures import make_video, read_video_frames
+from streamvae import StreamEncoder
+from streamvae.io import Backoff, encode_to_sinks, open_source, parse_size
+from streamvae.io.sources import (
+    SourceFrame,
+    SourceStats,
+    _GroupQueue,
+    fit_frame,
+    source_kind,
+    synthetic_frame,
+)
+
+test_video = io_fixtures.test_video  # a fixture
+
+
+def test_parse_size_and_fit_frame():
+    assert parse_size("480x832") == (480, 832)
+    assert parse_size((64, 96)) == (64, 96)
+    for bad in ("480x830", "0x64", "64", "64x64x3", "-8x8"):
+        with pytest.raises(ValueError, match="size must be HxW"):
+            parse_size(bad)
+    image = np.zeros((528, 720, 3), np.uint8)
+    image[:, :60] = 255  # a white band on the left, cut off by a centre crop to a square
+    assert fit_frame(image, (64, 96), "resize").shape == (64, 96, 3)
+    cropped = fit_frame(image, (64, 64), "crop")
+    assert cropped.shape == (64, 64, 3) and cropped[:, 0].max() == 0
+    assert fit_frame(image, (64, 64), "resize")[:, 0].min() == 255
+
+
+def test_source_kinds():
+    assert [source_kind(u) for u in (0, "1", "/dev/video0")] == ["webcam"] * 3
+    assert [source_kind(u) for u in ("rtsp://h/x", "http://h:8/", "https://h/")] == ["network"] * 3
+    assert source_kind("synthetic://moving?frames=3") == "synthetic"
+    assert source_kind("clip.mp4") == source_kind("file:///tmp/clip.mp4") == "file"
+
+
+def test_open_source_refuses_clearly():
+    with pytest.raises(FileNotFoundError, match="no video file"):
+        open_source("/nonexistent/clip.mp4")
+    with pytest.raises(ValueError, match="multiples of 8"):
+        open_source("synthetic://moving", size="30x30")
+    with pytest.raises(ValueError, match="unknown synthetic pattern"):
+        open_source("synthetic://spiral")
+    with pytest.raises(ValueError, match="unknown option"):
+        open_source("synthetic://moving?frame=3")
+
+
+async def test_file_source_gives_every_frame_in_rgb(test_video: Path):
+    expected = read_video_frames(test_video)
+    async with open_source(test_video, max_queued_groups=1) as source:
+        frames = [frame async for frame in source]
+    assert len(frames) == len(expected) == 21
+    for frame, image in zip(frames, expected):
+        assert isinstance(frame, SourceFrame) and not frame.gap
+        np.testing.assert_array_equal(frame.image, image)
+    assert [f.number for f in frames] == list(range(21))
+    assert all(a.timestamp <= b.timestamp for a, b in zip(frames, frames[1:]))
+    assert source.stats.dropped_frames == 0 and source.total_frames == 21
+    # testsrc draws a colour bar chart: red on the left of the top half, in RGB order.
+    assert source.fps == 25.0
+
+
+async def test_a_slow_reader_of_a_file_loses_nothing(test_video: Path):
+    async with open_source(test_video, max_queued_groups=1) as source:
+        numbers = []
+        async for frame in source:
+            numbers.append(frame.number)
+            await asyncio.sleep(0.01)
+    assert numbers == list(range(21)) and source.stats.dropped_frames == 0
+
+
+async def test_synthetic_source_is_deterministic_and_sized():
+    async with open_source("synthetic://moving?frames=9", size="32x48") as source:
+        frames = [frame async for frame in source]
+    assert len(frames) == 9 and not source.live
+    for i, frame in enumerate(frames):
+        np.testing.assert_array_equal(frame.image, synthetic_frame(i, 32, 48))
+    assert not np.array_equal(frames[0].image, frames[1].image)  # it moves
+
+
+def _frame(number: int, run: int = 0) -> SourceFrame:
+    return SourceFrame(
+        np.zeros((8, 8, 3), np.uint8), float(number), run > 0 and number == 0, number, run
+    )
+
+
+def test_live_queue_drops_oldest_whole_groups_and_never_frame_zero():
+    stats = SourceStats()
+    queue = _GroupQueue(max_groups=2, drop=True, group_frames=4, stats=stats, wake=lambda: None)
+    for number in range(23):  # groups: {0} {1-4} {5-8} {9-12} {13-16} {17-20} {21, 22...}
+        queue.put(_frame(number))
+    taken = []
+    while (frame := queue.take()) is not None:
+        taken.append(frame.number)
+    # Frame 0 stays (alignment), then the newest complete group and the one being filled.
+    assert taken == [0, 17, 18, 19, 20, 21, 22]
+    assert (stats.dropped_frames, stats.dropped_groups) == (16, 4)
+
+
+def test_live_queue_never_drops_a_group_already_started():
+    stats = SourceStats()
+    queue = _GroupQueue(max_groups=2, drop=True, group_frames=4, stats=stats, wake=lambda: None)
+    for number in range(5):
+        queue.put(_frame(number))
+    assert [queue.take().number for _ in range(3)] == [0, 1, 2]  # group 1-4 started
+    for number in range(5, 21):
+        queue.put(_frame(number))
+    rest = []
+    while (frame := queue.take()) is not None:
+        rest.append(frame.number)
+    # 3, 4 finish the started group; 5-12 dropped whole; the newest two groups wait.
+    assert rest == [3, 4, *range(13, 21)]
+    assert stats.dropped_frames == 8
+
+
+def test_live_queue_keeps_runs_apart():
+    stats = SourceStats()
+    queue = _GroupQueue(max_groups=2, drop=True, group_frames=4, stats=stats, wake=lambda: None)
+    for number in range(3):
+        queue.put(_frame(number))
+    for number in range(9):  # the source reconnected: run 1
+        queue.put(_frame(number, run=1))
+    taken = []
+    while (frame := queue.take()) is not None:
+        taken.append((frame.run, frame.number, frame.gap))
+    # Run 0's partial group {1, 2} went; both frame-0 groups stayed.
+    assert taken == [(0, 0, False), (1, 0, True)] + [(1, n, False) for n in range(1, 9)]
+    assert stats.dropped_frames == 2
+
+
+def test_file_queue_blocks_instead_of_dropping():
+    stats = SourceStats()
+    queue = _GroupQueue(max_groups=2, drop=False, group_frames=4, stats=stats, wake=lambda: None)
+    produced: list[int] = []
+
+    def produce() -> None:
+        for number in range(30):
+            if not queue.put(_frame(number)):
+                return
+            produced.append(number)
+        queue.close()
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(produced) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert len(produced) == 5  # {0} and {1-4} queued; the third group waits
+        taken = []
+        while len(taken) < 30 and time.monotonic() < deadline:
+            frame = queue.take()
+            if frame is None:
+                time.sleep(0.001)
+            else:
+                taken.append(frame.number)
+        assert taken == list(range(30)) and stats.dropped_frames == 0
+    finally:
+        queue.close()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+async def test_slow_consumer_of_a_live_source_drops_whole_groups_with_bounded_latency():
+    """A camera-paced source at 200 fps and a consumer that takes 20 ms a frame (50 fps)."""
+    period = 0.02
+    async with open_source("synthetic://moving?fps=200&frames=400", size="16x16") as source:
+        frames = []
+        lags = []
+        async for frame in source:
+            lags.append(time.time() - frame.timestamp)
+            frames.append(frame.number)
+            await asyncio.sleep(period)
+    stats = source.stats
+    assert source.live and stats.frames_read == 400
+    assert stats.dropped_frames > 0 and stats.dropped_frames == 4 * stats.dropped_groups
+    assert stats.frames_delivered == len(frames) == 400 - stats.dropped_frames
+    assert frames[0] == 0
+    missing = sorted(set(range(400)) - set(frames))
+    assert all(number % 4 == 1 and missing[i : i + 4] == list(range(number, number + 4))
+               for i, number in enumerate(missing) if i % 4 == 0)  # fmt: skip
+    assert len(missing) == stats.dropped_frames
+    # At most the queue (2 groups) and a group in hand wait: about 12 frames of the consumer.
+    # Generous for a loaded machine; without dropping, the lag would grow to ~1.5 s.
+    assert max(lags[-50:]) < 12 * period * 4 + 0.5
+
+
+async def test_webcam_path_on_a_file_reconnects_with_a_gap(test_video: Path, narrow_encoder):
+    """A file standing in for a camera device: live policy, and reopened when it 'unplugs'."""
+    source = open_source(test_video, kind="webcam", backoff=Backoff(initial=0.05, maximum=0.05))
+    assert source.live and source.reconnect
+    frames: list[SourceFrame] = []
+    async with source:
+        async for frame in source:
+            frames.append(frame)
+            if len(frames) == 30:
+                break
+    assert source.stats.reconnects >= 1 and source.stats.disconnects >= 1
+    gap_frames = [f for f in frames if f.gap]
+    assert gap_frames and gap_frames[0].number == 0 and gap_frames[0].run == 1
+    # Through the encoder: the first run's partial group is dropped, the next latent has gap.
+    encoder = StreamEncoder(narrow_encoder)
+    latents = list(_push_all(encoder, frames))
+    gap_latents = [x for x in latents if x.gap]
+    assert gap_latents and gap_latents[0].index == 0
+
+
+def _push_all(encoder: StreamEncoder, frames):
+    for frame in frames:
+        yield from encoder.push(frame)
+    yield from encoder.flush()
+
+
+async def test_a_file_ending_mid_group_drops_and_counts_the_partial_group(
+    tmp_path: Path, narrow_encoder
+):
+    """Issue 7 §2, a source that dies mid-group: the complete latents, and the rest counted."""
+    video = make_video(tmp_path / "seven.avi", frames=7)
+    encoder = StreamEncoder(narrow_encoder)
+
+    class ListSink:
+        def __init__(self) -> None:
+            self.latents = []
+
+        async def send(self, latent) -> None:
+            self.latents.append(latent)
+
+    sink = ListSink()
+    async with open_source(video) as source:
+        stats = await encode_to_sinks(source, encoder, [sink])
+    assert [x.frames for x in sink.latents] == [range(0, 1), range(1, 5)]
+    assert stats.frames == 7 and stats.dropped_by_encoder == 2
+    frames = read_video_frames(video)
+    expected = narrow_encoder.encode(
+        torch.from_numpy(np.stack(frames[:5])).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    )
+    for latent in sink.latents:
+        assert torch.allclose(latent.data, expected[0, :, latent.index], rtol=0, atol=1e-5)
+
+
+async def test_stop_ends_iteration_and_the_reader_thread():
+    before = {t.ident for t in threading.enumerate()}
+    source = open_source("synthetic://moving?fps=30", size="16x16")
+    async with source:
+        async for frame in source:
+            if frame.number == 2:
+                source.stop()
+    after = {t.ident for t in threading.enumerate() if t.is_alive()}
+    assert after <= before
