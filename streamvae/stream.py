@@ -294,13 +294,14 @@ class StreamEncoder:
                     out = self.encoder.step(self._group[:, :, : slot + 1], self._state)
                 else:
                     out = None
+            self._frames += 1
+            self._last = self._group[:, :, slot : slot + 1]
+            self._timestamps.append(item.timestamp)
+            return [] if out is None else self._emit(out)
         except BaseException:
+            # The state may have advanced part of the way: only a reset makes it defined again.
             self._broken = True
             raise
-        self._frames += 1
-        self._last = self._group[:, :, slot : slot + 1]
-        self._timestamps.append(item.timestamp)
-        return [] if out is None else self._emit(out)
 
     def _end_run(self, pad: bool = False) -> list[Latent]:
         """Finish the current run: pad or drop a partial group. Leaves counters for the caller."""
