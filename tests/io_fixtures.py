@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,9 +34,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
+def wait_for_port(
+    port: int, timeout: float = 10.0, process: subprocess.Popen | None = None
+) -> None:
+    """Until something accepts on ``port``; early failure if ``process`` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise TimeoutError(f"the server exited with status {process.returncode}")
         with socket.socket() as sock, contextlib.suppress(OSError):
             sock.settimeout(0.2)
             sock.connect((HOST, port))
@@ -82,6 +89,8 @@ class Broker:
 
     def write_config(self) -> Path:
         lines = [
+            # As root, mosquitto would switch to the 'mosquitto' user, who cannot read tmp_path.
+            f"user {getpass.getuser()}",
             f"listener {self.port} {HOST}",
             "persistence true",
             f"persistence_location {self.folder}/",
@@ -104,18 +113,18 @@ class Broker:
     def start(self) -> Broker:
         assert self.process is None or self.process.poll() is not None
         config = self.write_config()
-        self.process = subprocess.Popen(
-            [_binary("mosquitto"), "-c", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with open(self.folder / "stderr.log", "ab") as stderr:
+            self.process = subprocess.Popen(
+                [_binary("mosquitto"), "-c", str(config)], stdout=stderr, stderr=stderr
+            )
         try:
-            wait_for_port(self.port)
+            wait_for_port(self.port, process=self.process)
         except TimeoutError:
             self.stop()
             log = self.folder / "mosquitto.log"
+            output = (self.folder / "stderr.log").read_text()
             raise RuntimeError(
-                f"mosquitto did not start: {log.read_text() if log.exists() else ''}"
+                f"mosquitto did not start: {output} {log.read_text() if log.exists() else ''}"
             ) from None
         return self
 
@@ -229,3 +238,93 @@ async def wait_until(predicate, timeout: float, what: str, interval: float = 0.0
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+class StreamServer:
+    """Runs ffmpeg streaming ``testsrc`` for ``seconds`` (retrying until a listener takes it).
+
+    ``kind="rtsp"`` pushes to ``rtsp://127.0.0.1:PORT/live`` (a listening source receives it);
+    ``kind="mjpeg"`` serves ``http://127.0.0.1:PORT/`` (multipart JPEG) for one client.
+    Runs in a thread; :meth:`close` stops ffmpeg for good.
+    """
+
+    def __init__(self, kind: str, port: int) -> None:
+        self.kind = kind
+        self.port = port
+        self.sessions = 0
+        self._process: subprocess.Popen | None = None
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return (
+            f"rtsp://{HOST}:{self.port}/live"
+            if self.kind == "rtsp"
+            else f"http://{HOST}:{self.port}/"
+        )
+
+    def _command(self, seconds: float) -> list[str]:
+        source = ["-re", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=25", "-t", str(seconds)]
+        if self.kind == "rtsp":
+            output = [
+                "-c:v",
+                "mpeg4",
+                "-q:v",
+                "5",
+                "-f",
+                "rtsp",
+                "-rtsp_transport",
+                "tcp",
+                self.url,
+            ]
+        else:
+            output = ["-c:v", "mjpeg", "-q:v", "5", "-f", "mpjpeg", "-listen", "1", self.url]
+        return [_binary("ffmpeg"), "-hide_banner", "-loglevel", "error", *source, *output]
+
+    def serve(self, seconds: float, *, deadline: float = 30.0) -> None:
+        """Stream once for ``seconds`` in the background (after the previous stream ended)."""
+        previous = self._thread
+
+        def run() -> None:
+            if previous is not None:
+                previous.join(deadline)
+            end = time.monotonic() + deadline
+            while not self._closed.is_set() and time.monotonic() < end:
+                started = time.monotonic()
+                self._process = subprocess.Popen(
+                    self._command(seconds), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+                self._process.wait()
+                if time.monotonic() - started > seconds / 2:  # it streamed
+                    self.sessions += 1
+                    return
+                self._closed.wait(0.2)  # nobody listening yet: try again
+
+        self._thread = threading.Thread(target=run, name=f"ffmpeg-{self.kind}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._process is not None:
+            stop_process(self._process, sig=signal.SIGKILL)
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+@pytest.fixture
+def stream_server(request: pytest.FixtureRequest) -> Iterator[StreamServer]:
+    server = StreamServer(request.param, free_port())
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for the test: ffmpeg and the reader threads need the other core."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,7 +24,8 @@ from streamvae.io.sources import (
     synthetic_frame,
 )
 
-test_video = io_fixtures.test_video  # a fixture
+test_video = io_fixtures.test_video  # fixtures
+one_torch_thread = io_fixtures.one_torch_thread
 
 
 def test_parse_size_and_fit_frame():
@@ -262,3 +263,34 @@ async def test_stop_ends_iteration_and_the_reader_thread():
                 source.stop()
     after = {t.ident for t in threading.enumerate() if t.is_alive()}
     assert after <= before
+
+
+async def test_an_encoder_slower_than_a_live_source_stays_current(narrow_encoder, one_torch_thread):
+    """A camera-paced source at 200 fps into the narrow encoder at 64x64 (20 ms a frame here at
+    best, slower when the machine is busy): the source drops whole groups, every drop is
+    counted, and the lag stays flat instead of growing with the backlog."""
+
+    class LatencySink:
+        def __init__(self) -> None:
+            self.lags: list[float] = []
+
+        async def send(self, latent) -> None:
+            self.lags.append(time.time() - latent.timestamps[-1])
+
+    sink = LatencySink()
+    async with open_source("synthetic://moving?fps=200&frames=600", size="64x64") as source:
+        stats = await encode_to_sinks(source, StreamEncoder(narrow_encoder), [sink])
+    dropped = source.stats.dropped_frames
+    assert dropped > 0 and dropped == 4 * source.stats.dropped_groups
+    assert stats.frames == 600 - dropped == source.stats.frames_delivered
+    assert stats.latents == 1 + (stats.frames - 1) // 4
+    # The queue holds at most 2 groups besides the one in the encoder: the lag is bounded by
+    # about 12 frames of encoding, not by the 600-frame backlog a non-dropping queue builds.
+    per_frame = stats.elapsed / stats.frames
+    late = sink.lags[len(sink.lags) // 2 :]
+    print(
+        f"slow consumer: {dropped} of 600 frames dropped in {source.stats.dropped_groups} "
+        f"groups; lag median {sorted(late)[len(late) // 2] * 1000:.0f} ms, "
+        f"max {max(late) * 1000:.0f} ms; {per_frame * 1000:.1f} ms a frame"
+    )
+    assert max(late) < 16 * per_frame + 0.5

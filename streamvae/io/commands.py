@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import signal
 import sys
@@ -60,7 +61,7 @@ def add_encode_command(commands: Any) -> argparse.ArgumentParser:
     _add_encoder_arguments(parser)
     _add_cli_model_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    _add_output_arguments(parser)
     parser.set_defaults(run=run_encode)
     return parser
 
@@ -115,9 +116,24 @@ def add_live_command(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--stats-interval", type=float, default=2.0, help="seconds between stats lines (0: none)"
     )
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    _add_output_arguments(parser)
     parser.set_defaults(run=run_live)
     return parser
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log connections and reconnections (INFO)"
+    )
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -319,6 +335,7 @@ def _print_summary(args: argparse.Namespace, summary: dict[str, Any], lines: lis
 
 def run_encode(args: argparse.Namespace) -> int:
     """The ``encode`` command (see :func:`add_encode_command`)."""
+    _setup_logging(args)
     source = _open_source_from_args(args.input, args)
     choice, encoder = _stream_encoder(args)
     return asyncio.run(_encode(args, source, choice, encoder))
@@ -385,6 +402,7 @@ def run_live(args: argparse.Namespace) -> int:
         raise SystemExit("streamvae live: give --mqtt URL and/or --output FILE")
     from streamvae.io.mqtt import MqttSettings
 
+    _setup_logging(args)
     try:
         stream_id = validate_stream_id(args.stream_id or default_stream_id(args.source))
         settings = (

@@ -1,0 +1,338 @@
+"""``streamvae encode`` and ``streamvae live`` as a user runs them: subprocesses, real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import io_fixtures
+from helpers import MEGAMIND, rel_err
+from io_fixtures import (
+    MQTT_PASSWORD,
+    MQTT_USER,
+    REPO,
+    Broker,
+    cli_env,
+    read_video_frames,
+    stop_process,
+    streamvae_command,
+    wait_until,
+)
+from streamvae import narrow
+from streamvae.io import MqttSettings, decode_latent, read_latents
+from streamvae.io.mqtt import latent_topic, status_topic
+from streamvae.io.sources import synthetic_frame
+from streamvae.weights import random_encoder
+
+broker = io_fixtures.broker  # fixtures
+auth_broker = io_fixtures.auth_broker
+test_video = io_fixtures.test_video
+
+NARROW = ("--random-weights", "--config", "narrow8")
+
+
+@pytest.fixture(scope="module")
+def cli_encoder():
+    """The encoder ``--random-weights --config narrow8`` builds (seed 0)."""
+    return random_encoder(narrow(8), seed=0)
+
+
+def direct_latents(encoder, frames: list[np.ndarray]) -> torch.Tensor:
+    """``[16, T', h, w]``: the batch encode of the same frames (the oracle for the CLI)."""
+    video = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    return encoder.encode(video)[0]
+
+
+def run_cli(
+    *args: str, timeout: float = 120, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        streamvae_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or cli_env(),
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def summary_of(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_encode_a_file_equals_the_batch_encode(tmp_path: Path, test_video: Path, cli_encoder):
+    output = tmp_path / "clip.latents"
+    result = run_cli(
+        "encode", str(test_video), "-o", str(output), "--size", "32x32", *NARROW, "--json"
+    )
+    summary = summary_of(result)
+    assert (summary["frames"], summary["latents"], summary["dropped_by_encoder"]) == (21, 6, 0)
+    assert summary["meaningless"] is True and set(summary["latency_ms"]) == {
+        "p50",
+        "p90",
+        "p99",
+        "max",
+    }
+    assert "RANDOM WEIGHTS" in result.stderr
+    latents = read_latents(output)
+    expected = direct_latents(cli_encoder, read_video_frames(test_video, (32, 32)))
+    assert [latent.index for latent in latents] == list(range(6))
+    for latent in latents:
+        assert rel_err(latent.data, expected[:, latent.index]) <= 1e-5
+        assert latent.meta["meaningless"] == "true" and latent.meta["config"] == "wan2.1-narrow8"
+        assert latent.meta["normalization"] == "wan2.1"
+
+
+@pytest.mark.slow
+def test_readme_first_command_is_true(tmp_path: Path):
+    """The README's first command, as written (the full-size model at 64x64, 33 frames)."""
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)\n```", readme, re.S)[1]
+    command = block.split("&&", 1)[1].strip()
+    args = shlex.split(command)
+    assert args[:2] == ["streamvae", "encode"]
+    output = Path(args[args.index("-o") + 1])
+    args[args.index("-o") + 1] = str(tmp_path / output.name)
+    result = run_cli(*args[1:], "--json", timeout=300)
+    summary = summary_of(result)
+    assert (summary["frames"], summary["latents"]) == (33, 9)
+    latents = read_latents(tmp_path / output.name)
+    assert len(latents) == 9 and latents[0].data.shape == (16, 8, 8)
+
+
+def test_without_weights_the_cli_says_how_to_get_them(tmp_path: Path):
+    result = run_cli("encode", "synthetic://moving?frames=5", "-o", str(tmp_path / "x.latents"))
+    assert result.returncode != 0
+    assert "--weights" in result.stderr and "--random-weights" in result.stderr
+    result = run_cli("encode", "synthetic://moving", "-o", "x", "--size", "30x40", *NARROW)
+    assert result.returncode != 0 and "multiples of 8" in result.stderr and "32x40" in result.stderr
+
+
+@pytest.mark.skipif(not MEGAMIND.exists(), reason=f"the real clip is not here ({MEGAMIND})")
+def test_megamind_through_encode(tmp_path: Path, cli_encoder):
+    """The real clip (720x528, 270 frames) at 64x96: 68 latents, the first equal to the batch."""
+    output = tmp_path / "megamind.latents"
+    result = run_cli(
+        "encode",
+        str(MEGAMIND),
+        "-o",
+        str(output),
+        "--size",
+        "64x96",
+        *NARROW,
+        "--json",
+        timeout=300,
+    )
+    summary = summary_of(result)
+    assert (summary["frames"], summary["latents"], summary["dropped_by_encoder"]) == (270, 68, 1)
+    latents = read_latents(output)
+    assert [x.index for x in latents] == list(range(68)) and latents[-1].frames == range(265, 269)
+    expected = direct_latents(cli_encoder, read_video_frames(MEGAMIND, (64, 96))[:9])
+    for latent in latents[:3]:
+        assert rel_err(latent.data, expected[:, latent.index]) <= 1e-5
+    print(f"Megamind: {summary['frames_per_second']} frames/s, latency {summary['latency_ms']}")
+
+
+async def collect(settings: MqttSettings, topic: str, received: list, ready: asyncio.Event) -> None:
+    """An independent subscriber: plain aiomqtt and decode_latent."""
+    async with settings.client(identifier=f"cli-test-{time.monotonic_ns()}") as client:
+        await client.subscribe(topic, qos=1)
+        ready.set()
+        async for message in client.messages:
+            received.append((decode_latent(message.payload), time.time()))
+
+
+async def start_subscriber(settings: MqttSettings, topic: str) -> tuple[asyncio.Task, list]:
+    received: list = []
+    ready = asyncio.Event()
+    task = asyncio.ensure_future(collect(settings, topic, received, ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    return task, received
+
+
+async def stop_task(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def retained_status(settings: MqttSettings, stream: str) -> dict:
+    async with settings.client(identifier=f"status-{time.monotonic_ns()}") as client:
+        await client.subscribe(status_topic(settings.prefix, stream), qos=1)
+        async with asyncio.timeout(10):
+            message = await anext(aiter(client.messages))
+    return json.loads(message.payload)
+
+
+@pytest.mark.network
+async def test_live_file_to_mqtt_equals_the_batch_encode(
+    broker: Broker, test_video: Path, cli_encoder, tmp_path: Path
+):
+    settings = MqttSettings.from_url(broker.url)
+    task, received = await start_subscriber(settings, latent_topic("test", "clip"))
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *streamvae_command(
+                "live", str(test_video), "--mqtt", broker.url, "--stream-id", "clip",
+                "--size", "32x32", *NARROW, "-o", str(tmp_path / "also.latents"), "--json",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=cli_env(),
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 0, stderr.decode()
+        await wait_until(lambda: len(received) == 6, 10, "six latents")
+    finally:
+        await stop_task(task)
+    summary = json.loads(stdout.decode().splitlines()[-1])
+    assert summary["mqtt"]["published"] == summary["mqtt"]["sent"] == 6
+    assert summary["mqtt"]["discarded"] == summary["mqtt"]["unsent"] == 0
+    expected = direct_latents(cli_encoder, read_video_frames(test_video, (32, 32)))
+    assert [latent.index for latent, _ in received] == list(range(6))
+    for latent, _ in received:
+        assert rel_err(latent.data, expected[:, latent.index]) <= 1e-5
+        assert latent.meta["stream"] == "clip" and latent.meta["meaningless"] == "true"
+    assert [x.index for x in read_latents(tmp_path / "also.latents")] == list(range(6))
+    status = await retained_status(settings, "clip")
+    assert status["status"] == "offline" and status["reason"] == "stopped"
+    delays = [arrived - latent.ready_time for latent, arrived in received]
+    print(f"latent ready -> decoded by the subscriber: max {max(delays) * 1000:.2f} ms")
+
+
+@pytest.mark.network
+async def test_live_stops_cleanly_on_sigint(broker: Broker):
+    settings = MqttSettings.from_url(broker.url)
+    task, received = await start_subscriber(settings, latent_topic("test", "syn"))
+    process = await asyncio.create_subprocess_exec(
+        *streamvae_command(
+            "live", "synthetic://moving?fps=25", "--mqtt", broker.url, "--stream-id", "syn",
+            "--size", "32x32", *NARROW, "--json", "--stats-interval", "0.5",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+    )  # fmt: skip
+    try:
+        await wait_until(lambda: len(received) >= 4, 60, "four latents")
+        assert (await retained_status(settings, "syn"))["status"] == "online"
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await asyncio.sleep(0.2)
+        await stop_task(task)
+    assert process.returncode == 0, stderr.decode()
+    assert "stopping" in stderr.decode() and " fps | out " in stderr.decode()  # live stats lines
+    summary = json.loads(stdout.decode().splitlines()[-1])
+    mqtt = summary["mqtt"]
+    assert mqtt["published"] == mqtt["sent"] == summary["latents"] == len(received)
+    assert mqtt["unsent"] == mqtt["discarded"] == 0
+    assert [latent.index for latent, _ in received] == list(range(len(received)))
+    for latent, _ in received[:3]:
+        frames = [synthetic_frame(n, 32, 32) for n in latent.frames]
+        assert latent.data.shape == (16, 4, 4) and len(frames) in (1, 4)
+    status = await retained_status(settings, "syn")
+    assert status == {
+        "status": "offline",
+        "reason": "stopped",
+        "model": "RANDOM WEIGHTS wan2.1-narrow8 (latents are meaningless)",
+        "meaningless": "true",
+        "stream": "syn",
+    }
+
+
+@pytest.mark.network
+async def test_a_killed_publisher_is_marked_offline_by_its_will(broker: Broker):
+    settings = MqttSettings.from_url(broker.url)
+    process = subprocess.Popen(
+        streamvae_command(
+            "live", "synthetic://moving?fps=10", "--mqtt", broker.url, "--stream-id", "doomed",
+            "--size", "16x16", *NARROW, "--stats-interval", "0",
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=cli_env(),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while (await retained_status(settings, "doomed")).get("status") != "online":
+            assert time.monotonic() < deadline and process.poll() is None
+            await asyncio.sleep(0.2)
+    except TimeoutError:
+        pass
+    finally:
+        stop_process(process, sig=signal.SIGKILL)
+    status = {}
+    for _ in range(50):
+        status = await retained_status(settings, "doomed")
+        if status["status"] == "offline":
+            break
+        await asyncio.sleep(0.1)
+    assert status["status"] == "offline" and status["reason"] == "connection lost"
+
+
+@pytest.mark.network
+async def test_password_stays_out_of_argv_logs_and_errors(auth_broker: Broker, tmp_path: Path):
+    url = f"mqtts://{MQTT_USER}@127.0.0.1:{auth_broker.port}/test"
+    cert = str(auth_broker.tls[0])
+    args = streamvae_command(
+        "live", "synthetic://moving?frames=9", "--mqtt", url, "--mqtt-ca-file", cert,
+        "--stream-id", "secure", "--size", "16x16", *NARROW, "--json", "--verbose",
+        "--drain-timeout", "3",
+    )  # fmt: skip
+    process = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(STREAMVAE_MQTT_PASSWORD=MQTT_PASSWORD),
+    )
+    try:
+        cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        stop_process(process)
+    assert MQTT_PASSWORD.encode() not in cmdline
+    assert process.returncode == 0, stderr
+    summary = json.loads(stdout.splitlines()[-1])
+    assert summary["mqtt"]["published"] == 3
+    assert MQTT_PASSWORD not in stdout + stderr
+    # The wrong password, from a file: refused, reported, and not shown.
+    wrong = tmp_path / "password"
+    wrong.write_text("wrong-" + MQTT_PASSWORD + "\n")
+    result = run_cli(
+        *args[3:-2],  # the same command, without --threads 1 (added again by run_cli)
+        "--mqtt-password-file", str(wrong),
+        "--drain-timeout", "1",
+    )  # fmt: skip
+    assert result.returncode == 0  # the stream ran; nothing could be published
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["mqtt"]["published"] == 0 and summary["mqtt"]["unsent"] == 3
+    assert "Not authorized" in result.stderr
+    assert "wrong-" not in result.stdout + result.stderr
+
+
+def test_mqtt_url_with_a_password_is_refused_without_echo():
+    result = run_cli(
+        "live", "synthetic://moving", "--mqtt", "mqtt://u:topsecret@127.0.0.1/x", *NARROW
+    )
+    assert result.returncode != 0 and "refusing a password" in result.stderr
+    assert "topsecret" not in result.stderr + result.stdout
+    result = run_cli(
+        "live", "synthetic://moving", "--mqtt", "mqtt://127.0.0.1/x", "--stream-id", "a/#", *NARROW
+    )
+    assert result.returncode != 0 and "stream id" in result.stderr

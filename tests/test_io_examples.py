@@ -1,0 +1,59 @@
+"""The examples run as written (with the narrow random model and a file standing in for a camera)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import io_fixtures
+from io_fixtures import REPO, Broker, cli_env, stop_process
+
+broker = io_fixtures.broker  # fixtures
+test_video = io_fixtures.test_video
+
+EXAMPLES = REPO / "examples"
+NARROW = ["--random-weights", "--config", "narrow8", "--threads", "1"]
+
+
+def run_example(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=REPO,
+    )  # fmt: skip
+
+
+def test_encode_file_example(tmp_path: Path, test_video: Path):
+    output = tmp_path / "clip.latents"
+    result = run_example("encode_file.py", str(test_video), str(output), "--size", "32x32", *NARROW)
+    assert result.returncode == 0, result.stderr
+    assert f"{output}: 6 latents of shape (16, 4, 4)" in result.stdout
+
+
+@pytest.mark.network
+def test_webcam_to_mqtt_and_subscriber_examples(broker: Broker, test_video: Path):
+    subscriber = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "mqtt_subscriber.py"), "--mqtt", broker.url, "--count", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+    )  # fmt: skip
+    try:
+        assert subscriber.stdout.readline().strip() == "subscribed"
+        publisher = run_example(
+            "webcam_to_mqtt.py", "--camera", str(test_video), "--mqtt", broker.url,
+            "--stream-id", "desk", "--size", "32x32", "--frames", "13", *NARROW,
+        )  # fmt: skip
+        assert publisher.returncode == 0, publisher.stderr
+        assert "mqtt: 4/4 published, 0 discarded" in publisher.stdout
+        out, err = subscriber.communicate(timeout=30)
+    finally:
+        stop_process(subscriber)
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("desk #0 frames 0-0 (16, 4, 4)"), err
+    assert "(meaningless)" in lines[0]
+
+
+def test_rtsp_example_help():
+    result = run_example("rtsp_to_mqtt.py", "--help")
+    assert result.returncode == 0 and "rtsp://" in result.stdout

@@ -1,0 +1,240 @@
+"""The MQTT sink and subscriber against a real mosquitto on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+import aiomqtt
+import pytest
+import torch
+from test_io_wire import make_latent
+
+import io_fixtures
+from io_fixtures import MQTT_PASSWORD, MQTT_USER, Broker, wait_until
+from streamvae.io import Backoff, LatentSubscriber, MqttSettings, MqttSink, decode_latent
+from streamvae.io.mqtt import latent_topic, status_topic, validate_prefix, validate_stream_id
+from streamvae.io.wire import CONTENT_TYPE, encode_latent
+
+pytestmark = pytest.mark.network
+
+broker = io_fixtures.broker  # fixtures
+auth_broker = io_fixtures.auth_broker
+
+
+def settings_for(instance: Broker, **options) -> MqttSettings:
+    return MqttSettings.from_url(instance.url, **options)
+
+
+async def retained(settings: MqttSettings, topic: str, timeout: float = 5.0) -> dict | None:
+    """The retained message on ``topic`` as JSON (``None`` if there is none)."""
+    async with settings.client(identifier=f"probe-{time.monotonic_ns()}") as client:
+        await client.subscribe(topic, qos=1)
+        try:
+            async with asyncio.timeout(timeout):
+                async for message in client.messages:
+                    return json.loads(message.payload)
+        except TimeoutError:
+            return None
+    return None
+
+
+async def test_round_trip_properties_status_and_latency(broker: Broker):
+    settings = settings_for(broker)
+    latents = [make_latent(i, h=8, w=8, gap=i == 0) for i in range(20)]
+    async with LatentSubscriber(settings) as subscriber:
+        received = []
+
+        async def receive() -> None:
+            async for message in subscriber:
+                received.append(message)
+                if len(received) == len(latents):
+                    return
+
+        receiving = asyncio.ensure_future(receive())
+        sink = MqttSink(settings, stream_id="cam1", labels={"model": "m", "meaningless": "true"})
+        async with sink:
+            assert await sink.wait_connected(10)
+            assert (await retained(settings, sink.status_topic))["status"] == "online"
+            for latent in latents:
+                # The capture time of the latent's last frame is "now": round trip = receipt - now.
+                now = time.time()
+                latent = type(latent)(
+                    **{**latent.__dict__, "timestamps": (now,), "ready_time": now}
+                )
+                await sink.send(latent)
+                await asyncio.sleep(0.005)
+            await asyncio.wait_for(receiving, 20)
+        assert (await retained(settings, sink.status_topic))["status"] == "offline"
+    assert sink.stats.published == sink.stats.sent == 20 and sink.stats.discarded == 0
+    for original, message in zip(latents, received, strict=True):
+        assert message.stream_id == "cam1" and message.topic == "test/cam1/latents"
+        assert torch.equal(message.latent.data, original.data)
+        assert message.latent.index == original.index and message.latent.gap == original.gap
+        assert message.latent.meta == {
+            "model": "m",
+            "meaningless": "true",
+            "stream": "cam1",
+            "run": "1",
+        }
+    latency = sorted(m.received_time - m.latent.timestamps[-1] for m in received)
+    print(
+        f"MQTT round trip on loopback: median {latency[10] * 1000:.2f} ms, max {latency[-1] * 1000:.2f} ms"
+    )
+    assert latency[10] < 1.0  # generous: typically about a millisecond
+
+
+async def test_mqtt5_properties_reach_an_independent_subscriber(broker: Broker):
+    settings = settings_for(broker)
+    async with settings.client(identifier="raw-sub") as client:
+        await client.subscribe(latent_topic("test", "+"), qos=1)
+        async with MqttSink(settings, stream_id="cam2", qos=1) as sink:
+            await sink.send(make_latent(4))
+            async with asyncio.timeout(10):
+                message = await anext(aiter(client.messages))
+    assert message.qos == 1
+    assert message.properties.ContentType == CONTENT_TYPE
+    assert dict(message.properties.UserProperty) == {"stream": "cam2", "index": "4", "run": "0"}
+    assert decode_latent(message.payload).index == 4
+
+
+async def test_broker_restart_loses_only_what_the_overflow_policy_says(broker: Broker):
+    """Broker stopped mid-stream, restarted 1.5 s later on the same port and persistence.
+
+    A subscriber with a persistent session (QoS 1) sees every latent the sink published;
+    the sink's buffer holds 5 latents: of the 20 sent while the broker was away, the 15 oldest
+    are discarded and counted; the rest are published after the reconnection.
+    """
+    settings = settings_for(broker)
+    received: dict[int, int] = {}
+
+    async def subscribe_forever() -> None:
+        while True:
+            try:
+                async with LatentSubscriber(
+                    settings, identifier="restart-sub", session_expiry=300
+                ) as sub:
+                    async for message in sub:
+                        received[message.latent.index] = received.get(message.latent.index, 0) + 1
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.1)
+
+    subscriber = asyncio.ensure_future(subscribe_forever())
+    sink = MqttSink(settings, stream_id="cam4", buffer_messages=5, backoff=Backoff(0.1, 0.3))
+    try:
+        async with sink:
+            assert await sink.wait_connected(10)
+            await asyncio.sleep(0.3)  # the subscriber is in
+            for index in range(10):
+                await sink.send(make_latent(index, h=2, w=2))
+                await wait_until(lambda n=index + 1: sink.stats.published == n, 10, "a publish")
+            broker.stop()
+            await wait_until(lambda: not sink.stats.connected, 10, "the sink to see the loss")
+            for index in range(10, 30):
+                await sink.send(make_latent(index, h=2, w=2))
+            await asyncio.sleep(1.5)
+            broker.start()
+            await wait_until(lambda: sink.stats.published == 15, 20, "the buffer published")
+            for index in range(30, 40):
+                await sink.send(make_latent(index, h=2, w=2))
+                await wait_until(lambda n=index - 14: sink.stats.published == n, 10, "a publish")
+            await wait_until(lambda: len(received) == 25, 20, "the subscriber to catch up")
+    finally:
+        subscriber.cancel()
+        await asyncio.gather(subscriber, return_exceptions=True)
+    stats = sink.stats
+    print(
+        f"broker restart: sent {stats.sent}, published {stats.published}, discarded {stats.discarded}"
+    )
+    assert (stats.sent, stats.published, stats.discarded, stats.unsent) == (40, 25, 15, 0)
+    assert stats.connects == 2
+    assert sorted(received) == [*range(10), *range(25, 40)]  # 10..24: the oldest, discarded
+
+
+async def test_subscriber_refuses_oversized_and_hostile_payloads(broker: Broker):
+    settings = settings_for(broker)
+    small = encode_latent(make_latent(1, h=2, w=2), {"stream": "cam5"})
+    big = encode_latent(make_latent(2, h=64, w=64), {"stream": "cam5"})
+    async with LatentSubscriber(
+        settings, streams="cam5", max_payload_bytes=len(small) + 100
+    ) as sub:
+        async with settings.client(identifier="attacker") as client:
+            topic = latent_topic("test", "cam5")
+            await client.publish(topic, big, qos=1)  # over the limit: the broker withholds it
+            await client.publish(topic, b"\x80\x04\x95 a pickle, or anything", qos=1)
+            await client.publish(topic, small, qos=1)
+        async with asyncio.timeout(10):
+            message = await anext(sub)
+    assert message.latent.index == 1
+    assert sub.stats.rejected == 1 and "not valid JSON" not in (sub.stats.last_error or "x")
+
+
+def test_stream_ids_and_prefixes_are_checked_before_becoming_topics():
+    for good in ("cam1", "Front_Door-2", "a.b"):
+        assert validate_stream_id(good) == good
+    for bad in ("", "cam/1", "cam+", "#", "a b", "-x", ".hidden", "x" * 65, "cam\n", "é"):
+        with pytest.raises(ValueError, match="stream id"):
+            validate_stream_id(bad)
+        with pytest.raises(ValueError):
+            MqttSink(MqttSettings("127.0.0.1"), stream_id=bad)
+    assert status_topic("a/b", "cam") == "a/b/cam/status"
+    for bad in ("", "a//b", "a/+/b", "a/#", "$SYS/x", "/a"):
+        with pytest.raises(ValueError, match="prefix"):
+            validate_prefix(bad)
+
+
+def test_passwords_never_come_from_urls_or_show(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    with pytest.raises(ValueError, match="refusing a password") as refused:
+        MqttSettings.from_url("mqtt://user:hunter2@host/p")
+    assert "hunter2" not in str(refused.value)
+    monkeypatch.setenv("STREAMVAE_MQTT_PASSWORD", "from-env-123")
+    settings = MqttSettings.from_url("mqtt://user@host:1884/a/b")
+    assert (settings.username, settings.password, settings.port, settings.prefix) == (
+        "user",
+        "from-env-123",
+        1884,
+        "a/b",
+    )
+    assert "from-env-123" not in repr(settings) and "from-env-123" not in settings.display
+    password_file = tmp_path / "pw"
+    password_file.write_text("from-file-456\n")
+    settings = MqttSettings.from_url("mqtts://user@host/p", password_file=password_file)
+    assert settings.password == "from-file-456" and settings.tls and settings.port == 8883
+    assert "from-file-456" not in repr(settings)
+
+
+async def test_user_password_and_tls(
+    auth_broker: Broker, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("STREAMVAE_MQTT_PASSWORD", MQTT_PASSWORD)
+    url = f"mqtts://{MQTT_USER}@127.0.0.1:{auth_broker.port}/test"
+    cert = str(auth_broker.tls[0])
+    good = MqttSettings.from_url(url, ca_file=cert)
+    async with (
+        LatentSubscriber(good, streams="cam6") as sub,
+        MqttSink(good, stream_id="cam6") as sink,
+    ):
+        await sink.send(make_latent(5))
+        async with asyncio.timeout(10):
+            message = await anext(sub)
+    assert message.latent.index == 5 and sink.stats.published == 1
+    # A wrong password: refused, counted, and the password in no message or log.
+    wrong = MqttSettings(**{**good.__dict__, "password": "not-" + MQTT_PASSWORD})
+    sink = MqttSink(wrong, stream_id="cam6", backoff=Backoff(0.1, 0.1), drain_timeout=0.5)
+    async with sink:
+        await sink.send(make_latent(6))
+        await wait_until(lambda: sink.stats.connection_failures >= 2, 10, "refused connections")
+    assert sink.stats.published == 0 and sink.stats.unsent == 1
+    assert "not authorized" in sink.stats.last_error.lower()
+    # Without the CA the server certificate is not trusted.
+    untrusted = MqttSettings(**{**good.__dict__, "ca_file": None})
+    sink = MqttSink(untrusted, stream_id="cam6", backoff=Backoff(0.1, 0.1), drain_timeout=0.5)
+    async with sink:
+        await wait_until(lambda: sink.stats.connection_failures >= 1, 10, "a refused certificate")
+    assert "certificate" in sink.stats.last_error.lower()
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert MQTT_PASSWORD not in logged and MQTT_PASSWORD not in sink.stats.last_error
