@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 import shlex
@@ -336,3 +337,25 @@ def test_mqtt_url_with_a_password_is_refused_without_echo():
         "live", "synthetic://moving", "--mqtt", "mqtt://127.0.0.1/x", "--stream-id", "a/#", *NARROW
     )
     assert result.returncode != 0 and "stream id" in result.stderr
+
+
+def test_progress_bar_on_a_terminal_and_on_a_pipe():
+    from streamvae.io.commands import _ProgressBar
+    from streamvae.io.pipeline import PipelineStats
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stats = PipelineStats(frames=135, latents=34)
+    terminal = Terminal()
+    bar = _ProgressBar(terminal, lambda: 270, enabled=True)
+    bar.update(stats, force=True)
+    bar.finish(stats)
+    assert terminal.getvalue().startswith("\r[###############               ] 135/270 frames")
+    assert terminal.getvalue().endswith("\n")
+    pipe = io.StringIO()
+    bar = _ProgressBar(pipe, lambda: None, enabled=True)
+    bar.update(stats)  # too soon after the start for a pipe
+    bar.update(stats, force=True)
+    assert pipe.getvalue().startswith("135 frames") and "\r" not in pipe.getvalue()

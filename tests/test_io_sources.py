@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -294,3 +296,51 @@ async def test_an_encoder_slower_than_a_live_source_stays_current(narrow_encoder
         f"max {max(late) * 1000:.0f} ms; {per_frame * 1000:.1f} ms a frame"
     )
     assert max(late) < 16 * per_frame + 0.5
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_cancelled_consumer_leaves_no_thread_or_descriptor(
+    test_video: Path, narrow_encoder
+):
+    """Issue 7 §2: cancel the task that encodes a live source (and one that reads a file)."""
+    for uri, kind in (("synthetic://moving?fps=100", "synthetic"), (str(test_video), "webcam")):
+        threads_before = set(threading.enumerate())
+        fds_before = _open_fds()
+        started = asyncio.Event()
+
+        class Sink:
+            def __init__(self, started: asyncio.Event) -> None:
+                self.started = started
+
+            async def send(self, latent) -> None:
+                self.started.set()
+
+        async def run(uri: str = uri, kind: str = kind, started=started) -> None:
+            async with open_source(uri, kind=kind, size="32x32") as source:
+                await encode_to_sinks(source, StreamEncoder(narrow_encoder), [Sink(started)])
+
+        task = asyncio.ensure_future(run())
+        await asyncio.wait_for(started.wait(), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)
+        leaked = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        assert not leaked, leaked
+        assert _open_fds() <= fds_before, uri
+
+
+async def test_frames_are_rgb(tmp_path: Path):
+    video = tmp_path / "red.avi"
+    subprocess.run(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+         "color=c=red:size=32x32:rate=10", "-frames:v", "3", "-c:v", "mpeg4", "-q:v", "2", str(video)],
+        check=True, timeout=60,
+    )  # fmt: skip
+    async with open_source(video) as source:
+        frames = [frame.image async for frame in source]
+    mean = np.stack(frames).reshape(-1, 3).mean(axis=0)
+    assert mean[0] > 200 and mean[1] < 60 and mean[2] < 60, mean

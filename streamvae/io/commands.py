@@ -290,19 +290,22 @@ def _latency_text(values: Any) -> str:
 
 
 class _ProgressBar:
-    """A one-line progress bar on stderr (redrawn at most 10 times a second; TTY only)."""
+    """Progress on stderr: a bar redrawn in place (a terminal, 10 times a second at most), or a
+    plain line every 5 seconds (a pipe or a log file)."""
 
     def __init__(self, stream: TextIO, total: Callable[[], int | None], enabled: bool) -> None:
         self.stream = stream
         self.total = total
-        self.enabled = enabled and stream.isatty()
-        self._last = 0.0
+        self.enabled = enabled
+        self.terminal = stream.isatty()
+        self._interval = 0.1 if self.terminal else 5.0
+        self._last = time.monotonic()
 
     def update(self, stats: PipelineStats, *, force: bool = False) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
-        if not force and now - self._last < 0.1:
+        if not force and now - self._last < self._interval:
             return
         self._last = now
         total = self.total()
@@ -313,11 +316,11 @@ class _ProgressBar:
             line = f"[{bar:<30}] {stats.frames}/{total} frames  {rate}"
         else:
             line = f"{stats.frames} frames  {rate}"
-        self.stream.write(f"\r{line}\x1b[K")
+        self.stream.write(f"\r{line}\x1b[K" if self.terminal else f"{line}\n")
         self.stream.flush()
 
     def finish(self, stats: PipelineStats) -> None:
-        if self.enabled:
+        if self.enabled and self.terminal:
             self.update(stats, force=True)
             self.stream.write("\n")
             self.stream.flush()

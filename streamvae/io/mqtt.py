@@ -56,6 +56,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from streamvae.io.backoff import Backoff
+from streamvae.io.redact import redact_url
 from streamvae.io.topics import (
     PASSWORD_ENV,
     latent_topic,
@@ -141,7 +142,7 @@ class MqttSettings:
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts"):
             raise ValueError(
-                f"an MQTT URL starts with mqtt:// or mqtts://, got {_redact_url(url)!r}"
+                f"an MQTT URL starts with mqtt:// or mqtts://, got {redact_url(url)!r}"
             )
         if parts.password is not None:
             raise ValueError(
@@ -149,7 +150,7 @@ class MqttSettings:
                 "password file (--mqtt-password-file) instead"
             )
         if parts.query or parts.fragment:
-            raise ValueError(f"an MQTT URL takes no query or fragment: {_redact_url(url)!r}")
+            raise ValueError(f"an MQTT URL takes no query or fragment: {redact_url(url)!r}")
         if not parts.hostname:
             raise ValueError(f"no host in MQTT URL {url!r}")
         tls = parts.scheme == "mqtts"
@@ -216,15 +217,6 @@ class MqttSettings:
             tls_context=tls_context,
             logger=log,
         )
-
-
-def _redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
 
 
 # -- publishing ----

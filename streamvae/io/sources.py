@@ -57,6 +57,7 @@ import numpy as np
 
 from streamvae.frames import SPATIAL_MULTIPLE, Frame
 from streamvae.io.backoff import Backoff
+from streamvae.io.redact import redact_url
 
 __all__ = [
     "GROUP_FRAMES",
@@ -141,7 +142,7 @@ def parse_size(size: str | tuple[int, int] | None) -> tuple[int, int] | None:
         height, width = (int(v) for v in size)
     if height <= 0 or width <= 0 or height % SPATIAL_MULTIPLE or width % SPATIAL_MULTIPLE:
         near = [
-            max(SPATIAL_MULTIPLE, round(v / SPATIAL_MULTIPLE) * SPATIAL_MULTIPLE)
+            max(SPATIAL_MULTIPLE, int(v / SPATIAL_MULTIPLE + 0.5) * SPATIAL_MULTIPLE)
             for v in (height, width)
         ]
         shown = size if isinstance(size, str) else f"{height}x{width}"
@@ -306,13 +307,7 @@ class _SyntheticCapture:
 
 def _shown(target: int | str) -> str:
     """A target for messages, without any password in a URL."""
-    if isinstance(target, int):
-        return f"camera {target}"
-    parts = urlsplit(target)
-    if parts.password:
-        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return parts._replace(netloc=netloc).geturl()
-    return target
+    return f"camera {target}" if isinstance(target, int) else redact_url(target)
 
 
 # -- the queue between the reader thread and the consumer ----
