@@ -359,3 +359,43 @@ def test_progress_bar_on_a_terminal_and_on_a_pipe():
     bar.update(stats)  # too soon after the start for a pipe
     bar.update(stats, force=True)
     assert pipe.getvalue().startswith("135 frames") and "\r" not in pipe.getvalue()
+
+
+def test_a_file_that_is_not_a_video_is_reported(tmp_path: Path):
+    not_video = tmp_path / "notes.txt"
+    not_video.write_text("not a video\n")
+    result = run_cli("encode", str(not_video), "-o", str(tmp_path / "x.latents"), *NARROW, "--json")
+    assert result.returncode == 1
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert "could not open" in summary["error"] and summary["frames"] == 0
+
+
+async def test_a_second_ctrl_c_aborts_a_stuck_drain():
+    """No broker: the first Ctrl-C starts the drain (up to 60 s); the second one aborts."""
+    dead_port = io_fixtures.free_port()
+    process = await asyncio.create_subprocess_exec(
+        *streamvae_command(
+            "live", "synthetic://moving?fps=25", "--mqtt", f"mqtt://127.0.0.1:{dead_port}/x",
+            "--size", "16x16", *NARROW, "--drain-timeout", "60", "--stats-interval", "0.2",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+    )  # fmt: skip
+    try:
+
+        async def line_with(text: str) -> None:
+            while text not in (await process.stderr.readline()).decode():
+                assert not process.stderr.at_eof()
+
+        await asyncio.wait_for(line_with("mqtt DISCONNECTED"), 60)  # running, buffering
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(line_with("stopping"), 10)
+        await asyncio.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(process.wait(), 10)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 130

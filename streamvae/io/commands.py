@@ -25,7 +25,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
@@ -278,6 +278,15 @@ def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
+def _run_until_done(main: Coroutine[Any, Any, int]) -> int:
+    """``asyncio.run``, with an abort (a second Ctrl-C) reported as exit status 130."""
+    try:
+        return asyncio.run(main)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("streamvae: aborted", file=sys.stderr)
+        return 130
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
@@ -341,7 +350,7 @@ def run_encode(args: argparse.Namespace) -> int:
     _setup_logging(args)
     source = _open_source_from_args(args.input, args)
     choice, encoder = _stream_encoder(args)
-    return asyncio.run(_encode(args, source, choice, encoder))
+    return _run_until_done(_encode(args, source, choice, encoder))
 
 
 async def _encode(
@@ -424,7 +433,7 @@ def run_live(args: argparse.Namespace) -> int:
         raise SystemExit(f"streamvae: {exc}") from None
     source = _open_source_from_args(args.source, args)
     choice, encoder = _stream_encoder(args)
-    return asyncio.run(_live(args, source, choice, encoder, settings, stream_id))
+    return _run_until_done(_live(args, source, choice, encoder, settings, stream_id))
 
 
 async def _live(

@@ -358,6 +358,9 @@ class MqttSink:
         """Publish what is buffered (for up to ``drain_timeout`` s), publish ``offline``, disconnect."""
         if self._task is None or self._closing:
             self._closing = True
+            self.stats.unsent += len(self._buffer)  # never started: nothing was sent
+            self._buffer.clear()
+            self.stats.buffered = 0
             return
         self._closing = True
         self._wakeup.set()
