@@ -8,27 +8,75 @@
 ...         print(latent.index, latent.data.shape)
 """
 
+from typing import Any
+
 from streamvae.config import WAN21, WanConfig, narrow
 from streamvae.frames import Frame, FrameError
+from streamvae.io import (
+    FileSink,
+    FrameSource,
+    LatentSink,
+    PipelineStats,
+    SourceError,
+    SourceFrame,
+    SourceStats,
+    WireError,
+    decode_latent,
+    encode_latent,
+    encode_to_sinks,
+    iter_latents,
+    open_source,
+    read_latents,
+)
 from streamvae.model import EncoderState, WanEncoder, state_nbytes
 from streamvae.stream import Latent, LatentStream, StreamBroken, StreamEncoder
-from streamvae.weights import CheckpointError, load_encoder
+from streamvae.weights import CheckpointError, load_encoder, random_encoder
 
 __all__ = [
     "WAN21",
     "CheckpointError",
     "EncoderState",
+    "FileSink",
     "Frame",
     "FrameError",
+    "FrameSource",
     "Latent",
+    "LatentSink",
     "LatentStream",
+    "LatentSubscriber",
+    "MqttSettings",
+    "MqttSink",
+    "PipelineStats",
+    "ReceivedLatent",
+    "SourceError",
+    "SourceFrame",
+    "SourceStats",
     "StreamBroken",
     "StreamEncoder",
     "WanConfig",
     "WanEncoder",
+    "WireError",
+    "decode_latent",
+    "encode_latent",
+    "encode_to_sinks",
+    "iter_latents",
     "load_encoder",
     "narrow",
+    "open_source",
+    "random_encoder",
+    "read_latents",
     "state_nbytes",
 ]
 
 __version__ = "0.1.0"
+
+_MQTT_NAMES = frozenset({"LatentSubscriber", "MqttSettings", "MqttSink", "ReceivedLatent"})
+
+
+def __getattr__(name: str) -> Any:
+    """The MQTT names need aiomqtt (``pip install 'streamvae[mqtt]'``): imported on first use."""
+    if name in _MQTT_NAMES:
+        from streamvae.io import mqtt
+
+        return getattr(mqtt, name)
+    raise AttributeError(f"module 'streamvae' has no attribute {name!r}")
