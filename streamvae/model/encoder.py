@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from streamvae.config import WAN21, WanConfig
+from streamvae.model.kernels import PackedConv
 from streamvae.model.layers import (
     CausalConv3d,
     Downsample,
@@ -99,6 +100,7 @@ class WanEncoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], 2 * config.z_dim)
         self.quant_conv = nn.Conv3d(2 * config.z_dim, 2 * config.z_dim, 1)
+        self.quant_kernel = PackedConv(stride=(1, 1, 1), padding=(0, 0, 0))
         # float32 whatever the model's dtype: kept out of the module's buffers so .to(dtype)
         # cannot round them.
         self._latent_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -174,7 +176,7 @@ class WanEncoder(nn.Module):
         self.norm_out.silu_into(h, state.conv_out.slots(count))
         h = self.conv_out.step(state.conv_out, count)
         z = self.config.z_dim
-        return torch.nn.functional.conv3d(h, self.quant_conv.weight[:z], self.quant_conv.bias[:z])
+        return self.quant_kernel(h, self.quant_conv.weight[:z], self.quant_conv.bias[:z])
 
     def normalize(self, mean: torch.Tensor) -> torch.Tensor:
         """Wan's latent normalisation ``(mu - mean) / std`` per channel, in float32."""

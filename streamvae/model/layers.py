@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streamvae.model.kernels import PackedConv, rms_silu_into
 from streamvae.model.state import ConvState, FrameWindow, TimeDownState
 
 __all__ = [
@@ -81,15 +82,16 @@ class RMSNorm(nn.Module):
 
     def silu_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``silu(norm(x))`` written into ``out`` (a slot of a conv's frame window)."""
-        torch.mul(self._normalized(x) * self.scale, self.gamma, out=out)
-        return F.silu(out, inplace=True)
+        return rms_silu_into(x, self.gamma, self.scale, out)
 
 
 class CausalConv3d(nn.Conv3d):
     """A 3D conv causal in time: ``2 * (k // 2)`` frames of memory in front, symmetric spatial padding.
 
     ``step`` reads the state's window ``[last two input frames, new frames]``; the caller has
-    written the new frames into ``state.slots(n)``.
+    written the new frames into ``state.slots(n)``. The two frames before a stream's first frame
+    are zeros; a one-frame step skips the kernel's time taps that would read them (they add
+    exactly zero), so a stream's first two frames cost one and two thirds of a frame.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
@@ -97,13 +99,20 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size, padding=(0, pad, pad))
         if kernel_size != 3:
             raise ValueError("the Wan encoder's causal convs are 3x3x3")
+        self.kernel = PackedConv(stride=(1, 1, 1), padding=(0, pad, pad))
 
     def new_state(self, spec: StateSpec, height: int, width: int) -> ConvState:
         return ConvState(spec.window(self.in_channels, ConvState.KEEP, height, width))
 
     def step(self, state: ConvState, count: int) -> torch.Tensor:
-        window = state.window.slots(0, ConvState.KEEP + count)
-        out = self._conv_forward(window, self.weight, self.bias)
+        keep = ConvState.KEEP
+        history = state.history
+        if count == 1 and history < keep:
+            first = keep - history  # the window's first real frame
+            window = state.window.slots(first, history + 1)
+            out = self.kernel(window, self.weight[:, :, first:], self.bias)
+        else:
+            out = self.kernel(state.window.slots(0, keep + count), self.weight, self.bias)
         state.advance(count)
         return out
 
@@ -134,6 +143,7 @@ class ResidualBlock(nn.Module):
         self.norm2 = RMSNorm(out_dim)
         self.conv2 = CausalConv3d(out_dim, out_dim)
         self.conv_shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
+        self.shortcut_kernel = PackedConv(stride=(1, 1, 1), padding=(0, 0, 0))
 
     def new_state(self, spec: StateSpec, height: int, width: int) -> ResidualState:
         return ResidualState(
@@ -142,7 +152,11 @@ class ResidualBlock(nn.Module):
 
     def step(self, x: torch.Tensor, state: ResidualState) -> torch.Tensor:
         count = x.shape[2]
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        shortcut = (
+            x
+            if self.conv_shortcut is None
+            else self.shortcut_kernel(x, self.conv_shortcut.weight, self.conv_shortcut.bias)
+        )
         self.norm1.silu_into(x, state.conv1.slots(count))
         h = self.conv1.step(state.conv1, count)
         self.norm2.silu_into(h, state.conv2.slots(count))
@@ -161,6 +175,8 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, 3, stride=2)
         self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
+        self.kernel = PackedConv(stride=(2, 2), padding=(0, 0))
+        self.time_kernel = PackedConv(stride=(2, 1, 1), padding=(0, 0, 0))
 
     def new_state(self, spec: StateSpec, height: int, width: int) -> TimeDownState | None:
         if self.time_conv is None:
@@ -169,9 +185,26 @@ class Downsample(nn.Module):
         return TimeDownState(spec.window(channels, 2, height // 2, width // 2))
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """Per frame: pad right and bottom by one zero, 3x3 conv with stride 2.
+
+        The padded frames keep the input's layout (channels-last stays channels-last), so that
+        the conv runs on the fast path; ``F.pad`` would return them contiguous.
+        """
         b, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)
-        frames = self.conv(F.pad(frames, (0, 1, 0, 1)))
+        if x.is_contiguous(memory_format=torch.channels_last_3d) and c > 1:
+            padded = torch.empty(
+                (b * t, c, h + 1, w + 1),
+                dtype=x.dtype,
+                device=x.device,
+                memory_format=torch.channels_last,
+            )
+            padded[:, :, h].zero_()
+            padded[:, :, :h, w].zero_()
+            padded[:, :, :h, :w].copy_(frames)
+        else:
+            padded = F.pad(frames, (0, 1, 0, 1))
+        frames = self.kernel(padded, self.conv.weight, self.conv.bias)
         return frames.reshape(b, t, c, h // 2, w // 2).transpose(1, 2)
 
     def step(self, x: torch.Tensor, state: TimeDownState | None) -> torch.Tensor | None:
@@ -191,11 +224,8 @@ class Downsample(nn.Module):
         pairs = (available - 1) // 2
         out = None
         if pairs:
-            out = F.conv3d(
-                window.slots(0, 1 + 2 * pairs),
-                self.time_conv.weight,
-                self.time_conv.bias,
-                stride=(2, 1, 1),
+            out = self.time_kernel(
+                window.slots(0, 1 + 2 * pairs), self.time_conv.weight, self.time_conv.bias
             )
         keep = available - 2 * pairs
         window.shift_to_front(2 * pairs, keep)

@@ -1,0 +1,137 @@
+"""CPU kernels of the stepping layers: oneDNN convolutions with prepacked weights, fused norms.
+
+On the CPU, PyTorch's ``F.conv3d`` reorders the weights into oneDNN's blocked layout on every
+call, and picks its im2col fallback (``slow_conv3d``) for small-channel or small-frame shapes,
+such as the one-frame steps of a stream. :class:`PackedConv` calls oneDNN directly on
+channels-last input with the weights reordered once per (weights, input shape) and cached.
+Elsewhere (CUDA, float16, contiguous layout, no oneDNN) it is ``F.conv3d`` / ``F.conv2d``.
+
+Both paths compute the same convolution; they differ only in the order of the float sums
+(about 1e-7 relative in float32).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["PackedConv", "onednn_available", "rms_silu_into"]
+
+_PACKABLE = (torch.float32, torch.bfloat16)
+_CACHE_ENTRIES = 4  # input shapes per layer: frame steps, group steps, first frames...
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch has the oneDNN ops :class:`PackedConv` uses."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        and hasattr(torch._C._nn, "mkldnn_reorder_conv3d_weight")
+    )
+
+
+_ONEDNN = onednn_available()
+
+
+class PackedConv:
+    """A convolution's weights kept in oneDNN's layout, per input shape (CPU, channels-last).
+
+    One instance per conv layer. The cache is keyed on the weight tensor's identity, version and
+    dtype, so that loading new weights or casting the module repacks them.
+    """
+
+    def __init__(
+        self, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int] | None = None
+    ) -> None:
+        self.stride = list(stride)
+        self.padding = list(padding)
+        self.dilation = list(dilation) if dilation is not None else [1] * len(self.stride)
+        self._packed: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+        self._weights: tuple[object, ...] | None = None
+
+    def __deepcopy__(self, memo: dict[int, object]) -> PackedConv:
+        return PackedConv(self.stride, self.padding, self.dilation)  # packs are rebuilt lazily
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(state["stride"], state["padding"], state["dilation"])  # type: ignore[misc, arg-type]
+
+    def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        if not _ONEDNN or x.device.type != "cpu" or x.dtype not in _PACKABLE:
+            return False
+        if weight.dtype != x.dtype or x.requires_grad or weight.requires_grad:
+            return False
+        layout = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+        return x.is_contiguous(memory_format=layout)
+
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if not self.applies(x, weight):
+            conv = F.conv3d if x.dim() == 5 else F.conv2d
+            return conv(x, weight, bias, self.stride, self.padding, self.dilation)
+        packed = self._pack(weight, tuple(x.shape))
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, bias, self.padding, self.stride, self.dilation, 1, "none", [], ""
+        )
+
+    def _pack(self, weight: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
+        storage = weight.untyped_storage()
+        weights = (storage.data_ptr(), weight._version, weight.dtype)
+        if weights != self._weights:  # new weights (loaded, cast, moved): drop the old packs
+            self._packed.clear()
+            self._weights = weights
+        key = (weight.data_ptr(), tuple(weight.shape), input_shape)
+        packed = self._packed.get(key)
+        if packed is not None:
+            self._packed.move_to_end(key)
+            return packed
+        reorder = (
+            torch._C._nn.mkldnn_reorder_conv3d_weight
+            if weight.dim() == 5
+            else torch._C._nn.mkldnn_reorder_conv2d_weight
+        )
+        with torch.inference_mode():
+            packed = reorder(
+                weight.detach().contiguous().to_mkldnn(),
+                self.padding,
+                self.stride,
+                self.dilation,
+                1,
+                list(input_shape),
+            )
+        self._packed[key] = packed
+        while len(self._packed) > _CACHE_ENTRIES:
+            self._packed.popitem(last=False)
+        return packed
+
+    def clear(self) -> None:
+        self._packed.clear()
+
+
+def rms_silu_into(
+    x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor
+) -> torch.Tensor:
+    """``silu(x / max(||x||_2 over channels, 1e-12) * scale * gamma)`` written into ``out``.
+
+    Fewer passes over the activations than the textbook chain (norm, divide, scale, gamma,
+    SiLU, each a new tensor): the channel norm, one multiply by ``scale / norm``, then
+    ``gamma`` and SiLU in place. Half-precision input is normalised in float32 without a float32
+    copy of it: the norm accumulates in float32 and the multiply promotes.
+    """
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32 if low else None)
+    inv = torch.reciprocal(norm.clamp_min_(1e-12)).mul_(scale)
+    if not low and out.dtype == x.dtype:
+        torch.mul(x, inv, out=out)
+        out.mul_(gamma)
+        return F.silu(out, inplace=True)
+    normed = torch.mul(x, inv)  # float32
+    normed.mul_(gamma)
+    out.copy_(normed)
+    return F.silu(out, inplace=True)

@@ -1,0 +1,120 @@
+"""The fast CPU paths (channels-last oneDNN convs with packed weights, skipped zero taps, the
+fused norm) against diffusers, in float32 and bfloat16; their caches under weight changes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import random_encoder, random_video, rel_err, to_model_video
+from streamvae import StreamEncoder, narrow
+from streamvae.bench import DiffusersPeer
+from streamvae.model.kernels import PackedConv, onednn_available, rms_silu_into
+
+CHANNELS_LAST = torch.channels_last_3d
+TOLERANCE = 1e-5
+
+
+def streamed(stream: StreamEncoder, frames: torch.Tensor) -> torch.Tensor:
+    out = [latent for frame in frames[0] for latent in stream.push(frame.numpy())]
+    out += stream.flush()
+    return torch.stack([latent.data for latent in out], dim=1)[None]
+
+
+@pytest.mark.parametrize("mode", ["frame", "group"])
+@pytest.mark.parametrize("frames", [1, 5, 9, 13])
+def test_channels_last_stream_matches_diffusers(narrow_encoder, mode, frames):
+    video = random_video(frames, 24, 32, seed=frames)
+    expected = DiffusersPeer(narrow_encoder).batch(to_model_video(video))
+    stream = StreamEncoder(narrow_encoder, mode=mode, normalize=False, memory_format=CHANNELS_LAST)
+    assert rel_err(streamed(stream, video), expected) <= TOLERANCE
+
+
+def test_full_config_channels_last_float32_and_bfloat16(wan21_encoder):
+    video = random_video(9, 32, 48, seed=3)
+    expected = DiffusersPeer(wan21_encoder).batch(to_model_video(video))
+    stream = StreamEncoder(wan21_encoder, normalize=False, memory_format=CHANNELS_LAST)
+    assert rel_err(streamed(stream, video), expected) <= TOLERANCE
+    low = copy.deepcopy(wan21_encoder).to(torch.bfloat16)
+    stream = StreamEncoder(low, normalize=False, memory_format=CHANNELS_LAST)
+    assert rel_err(streamed(stream, video), expected) <= 3e-2
+
+
+@pytest.mark.parametrize("chunk_frames", [1, 3, 4])
+def test_channels_last_batch_encode_any_chunking(narrow_encoder, chunk_frames):
+    video = to_model_video(random_video(9, 16, 24, seed=5))
+    expected = narrow_encoder.encode(video, normalize=False)
+    state = narrow_encoder.new_state(16, 24, capacity=chunk_frames, memory_format=CHANNELS_LAST)
+    got = narrow_encoder.step(video, state)
+    assert got is not None
+    assert rel_err(got, expected) <= TOLERANCE
+
+
+def test_reset_restarts_the_skipped_zero_taps(narrow_encoder):
+    frames = random_video(5, 16, 16, seed=6)
+    stream = StreamEncoder(narrow_encoder, normalize=False, memory_format=CHANNELS_LAST)
+    first = streamed(stream, frames)
+    stream.reset()
+    assert rel_err(streamed(stream, frames), first) == 0.0
+
+
+def test_new_weights_are_repacked():
+    config = narrow(8)
+    a, b = random_encoder(config, seed=10), random_encoder(config, seed=11)
+    video = random_video(5, 16, 16, seed=7)
+    stream = StreamEncoder(a, normalize=False, memory_format=CHANNELS_LAST)
+    streamed(stream, video)  # packs a's weights
+    a.load_state_dict(b.state_dict())  # in place: same storage, new version
+    expected = DiffusersPeer(b).batch(to_model_video(video))
+    stream.reset()
+    assert rel_err(streamed(stream, video), expected) <= TOLERANCE
+
+
+def test_deepcopy_and_cast_after_use(narrow_encoder):
+    video = random_video(5, 16, 16, seed=8)
+    used = copy.deepcopy(narrow_encoder)
+    streamed(StreamEncoder(used, memory_format=CHANNELS_LAST), video)
+    clone = copy.deepcopy(used)  # packed oneDNN weights are not copied, rebuilt on use
+    low = copy.deepcopy(used).to(torch.bfloat16)
+    expected = streamed(StreamEncoder(narrow_encoder), video)
+    assert (
+        rel_err(streamed(StreamEncoder(clone, memory_format=CHANNELS_LAST), video), expected)
+        <= TOLERANCE
+    )
+    assert (
+        rel_err(streamed(StreamEncoder(low, memory_format=CHANNELS_LAST), video), expected) <= 3e-2
+    )
+
+
+@pytest.mark.skipif(not onednn_available(), reason="PyTorch without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_conv_equals_conv3d(dtype):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 24, 4, 12, 20, generator=generator).to(dtype, memory_format=CHANNELS_LAST)
+    weight = (torch.randn(16, 24, 3, 3, 3, generator=generator) * 0.1).to(dtype)
+    bias = torch.randn(16, generator=generator).to(dtype)
+    conv = PackedConv(stride=(1, 1, 1), padding=(0, 1, 1))
+    assert conv.applies(x, weight)
+    expected = torch.nn.functional.conv3d(
+        x.float(), weight.float(), bias.float(), padding=(0, 1, 1)
+    )
+    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(conv(x, weight, bias), expected) <= bound
+    assert rel_err(conv(x, weight, bias), expected) <= bound  # from the cache
+    assert not conv.applies(x.contiguous(), weight)  # contiguous input: plain F.conv3d
+    assert rel_err(conv(x.contiguous(), weight, bias), expected) <= bound
+
+
+def test_rms_silu_into_matches_the_textbook_chain():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 32, 1, 8, 8, generator=generator)
+    gamma = 1 + 0.1 * torch.randn(32, 1, 1, 1, generator=generator)
+    x[..., 0, 0] = 0.0  # an all-zero channel vector: normalised to zero, not NaN
+    expected = torch.nn.functional.silu(torch.nn.functional.normalize(x, dim=1) * 32**0.5 * gamma)
+    for dtype, bound in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        out = torch.empty_like(x, dtype=dtype)
+        rms_silu_into(x.to(dtype), gamma.to(dtype), 32**0.5, out)
+        assert torch.isfinite(out.float()).all()
+        assert rel_err(out, expected) <= bound
