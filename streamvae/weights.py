@@ -51,6 +51,71 @@ class CheckpointError(ValueError):
 # -- name mapping ----
 
 _WAN_RESIDUAL = {"0": "norm1", "2": "conv1", "3": "norm2", "6": "conv2"}
+_STREAMVAE_RESIDUAL = {v: k for k, v in _WAN_RESIDUAL.items()}
+
+Rule = tuple[re.Pattern[str], Callable[[re.Match[str]], str]]
+
+
+def _rules(*pairs: tuple[str, Callable[[re.Match[str]], str]]) -> list[Rule]:
+    return [(re.compile(pattern), build) for pattern, build in pairs]
+
+
+def _rename(rules: list[Rule], name: str) -> str | None:
+    for pattern, build in rules:
+        match = pattern.fullmatch(name)
+        if match:
+            return build(match)
+    return None
+
+
+def _wan_residual(index: str) -> str:
+    return _WAN_RESIDUAL.get(index, "residual." + index)
+
+
+# Wan's names after "encoder." -> streamvae's.
+_FROM_WAN = _rules(
+    (r"conv1\.(.+)", lambda m: f"conv_in.{m[1]}"),
+    (
+        r"downsamples\.(\d+)\.residual\.(\d+)\.(.+)",
+        lambda m: f"down_blocks.{m[1]}.{_wan_residual(m[2])}.{m[3]}",
+    ),
+    (r"downsamples\.(\d+)\.shortcut\.(.+)", lambda m: f"down_blocks.{m[1]}.conv_shortcut.{m[2]}"),
+    (r"downsamples\.(\d+)\.resample\.1\.(.+)", lambda m: f"down_blocks.{m[1]}.conv.{m[2]}"),
+    (r"downsamples\.(\d+)\.time_conv\.(.+)", lambda m: f"down_blocks.{m[1]}.time_conv.{m[2]}"),
+    (
+        r"middle\.([02])\.residual\.(\d+)\.(.+)",
+        lambda m: f"mid_block.resnets.{int(m[1]) // 2}.{_wan_residual(m[2])}.{m[3]}",
+    ),
+    (r"middle\.1\.(.+)", lambda m: f"mid_block.attentions.0.{m[1]}"),
+    (r"head\.0\.(.+)", lambda m: f"norm_out.{m[1]}"),
+    (r"head\.2\.(.+)", lambda m: f"conv_out.{m[1]}"),
+)
+
+# streamvae's names -> Wan's (whole names).
+_TO_WAN = _rules(
+    (r"quant_conv\.(.+)", lambda m: f"conv1.{m[1]}"),
+    (r"conv_in\.(.+)", lambda m: f"encoder.conv1.{m[1]}"),
+    (
+        r"down_blocks\.(\d+)\.(norm1|conv1|norm2|conv2)\.(.+)",
+        lambda m: f"encoder.downsamples.{m[1]}.residual.{_STREAMVAE_RESIDUAL[m[2]]}.{m[3]}",
+    ),
+    (
+        r"down_blocks\.(\d+)\.conv_shortcut\.(.+)",
+        lambda m: f"encoder.downsamples.{m[1]}.shortcut.{m[2]}",
+    ),
+    (r"down_blocks\.(\d+)\.conv\.(.+)", lambda m: f"encoder.downsamples.{m[1]}.resample.1.{m[2]}"),
+    (
+        r"down_blocks\.(\d+)\.time_conv\.(.+)",
+        lambda m: f"encoder.downsamples.{m[1]}.time_conv.{m[2]}",
+    ),
+    (
+        r"mid_block\.resnets\.(\d)\.(norm1|conv1|norm2|conv2)\.(.+)",
+        lambda m: f"encoder.middle.{2 * int(m[1])}.residual.{_STREAMVAE_RESIDUAL[m[2]]}.{m[3]}",
+    ),
+    (r"mid_block\.attentions\.0\.(.+)", lambda m: f"encoder.middle.1.{m[1]}"),
+    (r"norm_out\.(.+)", lambda m: f"encoder.head.0.{m[1]}"),
+    (r"conv_out\.(.+)", lambda m: f"encoder.head.2.{m[1]}"),
+)
 
 
 def wan_to_streamvae_name(name: str) -> str | None:
@@ -60,73 +125,16 @@ def wan_to_streamvae_name(name: str) -> str | None:
     if not name.startswith("encoder."):
         return None
     rest = name[len("encoder.") :]
-    rules: list[tuple[str, Callable[[re.Match[str]], str]]] = [
-        (r"conv1\.(.+)", lambda m: f"conv_in.{m[1]}"),
-        (
-            r"downsamples\.(\d+)\.residual\.(\d+)\.(.+)",
-            lambda m: f"down_blocks.{m[1]}.{_WAN_RESIDUAL.get(m[2], 'residual.' + m[2])}.{m[3]}",
-        ),
-        (
-            r"downsamples\.(\d+)\.shortcut\.(.+)",
-            lambda m: f"down_blocks.{m[1]}.conv_shortcut.{m[2]}",
-        ),
-        (r"downsamples\.(\d+)\.resample\.1\.(.+)", lambda m: f"down_blocks.{m[1]}.conv.{m[2]}"),
-        (r"downsamples\.(\d+)\.time_conv\.(.+)", lambda m: f"down_blocks.{m[1]}.time_conv.{m[2]}"),
-        (
-            r"middle\.([02])\.residual\.(\d+)\.(.+)",
-            lambda m: (
-                f"mid_block.resnets.{int(m[1]) // 2}."
-                f"{_WAN_RESIDUAL.get(m[2], 'residual.' + m[2])}.{m[3]}"
-            ),
-        ),
-        (r"middle\.1\.(.+)", lambda m: f"mid_block.attentions.0.{m[1]}"),
-        (r"head\.0\.(.+)", lambda m: f"norm_out.{m[1]}"),
-        (r"head\.2\.(.+)", lambda m: f"conv_out.{m[1]}"),
-    ]
-    for pattern, build in rules:
-        match = re.fullmatch(pattern, rest)
-        if match:
-            return build(match)
-    return "encoder." + rest  # unknown encoder tensor: reported as unexpected
-
-
-_STREAMVAE_RESIDUAL = {v: k for k, v in _WAN_RESIDUAL.items()}
+    # An unknown encoder tensor keeps its name and is reported as unexpected.
+    return _rename(_FROM_WAN, rest) or name
 
 
 def streamvae_to_wan_name(name: str) -> str:
     """The inverse of :func:`wan_to_streamvae_name` (used to name missing tensors)."""
-    rules: list[tuple[str, Callable[[re.Match[str]], str]]] = [
-        (r"quant_conv\.(.+)", lambda m: f"conv1.{m[1]}"),
-        (r"conv_in\.(.+)", lambda m: f"encoder.conv1.{m[1]}"),
-        (
-            r"down_blocks\.(\d+)\.(norm1|conv1|norm2|conv2)\.(.+)",
-            lambda m: f"encoder.downsamples.{m[1]}.residual.{_STREAMVAE_RESIDUAL[m[2]]}.{m[3]}",
-        ),
-        (
-            r"down_blocks\.(\d+)\.conv_shortcut\.(.+)",
-            lambda m: f"encoder.downsamples.{m[1]}.shortcut.{m[2]}",
-        ),
-        (
-            r"down_blocks\.(\d+)\.conv\.(.+)",
-            lambda m: f"encoder.downsamples.{m[1]}.resample.1.{m[2]}",
-        ),
-        (
-            r"down_blocks\.(\d+)\.time_conv\.(.+)",
-            lambda m: f"encoder.downsamples.{m[1]}.time_conv.{m[2]}",
-        ),
-        (
-            r"mid_block\.resnets\.(\d)\.(norm1|conv1|norm2|conv2)\.(.+)",
-            lambda m: f"encoder.middle.{2 * int(m[1])}.residual.{_STREAMVAE_RESIDUAL[m[2]]}.{m[3]}",
-        ),
-        (r"mid_block\.attentions\.0\.(.+)", lambda m: f"encoder.middle.1.{m[1]}"),
-        (r"norm_out\.(.+)", lambda m: f"encoder.head.0.{m[1]}"),
-        (r"conv_out\.(.+)", lambda m: f"encoder.head.2.{m[1]}"),
-    ]
-    for pattern, build in rules:
-        match = re.fullmatch(pattern, name)
-        if match:
-            return build(match)
-    raise KeyError(name)
+    renamed = _rename(_TO_WAN, name)
+    if renamed is None:
+        raise KeyError(name)
+    return renamed
 
 
 def streamvae_to_diffusers_name(name: str) -> str:
