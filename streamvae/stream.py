@@ -86,7 +86,11 @@ class StreamEncoder:
     - ``normalize``: Wan's per-channel latent normalisation (default) or the raw mean.
     - ``output_device``: where ``Latent.data`` is delivered; ``"cpu"`` (default) or ``None``
       for the encoder's device.
-    - ``memory_format``: layout of the state buffers (``torch.channels_last_3d`` can be faster).
+    - ``memory_format``: layout of the state buffers; ``None`` (default) picks the fastest
+      measured for the encoder's device and dtype (channels-last on the CPU, see
+      :func:`streamvae.model.default_memory_format`).
+    - ``cuda_graphs``: on CUDA, capture each kind of step into a CUDA graph and replay it (one
+      launch per step instead of hundreds; see :mod:`streamvae.model.graphs`).
 
     A StreamEncoder is not thread-safe; use one per stream (any number may share an encoder).
     On CUDA each StreamEncoder runs its uploads, compute and state updates on its own
@@ -101,7 +105,8 @@ class StreamEncoder:
         pad_tail: bool = False,
         normalize: bool = True,
         output_device: str | torch.device | None = "cpu",
-        memory_format: torch.memory_format = torch.contiguous_format,
+        memory_format: torch.memory_format | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         if mode not in ("frame", "group"):
             raise ValueError(f"mode must be 'frame' or 'group', got {mode!r}")
@@ -111,6 +116,7 @@ class StreamEncoder:
         self.normalize = normalize
         self.output_device = None if output_device is None else torch.device(output_device)
         self.memory_format = memory_format
+        self.cuda_graphs = cuda_graphs
         self.group_size = encoder.config.temporal_stride
         self._device = encoder.device
         self._cuda = _CudaLane(self._device) if self._device.type == "cuda" else None
@@ -263,7 +269,11 @@ class StreamEncoder:
 
         def allocate() -> tuple[EncoderState, torch.Tensor]:
             state = self.encoder.new_state(
-                height, width, capacity=capacity, memory_format=self.memory_format
+                height,
+                width,
+                capacity=capacity,
+                memory_format=self.memory_format,
+                cuda_graphs=self.cuda_graphs,
             )
             shape = (1, 3, capacity, height, width)
             return state, torch.zeros(shape, dtype=self.encoder.dtype, device=self._device)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import random_encoder, random_video, rel_err, to_model_video
-from streamvae import StreamEncoder, narrow
+from streamvae import WAN21, StreamEncoder, WanEncoder, narrow
 from streamvae.bench import DiffusersPeer
 from streamvae.model.kernels import PackedConv, onednn_available, rms_silu_into
 
@@ -118,3 +118,75 @@ def test_rms_silu_into_matches_the_textbook_chain():
         rms_silu_into(x.to(dtype), gamma.to(dtype), 32**0.5, out)
         assert torch.isfinite(out.float()).all()
         assert rel_err(out, expected) <= bound
+
+
+# -- CUDA graphs: the Python-side bookkeeping (checked on the CPU), the replays (on a GPU) ----
+
+
+@pytest.mark.parametrize("capacity, chunk", [(1, 1), (4, 4), (4, 1)])
+def test_step_signature_determines_the_next(narrow_encoder, capacity, chunk):
+    """A replayed graph sets the state to what the eager step left: that must be a function of
+    the state before the step and the step's frame count, over resets too."""
+    state = narrow_encoder.new_state(16, 16, capacity=capacity)
+    video = to_model_video(random_video(41, 16, 16, seed=9))
+    after: dict[tuple, tuple] = {}
+    for _run in range(2):
+        state.reset()
+        chunks = [video[:, :, :1], *video[:, :, 1:].split(chunk, dim=2)]
+        for part in chunks:
+            before = (part.shape[2], state.signature())
+            narrow_encoder.step(part, state)
+            assert after.setdefault(before, state.signature()) == state.signature()
+            state.restore(before[1])
+            assert state.signature() == before[1]
+            state.restore(after[before])
+    assert len(after) <= 16  # a bounded number of graphs per stream
+
+
+def _on_gpu(encoder: WanEncoder, dtype: torch.dtype = torch.float32) -> WanEncoder:
+    gpu = WanEncoder(encoder.config)
+    gpu.load_state_dict(encoder.state_dict())
+    return gpu.to(device="cuda", dtype=dtype).eval().requires_grad_(False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["frame", "group"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CHANNELS_LAST])
+def test_cuda_graph_replays_equal_eager_steps(mode, memory_format):
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cpu = random_encoder(narrow(8), seed=12)
+        gpu = _on_gpu(cpu)
+        video = random_video(29, 32, 48, seed=10)
+        expected = cpu.encode(to_model_video(video), normalize=False)
+        graphed = StreamEncoder(
+            gpu, mode=mode, normalize=False, memory_format=memory_format, cuda_graphs=True
+        )
+        for _ in range(3):  # eager, captured, replayed
+            assert rel_err(streamed(graphed, video), expected) <= TOLERANCE
+        state = graphed._state
+        assert state is not None and state.graphs is not None and state.graphs.graphs
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_full_config_bfloat16():
+    cpu = random_encoder(WAN21, seed=13)
+    video = random_video(13, 64, 96, seed=11)
+    expected = cpu.encode(to_model_video(video), normalize=False)
+    graphed = StreamEncoder(_on_gpu(cpu, torch.bfloat16), normalize=False, cuda_graphs=True)
+    for _ in range(3):
+        assert rel_err(streamed(graphed, video), expected) <= 3e-2
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_dropped_when_the_weights_move():
+    cpu = random_encoder(narrow(8), seed=14)
+    gpu = _on_gpu(cpu)
+    video = random_video(9, 16, 16, seed=12)
+    stream = StreamEncoder(gpu, normalize=False, cuda_graphs=True)
+    first = [streamed(stream, video) for _ in range(3)][-1]
+    gpu.to(torch.float64).to(torch.float32)  # new parameter tensors, new addresses
+    assert rel_err(streamed(stream, video), first) <= TOLERANCE

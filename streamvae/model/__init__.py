@@ -1,5 +1,5 @@
 """The Wan 2.1 VAE encoder: stepping layers, their streaming state, and the encoder chain."""
 
-from streamvae.model.encoder import EncoderState, WanEncoder, state_nbytes
+from streamvae.model.encoder import EncoderState, WanEncoder, default_memory_format, state_nbytes
 
-__all__ = ["EncoderState", "WanEncoder", "state_nbytes"]
+__all__ = ["EncoderState", "WanEncoder", "default_memory_format", "state_nbytes"]

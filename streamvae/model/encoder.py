@@ -10,13 +10,14 @@ torch.Size([1, 16, 3, 4, 4])
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import torch
 from torch import nn
 
 from streamvae.config import WAN21, WanConfig
-from streamvae.model.kernels import PackedConv
+from streamvae.model.graphs import Signature, StepGraphs
+from streamvae.model.kernels import PackedConv, onednn_available
 from streamvae.model.layers import (
     CausalConv3d,
     Downsample,
@@ -28,7 +29,7 @@ from streamvae.model.layers import (
 )
 from streamvae.model.state import ConvState, TimeDownState
 
-__all__ = ["EncoderState", "WanEncoder", "state_nbytes"]
+__all__ = ["EncoderState", "WanEncoder", "default_memory_format", "state_nbytes"]
 
 Block = ResidualBlock | Downsample
 BlockState = ResidualState | TimeDownState | None
@@ -57,6 +58,29 @@ class EncoderState:
         self.blocks = blocks
         self.mid = mid
         self.conv_out = conv_out
+        self.graphs: StepGraphs | None = None
+        self._convs = [part for part in self._parts() if isinstance(part, ConvState)] + [
+            conv
+            for part in self._parts()
+            if isinstance(part, ResidualState)
+            for conv in (part.conv1, part.conv2)
+        ]
+        self._time_downs = [part for part in self._parts() if isinstance(part, TimeDownState)]
+
+    def signature(self) -> Signature:
+        """The Python-side state that decides which kernels the next step launches."""
+        return (
+            *(conv.history for conv in self._convs),
+            *((down.held, down.started) for down in self._time_downs),
+        )
+
+    def restore(self, signature: Signature) -> None:
+        """Set the Python-side state to ``signature`` (after a replayed CUDA graph)."""
+        convs = len(self._convs)
+        for conv, history in zip(self._convs, signature[:convs]):
+            conv.history = history  # type: ignore[assignment]
+        for down, held_started in zip(self._time_downs, signature[convs:]):
+            down.held, down.started = held_started  # type: ignore[misc]
 
     def _parts(self) -> Iterator[ConvState | ResidualState | TimeDownState]:
         yield self.conv_in
@@ -122,13 +146,20 @@ class WanEncoder(nn.Module):
         *,
         batch: int = 1,
         capacity: int = 1,
-        memory_format: torch.memory_format = torch.contiguous_format,
+        memory_format: torch.memory_format | None = None,
+        cuda_graphs: bool = False,
     ) -> EncoderState:
         """Allocate the streaming state for ``batch`` streams of ``height x width`` frames.
 
         ``capacity`` is the most frames one :meth:`step` call feeds each layer at once; longer
-        inputs are stepped through in chunks of that many frames.
+        inputs are stepped through in chunks of that many frames. ``memory_format`` is the
+        layout of the state buffers, which the activations follow (default: the fastest
+        measured for the encoder's device and dtype, see :func:`default_memory_format`).
+        ``cuda_graphs`` (CUDA only) captures the steps into CUDA graphs and replays them (see
+        :mod:`streamvae.model.graphs`); the state's buffers must then not be replaced.
         """
+        if memory_format is None:
+            memory_format = default_memory_format(self.device, self.dtype)
         spec = StateSpec(batch, capacity, self.dtype, self.device, memory_format)
         h, w = height, width
         conv_in = self.conv_in.new_state(spec, h, w)
@@ -139,7 +170,10 @@ class WanEncoder(nn.Module):
                 h, w = h // 2, w // 2
         mid = self.mid_block.new_state(spec, h, w)
         conv_out = self.conv_out.new_state(spec, h, w)
-        return EncoderState(spec, height, width, conv_in, blocks, mid, conv_out)
+        state = EncoderState(spec, height, width, conv_in, blocks, mid, conv_out)
+        if cuda_graphs and self.device.type == "cuda":
+            state.graphs = StepGraphs(self.device)
+        return state
 
     # -- stepping ----
 
@@ -162,6 +196,22 @@ class WanEncoder(nn.Module):
     def _step_chunk(self, x: torch.Tensor, state: EncoderState) -> torch.Tensor | None:
         count = x.shape[2]
         state.conv_in.slots(count).copy_(x)
+        if state.graphs is None:
+            return self._advance(count, state)
+        return state.graphs.run(
+            (count,),
+            self._weights_key(),
+            lambda: self._advance(count, state),
+            state.signature,
+            state.restore,
+        )
+
+    def _weights_key(self) -> Hashable:
+        """Changes when the parameters are moved or cast (CUDA graphs read their addresses)."""
+        return (self.conv_in.weight.data_ptr(), self.quant_conv.weight.data_ptr(), self.dtype)
+
+    def _advance(self, count: int, state: EncoderState) -> torch.Tensor | None:
+        """The step after the input frames were written into ``conv_in``'s window."""
         h: torch.Tensor | None = self.conv_in.step(state.conv_in, count)
         for block, block_state in zip(self.down_blocks, state.blocks):
             if isinstance(block, ResidualBlock):
@@ -219,6 +269,19 @@ class WanEncoder(nn.Module):
         mean = self.step(video, state)
         assert mean is not None
         return self.normalize(mean) if normalize else mean.float()
+
+
+def default_memory_format(device: torch.device, dtype: torch.dtype) -> torch.memory_format:
+    """The state layout streamvae runs fastest with, by device and dtype.
+
+    On the CPU (float32, bfloat16, with oneDNN): channels-last, which feeds oneDNN's
+    convolutions directly (measured 1.3x to 1.6x faster at 128x128; ``benchmarks/RESULTS.md``).
+    Elsewhere contiguous, the layout cuDNN and the tests have been run with; on CUDA,
+    ``benchmarks/gpu_check.sh`` measures both.
+    """
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and onednn_available():
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def state_nbytes(

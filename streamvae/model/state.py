@@ -77,12 +77,8 @@ class ConvState:
 
     def __init__(self, window: FrameWindow) -> None:
         self.window = window
-        self.seen = 0  # input frames stepped through since the last reset
-
-    @property
-    def history(self) -> int:
-        """How many of the two remembered frames are real (the others are the zeros before frame 0)."""
-        return min(self.seen, self.KEEP)
+        # How many of the remembered frames are real (the others are the zeros before frame 0).
+        self.history = 0
 
     @property
     def capacity(self) -> int:
@@ -94,11 +90,11 @@ class ConvState:
     def advance(self, count: int) -> None:
         """After a step over ``count`` new frames: the last two input frames become the memory."""
         self.window.shift_to_front(count, self.KEEP)
-        self.seen += count
+        self.history = min(self.history + count, self.KEEP)
 
     def reset(self) -> None:
         self.window.frames.zero_()
-        self.seen = 0
+        self.history = 0
 
     @property
     def nbytes(self) -> int:
