@@ -24,11 +24,13 @@ One run, with the same weights, device, dtype and frames for every encoder:
    the same run (a large conv3d and a large matmul in the same dtype).
 
 Timing: wall clock around synchronised work (``torch.cuda.synchronize`` on CUDA), plus CUDA
-events for the peers' device time; every encoder is warmed up first and the repeats are
-interleaved (streamvae, batch, group, streamvae, ...) so that load from other processes hits
-all of them alike. Times are medians over the repeats. Memory is, on CUDA, ``max_memory_allocated``
-above the level before the run and, on every device, the process RSS above its level before the
-run (sampled every millisecond by a thread, after ``malloc_trim``).
+events for the peers' device time; every encoder is warmed up first (on CUDA twice: the second
+pass captures the CUDA graphs) and the repeats are interleaved (streamvae, batch, group,
+streamvae, ...) so that load from other processes hits all of them alike. Times are medians
+over the repeats. On CUDA, TF32 is off unless ``--tf32`` (float32 means float32) and cuDNN picks
+its fastest algorithm per shape (``--no-cudnn-benchmark`` to not). Memory is, on CUDA,
+``max_memory_allocated`` above the level before the run and, on every device, the process RSS
+above its level before the run (the kernel's high-water mark, reset at the start).
 
     streamvae bench --random-weights --device cpu --size 128x128 --frames 9 \\
         --json out/bench.json --plot out/bench.png
@@ -98,6 +100,7 @@ class BenchOptions:
     peers: bool = True
     tf32: bool = False
     cuda_graphs: bool = True
+    cudnn_benchmark: bool = True
     label: str = ""
     command: str = ""
 
@@ -595,7 +598,9 @@ def _memory_point(
     try:
         with track_memory(device) as peak:
             if kind == "streamvae":
-                stream = new_stream(encoder, memory_format, mode, cuda_graphs=True)
+                # Eager: a stream's CUDA graphs are captured during its first frames, which
+                # would show as growth between the shortest streams.
+                stream = new_stream(encoder, memory_format, mode, cuda_graphs=False)
                 for i in range(length):
                     stream.push(synthetic_frame(i, *size))
                 stream.flush()
@@ -797,6 +802,7 @@ def run_bench(
     if device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = options.tf32
         torch.backends.cuda.matmul.allow_tf32 = options.tf32
+        torch.backends.cudnn.benchmark = options.cudnn_benchmark
     load_before = os.getloadavg()
     frames = synthetic_frames(options.frames, height, width)
     video = frames_to_video(frames, device, dtype)
@@ -975,6 +981,7 @@ def run_bench(
             "threads": torch.get_num_threads(),
             "tf32": options.tf32 if device.type == "cuda" else None,
             "cuda_graphs": options.cuda_graphs if device.type == "cuda" else None,
+            "cudnn_benchmark": options.cudnn_benchmark if device.type == "cuda" else None,
             "versions": _versions(),
             "load_average_before": [round(v, 2) for v in load_before],
             "load_average_after": [round(v, 2) for v in load_after],
@@ -1274,6 +1281,11 @@ def add_bench_command(subparsers: Any) -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip diffusers")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (float32 runs)")
     parser.add_argument(
+        "--no-cudnn-benchmark",
+        action="store_true",
+        help="on CUDA, cuDNN's default algorithms instead of the fastest measured per shape",
+    )
+    parser.add_argument(
         "--no-cuda-graphs",
         action="store_true",
         help="on CUDA, launch every step's kernels instead of replaying captured CUDA graphs",
@@ -1310,6 +1322,7 @@ def bench_command(args: argparse.Namespace) -> int:
         peers=not args.no_peers,
         tf32=args.tf32,
         cuda_graphs=not args.no_cuda_graphs,
+        cudnn_benchmark=not args.no_cudnn_benchmark,
         label=choice.label,
         command="streamvae " + " ".join(sys.argv[1:]) if sys.argv else "",
     )

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The GPU check: CUDA tests, then `streamvae bench` at 480x832 in bfloat16 and float32 (and
+# the variants that decide the GPU defaults), then 720x1280 if time is left. Under 8 minutes
+# on one H100. Everything lands in OUTDIR: logs, JSON, PNG, summary.md.
+#
+#   bash benchmarks/gpu_check.sh OUTDIR
+#
+# Environment:
+#   WEIGHTS=path        real Wan 2.1 VAE weights (default: --random-weights; speed does not
+#                       depend on the values, errors are relative to the same weights)
+#   GPU_CHECK_BUDGET_S  seconds for all steps together (default 450; a step that would start
+#                       with less than its own limit left is skipped and listed as skipped)
+#   PYTHON              interpreter (default python3)
+#   DEVICE, SIZE, SIZE_LARGE, CONFIG
+#                       cuda, 480x832, 720x1280, wan2.1 by default; a smoke test of this
+#                       script without a GPU: DEVICE=cpu SIZE=32x32 SIZE_LARGE=32x48 CONFIG=narrow8
+set -u -o pipefail
+
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
+DEVICE=${DEVICE:-cuda}
+SIZE=${SIZE:-480x832}
+SIZE_LARGE=${SIZE_LARGE:-720x1280}
+CONFIG=${CONFIG:-wan2.1}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$REPO" || exit 1
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+START=$(date +%s)
+STATUS="$OUT/status.txt"
+: >"$STATUS"
+
+if [[ -n "${WEIGHTS:-}" ]]; then
+    MODEL=(--weights "$WEIGHTS")
+else
+    MODEL=(--random-weights --config "$CONFIG")
+fi
+
+elapsed() { echo $(($(date +%s) - START)); }
+
+# step NAME LIMIT_S COMMAND...: run with a time limit if the budget allows; log and record.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - $(elapsed)))
+    if ((left < limit)); then
+        echo "$name: skipped (${left}s of the budget left, needs ${limit}s)" | tee -a "$STATUS"
+        return 0
+    fi
+    echo "== $name (limit ${limit}s, $(elapsed)s elapsed)"
+    local began
+    began=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name: rc=$rc in $(($(date +%s) - began))s" | tee -a "$STATUS"
+    tail -n 25 "$OUT/$name.log"
+    return 0
+}
+
+bench() { # bench NAME LIMIT_S ARGS...
+    local name=$1 limit=$2
+    shift 2
+    step "$name" "$limit" "$PYTHON" -m streamvae.cli bench "${MODEL[@]}" --device "$DEVICE" \
+        --json "$OUT/$name.json" --plot "$OUT/$name.png" "$@"
+}
+
+{
+    nvidia-smi || true
+    "$PYTHON" - <<'EOF'
+import torch, sys
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
+for module in ("diffusers", "matplotlib", "psutil", "pytest"):
+    try:
+        __import__(module)
+    except ImportError:
+        print("MISSING", module, "(pip install -e '.[test,bench]')")
+EOF
+} 2>&1 | tee "$OUT/environment.txt"
+
+# 1. The CUDA tests: exactness on the GPU, own CUDA stream per encoder, CUDA graphs.
+step pytest_cuda 150 "$PYTHON" -m pytest -m cuda tests -q -rs --junitxml="$OUT/pytest_cuda.xml"
+
+# 2. The targets' configuration: 480x832 bfloat16, frame mode, CUDA graphs, default layout;
+#    33 frames (8 groups) per clip so that steady-state steps are measured; everything.
+bench bench_${SIZE}_bf16 120 --dtype bfloat16 --size "$SIZE" --frames 33
+
+# 3. float32 (true float32: TF32 off), without live mode and memory sweep.
+bench bench_${SIZE}_fp32 75 --dtype float32 --size "$SIZE" --frames 33 --repeats 5 \
+    --fps 0 --lengths 0
+
+# 4. The variants that decide the GPU defaults: channels-last state, group mode, no graphs.
+QUICK=(--dtype bfloat16 --size "$SIZE" --frames 33 --repeats 5 --fps 0 --lengths 0)
+bench bench_${SIZE}_bf16_channels_last 45 "${QUICK[@]}" --memory-format channels_last
+bench bench_${SIZE}_bf16_group 45 "${QUICK[@]}" --mode group
+bench bench_${SIZE}_bf16_eager 45 "${QUICK[@]}" --no-cuda-graphs
+
+# 5. 720x1280 when time allows.
+bench bench_${SIZE_LARGE}_bf16 60 --dtype bfloat16 --size "$SIZE_LARGE" --frames 17 --repeats 5 \
+    --fps 0 --lengths 0
+
+"$PYTHON" benchmarks/summarize.py "$OUT"/bench_*.json >"$OUT/summary.md" 2>&1 || true
+echo "== summary ($(elapsed)s in all)"
+cat "$OUT/summary.md" "$STATUS"
