@@ -70,11 +70,22 @@ class PackedConv:
         return x.is_contiguous(memory_format=layout)
 
     def __call__(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        keep_packed: bool = True,
     ) -> torch.Tensor:
+        """The convolution; ``keep_packed=False`` for rare calls (oneDNN reorders the weights
+        for this call only, and no packed copy is kept in memory)."""
         if not self.applies(x, weight):
             conv = F.conv3d if x.dim() == 5 else F.conv2d
             return conv(x, weight, bias, self.stride, self.padding, self.dilation)
+        if not keep_packed:
+            return torch.ops.aten.mkldnn_convolution(
+                x, weight, bias, self.padding, self.stride, self.dilation, 1
+            )
         packed = self._pack(weight, tuple(x.shape))
         return torch.ops.mkldnn._convolution_pointwise(
             x, packed, bias, self.padding, self.stride, self.dilation, 1, "none", [], ""

@@ -110,7 +110,8 @@ class CausalConv3d(nn.Conv3d):
         if count == 1 and history < keep:
             first = keep - history  # the window's first real frame
             window = state.window.slots(first, history + 1)
-            out = self.kernel(window, self.weight[:, :, first:], self.bias)
+            # Once per stream: no packed copy of the sliced weights is kept.
+            out = self.kernel(window, self.weight[:, :, first:], self.bias, keep_packed=False)
         else:
             out = self.kernel(state.window.slots(0, keep + count), self.weight, self.bias)
         state.advance(count)
