@@ -102,20 +102,8 @@ class PackedConv:
         if packed is not None:
             self._packed.move_to_end(key)
             return packed
-        reorder = (
-            torch._C._nn.mkldnn_reorder_conv3d_weight
-            if weight.dim() == 5
-            else torch._C._nn.mkldnn_reorder_conv2d_weight
-        )
         with torch.inference_mode():
-            packed = reorder(
-                weight.detach().contiguous().to_mkldnn(),
-                self.padding,
-                self.stride,
-                self.dilation,
-                1,
-                list(input_shape),
-            )
+            packed = _reorder(weight.detach().contiguous(), self, list(input_shape))
         self._packed[key] = packed
         while len(self._packed) > _CACHE_ENTRIES:
             self._packed.popitem(last=False)
@@ -123,6 +111,22 @@ class PackedConv:
 
     def clear(self) -> None:
         self._packed.clear()
+
+
+def _reorder(weight: torch.Tensor, conv: PackedConv, input_shape: list[int]) -> torch.Tensor:
+    """``weight`` in oneDNN's layout for ``conv`` on inputs of ``input_shape``."""
+    if hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"):
+        # From the dense weight directly: no intermediate oneDNN copy (which, freed, would
+        # leave the heap fragmented by as much as the packed weights themselves).
+        return torch.ops.mkldnn._reorder_convolution_weight(
+            weight, conv.padding, conv.stride, conv.dilation, 1, input_shape
+        )
+    reorder = (
+        torch._C._nn.mkldnn_reorder_conv3d_weight
+        if weight.dim() == 5
+        else torch._C._nn.mkldnn_reorder_conv2d_weight
+    )
+    return reorder(weight.to_mkldnn(), conv.padding, conv.stride, conv.dilation, 1, input_shape)
 
 
 def rms_silu_into(
