@@ -274,8 +274,10 @@ class WanEncoder(nn.Module):
 def default_memory_format(device: torch.device, dtype: torch.dtype) -> torch.memory_format:
     """The state layout streamvae runs fastest with, by device and dtype.
 
-    On the CPU (float32, bfloat16, with oneDNN): channels-last, which feeds oneDNN's
-    convolutions directly (measured 1.3x to 1.6x faster at 128x128; ``benchmarks/RESULTS.md``).
+    On the CPU (float32, bfloat16, with oneDNN): channels-last, which lets the convolutions run
+    through oneDNN on packed weights (with the other CPU paths that need it, a 9-frame 128x128
+    stream runs 1.35x faster in float32 and 2x in bfloat16 than contiguous; see
+    ``benchmarks/RESULTS.md``).
     Elsewhere contiguous, the layout cuDNN and the tests have been run with; on CUDA,
     ``benchmarks/gpu_check.sh`` measures both.
     """
