@@ -85,7 +85,7 @@ step pytest_cuda 150 "$PYTHON" -m pytest -m cuda tests -q -rs --junitxml="$OUT/p
 
 # 2. The targets' configuration: 480x832 bfloat16, frame mode, CUDA graphs, default layout;
 #    33 frames (8 groups) per clip so that steady-state steps are measured; everything.
-bench bench_${SIZE}_bf16 120 --dtype bfloat16 --size "$SIZE" --frames 33
+bench bench_${SIZE}_bf16 150 --dtype bfloat16 --size "$SIZE" --frames 33
 
 # 3. float32 (true float32: TF32 off), without live mode and memory sweep.
 bench bench_${SIZE}_fp32 75 --dtype float32 --size "$SIZE" --frames 33 --repeats 5 \
