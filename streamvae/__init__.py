@@ -70,13 +70,11 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-_MQTT_NAMES = frozenset({"LatentSubscriber", "MqttSettings", "MqttSink", "ReceivedLatent"})
-
 
 def __getattr__(name: str) -> Any:
     """The MQTT names need aiomqtt (``pip install 'streamvae[mqtt]'``): imported on first use."""
-    if name in _MQTT_NAMES:
-        from streamvae.io import mqtt
+    import streamvae.io
 
-        return getattr(mqtt, name)
+    if name in streamvae.io._MQTT_NAMES:
+        return getattr(streamvae.io, name)
     raise AttributeError(f"module 'streamvae' has no attribute {name!r}")

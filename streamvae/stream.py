@@ -26,7 +26,8 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -377,7 +378,7 @@ class StreamEncoder:
         return data.to(self.output_device)
 
     def _lane(self) -> Any:
-        return self._cuda.context() if self._cuda is not None else _nullcontext()
+        return self._cuda.context() if self._cuda is not None else nullcontext()
 
     def _run_on_lane(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         with self._lane():
@@ -389,23 +390,9 @@ class StreamEncoder:
 
 def _with_padding(latent: Latent, padded: int, real_frames: int) -> Latent:
     frames = range(latent.frames.start, min(latent.frames.stop, real_frames))
-    return Latent(
-        data=latent.data,
-        index=latent.index,
-        frames=frames,
-        timestamps=latent.timestamps[: len(frames)],
-        ready_time=latent.ready_time,
-        padded=padded,
-        gap=latent.gap,
+    return replace(
+        latent, frames=frames, timestamps=latent.timestamps[: len(frames)], padded=padded
     )
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 class _CudaLane:
