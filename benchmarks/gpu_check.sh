@@ -3,7 +3,14 @@
 # the variants that decide the GPU defaults), then 720x1280 if time is left. Under 8 minutes
 # on one H100. Everything lands in OUTDIR: logs, JSON, PNG, summary.md.
 #
-#   bash benchmarks/gpu_check.sh OUTDIR
+#   bash benchmarks/gpu_check.sh OUTDIR [BUNDLE.tar.gz]
+#
+# BUNDLE: OUTDIR packed into one file, refreshed after every step (the device tool returns at
+# most 8 files, so this is what to ask back). On a lent GPU, from this machine:
+#   bash benchmarks/gpu_wheels.sh            # once: the wheels the GPU image lacks, into .whl/
+#   device run, carry [".whl"], timeout_s 540:
+#       bash benchmarks/gpu_check.sh /tmp/gpu $OUT/gpu_check.tar.gz
+# Wheels found in .whl/ are installed first (pip --no-index --target, put on PYTHONPATH).
 #
 # Environment:
 #   WEIGHTS=path        real Wan 2.1 VAE weights (default: --random-weights; speed does not
@@ -16,7 +23,8 @@
 #                       script without a GPU: DEVICE=cpu SIZE=32x32 SIZE_LARGE=32x48 CONFIG=narrow8
 set -u -o pipefail
 
-OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR [BUNDLE.tar.gz]}
+BUNDLE=${2:-}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
@@ -27,10 +35,29 @@ CONFIG=${CONFIG:-wan2.1}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$REPO" || exit 1
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
 STATUS="$OUT/status.txt"
 : >"$STATUS"
+
+# Wheels carried for a machine without a package index (benchmarks/gpu_wheels.sh).
+SITE=""
+if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
+    SITE=$(mktemp -d /tmp/streamvae-site.XXXXXX)
+    if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" "$REPO"/.whl/*.whl >"$OUT/wheels.log" 2>&1; then
+        echo "wheels: installed $(ls "$REPO"/.whl/*.whl | wc -l) from .whl" | tee -a "$STATUS"
+    else
+        echo "wheels: install failed (see wheels.log)" | tee -a "$STATUS"
+        SITE=""
+    fi
+fi
+export PYTHONPATH="$REPO${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
+
+# Pack OUTDIR into BUNDLE (atomically: a half-written bundle never replaces a whole one).
+bundle() {
+    [[ -n "$BUNDLE" ]] || return 0
+    tar -czf "$BUNDLE.part" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv "$BUNDLE.part" "$BUNDLE"
+}
 
 if [[ -n "${WEIGHTS:-}" ]]; then
     MODEL=(--weights "$WEIGHTS")
@@ -56,6 +83,7 @@ step() {
     local rc=$?
     echo "$name: rc=$rc in $(($(date +%s) - began))s" | tee -a "$STATUS"
     tail -n 25 "$OUT/$name.log"
+    bundle
     return 0
 }
 
@@ -72,16 +100,21 @@ bench() { # bench NAME LIMIT_S ARGS...
 import torch, sys
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
-for module in ("diffusers", "matplotlib", "psutil", "pytest"):
+for module in ("numpy", "einops", "safetensors", "cv2", "diffusers", "matplotlib", "psutil",
+               "pytest", "pytest_asyncio", "hypothesis", "aiomqtt"):
     try:
-        __import__(module)
-    except ImportError:
-        print("MISSING", module, "(pip install -e '.[test,bench]')")
+        imported = __import__(module)
+    except ImportError as error:
+        print("MISSING", module, f"({error}; bash benchmarks/gpu_wheels.sh, carry .whl)")
+    else:
+        print(module, getattr(imported, "__version__", "?"))
 EOF
 } 2>&1 | tee "$OUT/environment.txt"
 
 # 1. The CUDA tests: exactness on the GPU, own CUDA stream per encoder, CUDA graphs.
-step pytest_cuda 150 "$PYTHON" -m pytest -m cuda tests -q -rs --junitxml="$OUT/pytest_cuda.xml"
+#    A module that cannot be imported there must not take the CUDA tests down with it.
+step pytest_cuda 150 "$PYTHON" -m pytest -m cuda tests -q -rs -p no:cacheprovider \
+    --continue-on-collection-errors --junitxml="$OUT/pytest_cuda.xml"
 
 # 2. The targets' configuration: 480x832 bfloat16, frame mode, CUDA graphs, default layout;
 #    33 frames (8 groups) per clip so that steady-state steps are measured; everything.
@@ -102,5 +135,6 @@ bench bench_${SIZE_LARGE}_bf16 60 --dtype bfloat16 --size "$SIZE_LARGE" --frames
     --fps 0 --lengths 0
 
 "$PYTHON" benchmarks/summarize.py "$OUT"/bench_*.json >"$OUT/summary.md" 2>&1 || true
+bundle
 echo "== summary ($(elapsed)s in all)"
 cat "$OUT/summary.md" "$STATUS"
