@@ -11,6 +11,7 @@ import torch
 from helpers import random_encoder, random_video, rel_err, to_model_video
 from streamvae import WAN21, StreamEncoder, WanEncoder, narrow
 from streamvae.bench import DiffusersPeer
+from streamvae.model import kernels
 from streamvae.model.kernels import PackedConv, onednn_available, rms_silu_into
 
 CHANNELS_LAST = torch.channels_last_3d
@@ -118,6 +119,40 @@ def test_rms_silu_into_matches_the_textbook_chain():
         rms_silu_into(x.to(dtype), gamma.to(dtype), 32**0.5, out)
         assert torch.isfinite(out.float()).all()
         assert rel_err(out, expected) <= bound
+
+
+def test_fused_rms_silu_matches_the_textbook_chain():
+    """The fused norm (the CUDA default for channels-last) run on the CPU, into a window slot."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 32, 1, 8, 8, generator=generator).to(memory_format=CHANNELS_LAST)
+    gamma = 1 + 0.1 * torch.randn(32, 1, 1, 1, generator=generator)
+    x[..., 0, 0] = 0.0  # an all-zero channel vector: normalised to zero, not NaN
+    x[..., 0, 1] *= 1e-9  # tiny, but far above where the two formulas part
+    expected = torch.nn.functional.silu(torch.nn.functional.normalize(x, dim=1) * 32**0.5 * gamma)
+    for dtype, bound in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        window = torch.full((1, 32, 3, 8, 8), 7.0, dtype=dtype).to(memory_format=CHANNELS_LAST)
+        slot, low = window[:, :, 2:3], x.to(dtype)
+        assert kernels._fused_norm_applies(low, 32**0.5, slot)
+        rms_silu_into(low, gamma.to(dtype), 32**0.5, slot, fused=True)
+        assert torch.isfinite(slot.float()).all()
+        assert rel_err(slot, expected) <= bound
+        assert (window[:, :, :2] == 7.0).all()  # the remembered frames untouched
+        assert rel_err(slot[..., 0, 1], expected[..., 0, 1]) <= bound
+    # Where it would need copies or computes another function, the eager path runs instead.
+    contiguous = x.contiguous()
+    assert not kernels._fused_norm_applies(contiguous, 32**0.5, torch.empty_like(contiguous))
+    assert not kernels._fused_norm_applies(x, 2.0, torch.empty_like(x))
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, TOLERANCE), (torch.bfloat16, 3e-2)])
+def test_stream_with_fused_norms_matches_diffusers(monkeypatch, wan21_encoder, dtype, bound):
+    """The whole encoder with the fused norms (as on CUDA in half precision), on the CPU."""
+    monkeypatch.setattr(kernels, "FUSED_NORM_DEVICES", frozenset({"cpu"}))
+    video = random_video(5, 32, 32, seed=8)
+    expected = DiffusersPeer(wan21_encoder).batch(to_model_video(video))
+    encoder = copy.deepcopy(wan21_encoder).to(dtype)
+    stream = StreamEncoder(encoder, normalize=False, memory_format=CHANNELS_LAST)
+    assert rel_err(streamed(stream, video), expected) <= bound
 
 
 # -- CUDA graphs: the Python-side bookkeeping (checked on the CPU), the replays (on a GPU) ----

@@ -33,13 +33,15 @@ def streamed(stream: StreamEncoder, frames) -> torch.Tensor:
     return torch.stack([latent.data for latent in out], dim=1)[None]
 
 
+@pytest.mark.parametrize("memory_format", [None, torch.channels_last_3d])  # eager / fused norms
 @pytest.mark.parametrize("mode", ["frame", "group"])
 @pytest.mark.parametrize("config, size", [(narrow(8), (32, 48)), (WAN21, (64, 96))])
-def test_gpu_stream_equals_cpu_batch_encoder(exact_fp32, config, size, mode):
+def test_gpu_stream_equals_cpu_batch_encoder(exact_fp32, config, size, mode, memory_format):
     cpu = random_encoder(config, seed=3)
     frames = random_video(9, *size, seed=1)
     expected = cpu.encode(to_model_video(frames))
-    got = streamed(StreamEncoder(on_gpu(cpu), mode=mode), [f.numpy() for f in frames[0]])
+    stream = StreamEncoder(on_gpu(cpu), mode=mode, memory_format=memory_format)
+    got = streamed(stream, [f.numpy() for f in frames[0]])
     assert got.device.type == "cpu"
     assert rel_err(got, expected) <= 1e-5
 

@@ -278,10 +278,15 @@ def default_memory_format(device: torch.device, dtype: torch.dtype) -> torch.mem
     through oneDNN on packed weights (with the other CPU paths that need it, a 9-frame 128x128
     stream runs 1.35x faster in float32 and 2x in bfloat16 than contiguous; see
     ``benchmarks/RESULTS.md``).
-    Elsewhere contiguous, the layout cuDNN and the tests have been run with; on CUDA,
-    ``benchmarks/gpu_check.sh`` measures both.
+    On CUDA in half precision: channels-last too, predicted, not yet measured: cuDNN's tensor-core
+    convolutions work on channels-last data (contiguous input costs layout transposes), and the
+    norms run as one fused kernel only when the channels are innermost (about a third of the
+    memory traffic of the eager norm). ``benchmarks/gpu_check.sh`` measures it against
+    contiguous. Elsewhere (CUDA float32, other devices) contiguous.
     """
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and onednn_available():
+        return torch.channels_last_3d
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         return torch.channels_last_3d
     return torch.contiguous_format
 
