@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: CUDA tests, then `streamvae bench` at 480x832 in bfloat16 and float32 (and
-# the variants that decide the GPU defaults), then 720x1280 if time is left. Under 8 minutes
-# on one H100. Everything lands in OUTDIR: logs, JSON, PNG, summary.md.
+# the variants that decide the GPU defaults), a kernel profile, then 720x1280 if time is left.
+# Under 8 minutes on one H100. Everything lands in OUTDIR: logs, JSON, PNG, summary.md.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [BUNDLE.tar.gz]
 #
@@ -124,13 +124,19 @@ bench bench_${SIZE}_bf16 150 --dtype bfloat16 --size "$SIZE" --frames 33
 bench bench_${SIZE}_fp32 75 --dtype float32 --size "$SIZE" --frames 33 --repeats 5 \
     --fps 0 --lengths 0
 
-# 4. The variants that decide the GPU defaults: channels-last state, group mode, no graphs.
+# 4. The variants that decide the GPU defaults: contiguous state (the default in half precision
+#    on CUDA is channels-last), group mode, no graphs.
 QUICK=(--dtype bfloat16 --size "$SIZE" --frames 33 --repeats 5 --fps 0 --lengths 0)
-bench bench_${SIZE}_bf16_channels_last 45 "${QUICK[@]}" --memory-format channels_last
+bench bench_${SIZE}_bf16_contiguous 45 "${QUICK[@]}" --memory-format contiguous
 bench bench_${SIZE}_bf16_group 45 "${QUICK[@]}" --mode group
 bench bench_${SIZE}_bf16_eager 45 "${QUICK[@]}" --no-cuda-graphs
 
-# 5. 720x1280 when time allows.
+# 5. Where the step time goes: device time by kernel over two groups, and the widest layer's
+#    norm (fused / eager), window shift and conv in both layouts (benchmarks/gpu_profile.py).
+step profile_${SIZE}_bf16 45 "$PYTHON" benchmarks/gpu_profile.py --device "$DEVICE" \
+    --dtype bfloat16 --size "$SIZE" --config "$CONFIG" --json "$OUT/profile_${SIZE}_bf16.json"
+
+# 6. 720x1280 when time allows.
 bench bench_${SIZE_LARGE}_bf16 60 --dtype bfloat16 --size "$SIZE_LARGE" --frames 17 --repeats 5 \
     --fps 0 --lengths 0
 

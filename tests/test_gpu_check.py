@@ -26,7 +26,7 @@ pytest.importorskip("matplotlib")
 BENCH_STEPS = (
     "bench_16x16_bf16",
     "bench_16x16_fp32",
-    "bench_16x16_bf16_channels_last",
+    "bench_16x16_bf16_contiguous",
     "bench_16x16_bf16_group",
     "bench_16x16_bf16_eager",
     "bench_16x24_bf16",
@@ -57,12 +57,15 @@ def test_gpu_check_runs_every_step_and_bundles_its_results(tmp_path):
 
     status = (out / "status.txt").read_text().splitlines()
     steps = {line.split(":")[0]: line for line in status if ": rc=" in line}
-    assert set(steps) == {"pytest_cuda", *BENCH_STEPS}, status
+    assert set(steps) == {"pytest_cuda", "profile_16x16_bf16", *BENCH_STEPS}, status
     assert all(": rc=0 " in line for line in steps.values()), status
     for name in BENCH_STEPS:
         report = json.loads((out / f"{name}.json").read_text())
         assert report["run"]["device"] == "cpu"
         assert (out / f"{name}.png").stat().st_size > 0
+
+    profile = json.loads((out / "profile_16x16_bf16.json").read_text())
+    assert profile["profile"]["time_per_frame_ms"] > 0 and profile["micro"]
 
     summary = (out / "summary.md").read_text()
     assert sum(line.startswith("| bench_") for line in summary.splitlines()) == len(BENCH_STEPS)
@@ -70,3 +73,4 @@ def test_gpu_check_runs_every_step_and_bundles_its_results(tmp_path):
         names = set(archive.getnames())
     assert {"gpu/summary.md", "gpu/status.txt", "gpu/environment.txt"} <= names
     assert {f"gpu/{name}.json" for name in BENCH_STEPS} <= names
+    assert "gpu/profile_16x16_bf16.json" in names
