@@ -9,8 +9,9 @@ says *why*, so that the next change is chosen from a measurement. It prints and 
    (SiLU, residual adds, casts), copies (the frame windows' shifts, uploads) and the rest;
    device time per frame and the frames/s it bounds.
 2. Micro-benchmarks at the widest layer's shape (``C = base_dim`` at full size): the fused and
-   the eager RMS norm + SiLU, a window shift (two frame copies), and the 3x3x3 conv of one
-   frame step, each in both layouts; milliseconds and GB/s or TFLOP/s.
+   the eager RMS norm + SiLU, a window shift (two frame copies), the 3x3x3 conv of a frame
+   step and of a group step (per frame), each in both layouts, and the frame step as a 2D conv
+   over the three frames stacked as channels; milliseconds and GB/s or GFLOP/s.
 
     python benchmarks/gpu_profile.py --device cuda --dtype bfloat16 --size 480x832 --json out.json
     python benchmarks/gpu_profile.py --device cpu --config narrow8 --size 32x32   # smoke test
@@ -126,6 +127,7 @@ def micro(
     frame_bytes = channels * height * width * torch.empty((), dtype=dtype).element_size()
     gamma = torch.rand(channels, 1, 1, 1, dtype=dtype, device=device) + 0.5
     weight = torch.randn(channels, channels, 3, 3, 3, dtype=dtype, device=device) * 0.02
+    flops = 2 * channels * channels * 27 * height * width  # one output frame
     for name, layout in LAYOUTS.items():
         window = torch.randn(1, channels, 3, height, width, dtype=dtype, device=device)
         window = window.to(memory_format=layout)
@@ -154,10 +156,32 @@ def micro(
         )
         w = weight.to(memory_format=layout)
         ms = time_ms(partial(F.conv3d, window, w, None, 1, (0, 1, 1)), device)
-        flops = 2 * channels * channels * 27 * height * width
         rows.append(
             {"what": "conv 3x3x3 step", "layout": name, "ms": ms, "GFLOP/s": flops / ms / 1e6}
         )
+        # A group step (6 frames in, 4 out), per output frame.
+        group = torch.randn(1, channels, 6, height, width, dtype=dtype, device=device)
+        group = group.to(memory_format=layout)
+        ms = time_ms(partial(F.conv3d, group, w, None, 1, (0, 1, 1)), device) / 4
+        rows.append(
+            {"what": "conv 3x3x3 group/4", "layout": name, "ms": ms, "GFLOP/s": flops / ms / 1e6}
+        )
+    # The same step as a 2D conv over the three frames stacked as channels (frames outer,
+    # channels inner per pixel): what a frame-stacked window layout would run.
+    layout2d = torch.channels_last
+    stacked = torch.randn(1, 3 * channels, height, width, dtype=dtype, device=device)
+    stacked = stacked.to(memory_format=layout2d)
+    w2d = weight.transpose(1, 2).reshape(channels, 3 * channels, 3, 3).contiguous()
+    w2d = w2d.to(memory_format=layout2d)
+    ms = time_ms(partial(F.conv2d, stacked, w2d, None, 1, 1), device)
+    rows.append(
+        {
+            "what": "conv 2d, frames stacked",
+            "layout": "channels_last",
+            "ms": ms,
+            "GFLOP/s": flops / ms / 1e6,
+        }
+    )
     return rows
 
 
@@ -211,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = ", ".join(
             f"{k} {v:.1f}" for k, v in row.items() if k not in ("what", "layout", "ms")
         )
-        print(f"  {row['what']:22s} {row['layout']:14s} {row['ms']:8.3f} ms  {rate}")
+        print(f"  {row['what']:24s} {row['layout']:14s} {row['ms']:8.3f} ms  {rate}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
