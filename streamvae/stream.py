@@ -343,6 +343,10 @@ class StreamEncoder:
                 data = self._to_output(data)
         if self._cuda is not None:
             self._cuda.wait()
+            if data.device.type == "cuda":
+                # Left on the GPU for the caller: its later reads are on its own stream, so the
+                # lane's allocator must not hand this memory out again before they are done.
+                data.record_stream(torch.cuda.current_stream(data.device))
         ready = time.time()
         for i in range(data.shape[2]):
             index = self._latents
@@ -410,9 +414,13 @@ class _CudaLane:
         return torch.cuda.stream(self.stream)
 
     def upload(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Host -> device through double-buffered pinned memory, enqueued on this lane's stream."""
+        """Host -> device through double-buffered pinned memory, enqueued on this lane's stream.
+
+        The lane first waits for the work queued on the caller's current stream (its frame, or
+        weights it has just moved or cast, must be ready before this lane reads them).
+        """
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         if tensor.device.type == "cuda":
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
             tensor.record_stream(self.stream)  # the caller may free it while we still read it
             return tensor
         # numpy frames arrive as [H, W, 3] memory viewed as [3, H, W]: upload that memory as it is.

@@ -178,6 +178,19 @@ def test_step_signature_determines_the_next(narrow_encoder, capacity, chunk):
     assert len(after) <= 16  # a bounded number of graphs per stream
 
 
+def test_weights_key_sees_every_parameter_move():
+    """CUDA graphs bake in every parameter's address: any move, of any submodule, repacks."""
+    encoder = random_encoder(narrow(8), seed=15)
+    key = encoder._weights_key()
+    assert encoder._weights_key() == key  # cached, stable
+    encoder.mid_block.attentions[0].proj.double().float()  # one deep submodule, in place
+    assert encoder._weights_key() != key
+    key = encoder._weights_key()
+    fresh = {name: value.clone() for name, value in encoder.state_dict().items()}
+    encoder.load_state_dict(fresh, assign=True)  # new Parameter objects
+    assert encoder._weights_key() != key
+
+
 def _on_gpu(encoder: WanEncoder, dtype: torch.dtype = torch.float32) -> WanEncoder:
     gpu = WanEncoder(encoder.config)
     gpu.load_state_dict(encoder.state_dict())

@@ -11,6 +11,7 @@ torch.Size([1, 16, 3, 4, 4])
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -128,6 +129,7 @@ class WanEncoder(nn.Module):
         # float32 whatever the model's dtype: kept out of the module's buffers so .to(dtype)
         # cannot round them.
         self._latent_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._params: tuple[nn.Parameter, ...] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -207,8 +209,22 @@ class WanEncoder(nn.Module):
         )
 
     def _weights_key(self) -> Hashable:
-        """Changes when the parameters are moved or cast (CUDA graphs read their addresses)."""
-        return (self.conv_in.weight.data_ptr(), self.quant_conv.weight.data_ptr(), self.dtype)
+        """Changes when any parameter is moved or cast (CUDA graphs read their addresses).
+
+        The parameter list is cached (walking the module tree each step costs about 0.1 ms)
+        and dropped by ``_apply`` (``.to``, ``.cuda``, ``.half``...) and ``load_state_dict``.
+        """
+        if self._params is None:
+            self._params = tuple(self.parameters())
+        return (self.dtype, *(param.data_ptr() for param in self._params))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> WanEncoder:
+        self._params = None
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self._params = None
+        return super().load_state_dict(*args, **kwargs)
 
     def _advance(self, count: int, state: EncoderState) -> torch.Tensor | None:
         """The step after the input frames were written into ``conv_in``'s window."""

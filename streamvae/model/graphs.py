@@ -15,6 +15,7 @@ few milliseconds. The latents are equal to eager stepping (the same kernels run)
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Hashable
 
 import torch
@@ -22,6 +23,10 @@ import torch
 __all__ = ["StepGraphs"]
 
 Signature = tuple[Hashable, ...]
+
+# One capture at a time in the process: entering a capture empties the caching allocator's
+# cache, which must not happen while another thread's capture is under way.
+_CAPTURE_LOCK = threading.Lock()
 
 
 class StepGraphs:
@@ -67,8 +72,14 @@ class StepGraphs:
             self.seen.add(full)
             return step()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(
-            graph, pool=self.pool, stream=self._capture_stream(), capture_error_mode="thread_local"
+        with (
+            _CAPTURE_LOCK,
+            torch.cuda.graph(
+                graph,
+                pool=self.pool,
+                stream=self._capture_stream(),
+                capture_error_mode="thread_local",
+            ),
         ):
             out = step()
         after = signature()

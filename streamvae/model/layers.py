@@ -249,6 +249,9 @@ class Attention(nn.Module):
         b, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)
         qkv = self.to_qkv(self.norm(frames)).reshape(b * t, 3 * c, h * w).transpose(1, 2)
+        # Channels innermost (already so for channels-last activations): the fused attention
+        # kernels need unit stride along the head dimension, else the math fallback runs.
+        qkv = qkv.contiguous()
         q, k, v = (part.unsqueeze(1) for part in qkv.chunk(3, dim=-1))
         attended = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))
         attended = attended.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
