@@ -112,29 +112,52 @@ EOF
 } 2>&1 | tee "$OUT/environment.txt"
 
 # 1. The CUDA tests: exactness on the GPU, own CUDA stream per encoder, CUDA graphs.
-#    A module that cannot be imported there must not take the CUDA tests down with it.
-step pytest_cuda 150 "$PYTHON" -m pytest -m cuda tests -q -rs -p no:cacheprovider \
+#    A module that cannot be imported there must not take the CUDA tests down with it; the
+#    image's own pytest plugins are not loaded (only pytest-asyncio, which pyproject asks for).
+step pytest_cuda 150 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$PYTHON" -m pytest \
+    -p pytest_asyncio.plugin -m cuda tests -q -rfEs -p no:cacheprovider \
     --continue-on-collection-errors --junitxml="$OUT/pytest_cuda.xml"
 
+# If the CUDA graph tests failed, a capture failure would take every bench run down with it:
+# then the benches run eagerly (and say so in status.txt).
+if [[ -s "$OUT/pytest_cuda.xml" ]] && ! "$PYTHON" - "$OUT/pytest_cuda.xml" <<'EOF'
+import sys
+import xml.etree.ElementTree as ET
+
+cases = ET.parse(sys.argv[1]).getroot().iter("testcase")
+failed = [
+    case.get("name")
+    for case in cases
+    if "cuda_graph" in (case.get("name") or "")
+    and (case.find("failure") is not None or case.find("error") is not None)
+]
+sys.exit(1 if failed else 0)
+EOF
+then
+    MODEL+=(--no-cuda-graphs)
+    echo "benches: without CUDA graphs (a CUDA graph test failed)" | tee -a "$STATUS"
+fi
+
 # 2. The targets' configuration: 480x832 bfloat16, frame mode, CUDA graphs, default layout;
-#    33 frames (8 groups) per clip so that steady-state steps are measured; everything.
-bench bench_${SIZE}_bf16 150 --dtype bfloat16 --size "$SIZE" --frames 33
+#    33 frames (8 groups) per clip so that steady-state steps are measured; everything
+#    (peers, live mode, memory against stream length in fresh processes).
+bench bench_${SIZE}_bf16 200 --dtype bfloat16 --size "$SIZE" --frames 33
 
-# 3. float32 (true float32: TF32 off), without live mode and memory sweep.
-bench bench_${SIZE}_fp32 75 --dtype float32 --size "$SIZE" --frames 33 --repeats 5 \
-    --fps 0 --lengths 0
-
-# 4. The variants that decide the GPU defaults: contiguous state (the default in half precision
-#    on CUDA is channels-last), group mode, no graphs.
-QUICK=(--dtype bfloat16 --size "$SIZE" --frames 33 --repeats 5 --fps 0 --lengths 0)
-bench bench_${SIZE}_bf16_contiguous 45 "${QUICK[@]}" --memory-format contiguous
-bench bench_${SIZE}_bf16_group 45 "${QUICK[@]}" --mode group
-bench bench_${SIZE}_bf16_eager 45 "${QUICK[@]}" --no-cuda-graphs
-
-# 5. Where the step time goes: device time by kernel over two groups, and the widest layer's
-#    norm (fused / eager), window shift and conv in both layouts (benchmarks/gpu_profile.py).
+# 3. Where the step time goes: device time by kernel over two groups, and the widest layer's
+#    norm (fused / eager), window shift and conv per layout (benchmarks/gpu_profile.py).
 step profile_${SIZE}_bf16 45 "$PYTHON" benchmarks/gpu_profile.py --device "$DEVICE" \
     --dtype bfloat16 --size "$SIZE" --config "$CONFIG" --json "$OUT/profile_${SIZE}_bf16.json"
+
+# 4. The variants that decide the GPU defaults: no graphs, contiguous state (the default in
+#    half precision on CUDA is channels-last), group mode.
+QUICK=(--dtype bfloat16 --size "$SIZE" --frames 33 --repeats 5 --fps 0 --lengths 0)
+bench bench_${SIZE}_bf16_eager 45 "${QUICK[@]}" --no-cuda-graphs
+bench bench_${SIZE}_bf16_contiguous 45 "${QUICK[@]}" --memory-format contiguous
+bench bench_${SIZE}_bf16_group 45 "${QUICK[@]}" --mode group
+
+# 5. float32 (true float32: TF32 off), without live mode and memory sweep.
+bench bench_${SIZE}_fp32 90 --dtype float32 --size "$SIZE" --frames 33 --repeats 5 \
+    --fps 0 --lengths 0
 
 # 6. 720x1280 when time allows.
 bench bench_${SIZE_LARGE}_bf16 60 --dtype bfloat16 --size "$SIZE_LARGE" --frames 17 --repeats 5 \

@@ -36,9 +36,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from streamvae import WAN21, StreamEncoder, narrow, random_encoder
 from streamvae.bench import parse_size, synthetic_frames
-from streamvae.model.kernels import rms_silu_into
+from streamvae.model.kernels import _fused_norm_applies, rms_silu_into
 
 CATEGORIES = (  # first match wins; kernel names differ between CPU, cuDNN and CUTLASS builds
+    ("attention", re.compile(r"attention|fmha|flash|sdpa|softmax|bmm", re.I)),
     ("conv", re.compile(r"conv|cudnn|xmma|implicit|gemm|cutlass|sm\d+_|brg|jit", re.I)),
     ("norm", re.compile(r"norm|reduce", re.I)),
     ("copy", re.compile(r"copy|memcpy|memset|fill|cat", re.I)),
@@ -136,6 +137,8 @@ def micro(
         slot = window[:, :, 2:3]
         scale = channels**0.5
         for fused in (True, False):
+            if fused and not _fused_norm_applies(x, scale, slot):
+                continue  # the fused norm needs channels innermost
             ms = time_ms(partial(rms_silu_into, x, gamma, scale, slot, fused=fused), device)
             rows.append(
                 {

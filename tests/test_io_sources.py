@@ -268,9 +268,9 @@ async def test_stop_ends_iteration_and_the_reader_thread():
 
 
 async def test_an_encoder_slower_than_a_live_source_stays_current(narrow_encoder, one_torch_thread):
-    """A camera-paced source at 200 fps into the narrow encoder at 64x64 (20 ms a frame here at
-    best, slower when the machine is busy): the source drops whole groups, every drop is
-    counted, and the lag stays flat instead of growing with the backlog."""
+    """A camera-paced source at 1000 fps into the narrow encoder at 64x64 (about 5 ms a frame
+    here at best, slower when the machine is busy): the source drops whole groups, every drop
+    is counted, and the lag stays flat instead of growing with the backlog."""
 
     class LatencySink:
         def __init__(self) -> None:
@@ -280,18 +280,18 @@ async def test_an_encoder_slower_than_a_live_source_stays_current(narrow_encoder
             self.lags.append(time.time() - latent.timestamps[-1])
 
     sink = LatencySink()
-    async with open_source("synthetic://moving?fps=200&frames=600", size="64x64") as source:
+    async with open_source("synthetic://moving?fps=1000&frames=1000", size="64x64") as source:
         stats = await encode_to_sinks(source, StreamEncoder(narrow_encoder), [sink])
     dropped = source.stats.dropped_frames
     assert dropped > 0 and dropped == 4 * source.stats.dropped_groups
-    assert stats.frames == 600 - dropped == source.stats.frames_delivered
+    assert stats.frames == 1000 - dropped == source.stats.frames_delivered
     assert stats.latents == 1 + (stats.frames - 1) // 4
     # The queue holds at most 2 groups besides the one in the encoder: the lag is bounded by
-    # about 12 frames of encoding, not by the 600-frame backlog a non-dropping queue builds.
+    # about 12 frames of encoding, not by the 1000-frame backlog a non-dropping queue builds.
     per_frame = stats.elapsed / stats.frames
     late = sink.lags[len(sink.lags) // 2 :]
     print(
-        f"slow consumer: {dropped} of 600 frames dropped in {source.stats.dropped_groups} "
+        f"slow consumer: {dropped} of 1000 frames dropped in {source.stats.dropped_groups} "
         f"groups; lag median {sorted(late)[len(late) // 2] * 1000:.0f} ms, "
         f"max {max(late) * 1000:.0f} ms; {per_frame * 1000:.1f} ms a frame"
     )
