@@ -7,7 +7,8 @@ says *why*, so that the next change is chosen from a measurement. It prints and 
    ``--warmup`` frames: 13 reach every layer's steady state, packed weights and cuDNN's
    choices included): device time by kernel, grouped into convolutions, norms, element-wise work
    (SiLU, residual adds, casts), copies (the frame windows' shifts, uploads) and the rest;
-   device time per frame and the frames/s it bounds.
+   device time per frame and the frames/s it bounds. Then the same with each default that was
+   chosen by prediction (ring windows, fused norms) switched off alone: its measured effect.
 2. Micro-benchmarks at the widest layer's shape (``C = base_dim`` at full size): the fused and
    the eager RMS norm + SiLU, a window shift (two frame copies), the 3x3x3 conv of a frame
    step and of a group step (per frame), each in both layouts, and the frame step as a 2D conv
@@ -36,6 +37,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from streamvae import WAN21, StreamEncoder, narrow, random_encoder
 from streamvae.bench import parse_size, synthetic_frames
+from streamvae.model import encoder as encoder_module
+from streamvae.model import kernels
 from streamvae.model.kernels import _fused_norm_applies, rms_silu_into
 
 CATEGORIES = (  # first match wins; kernel names differ between CPU, cuDNN and CUTLASS builds
@@ -46,6 +49,12 @@ CATEGORIES = (  # first match wins; kernel names differ between CPU, cuDNN and C
     ("elementwise", re.compile(r"elementwise|silu|mul|add|div|reciprocal|clamp|vectorized", re.I)),
 )
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last_3d}
+# The per-device defaults that were chosen by prediction (see benchmarks/RESULTS.md), each
+# switched off by emptying its set of devices.
+WITHOUT = (
+    ("ring windows", encoder_module, "RING_DEVICES"),
+    ("fused norms", kernels, "FUSED_NORM_DEVICES"),
+)
 
 
 def category(name: str) -> str:
@@ -209,9 +218,35 @@ def main(argv: list[str] | None = None) -> int:
     encoder = random_encoder(config, device=device, dtype=dtype)
     height, width = args.size
     layout = None if args.memory_format == "auto" else LAYOUTS[args.memory_format]
-    stream = StreamEncoder(encoder, normalize=False, memory_format=layout)
     frames = synthetic_frames(args.warmup + args.frames, height, width)
+
+    def profiled() -> dict[str, Any]:
+        stream = StreamEncoder(encoder, normalize=False, memory_format=layout)
+        return profile_stream(stream, frames, args.warmup, device)
+
+    def profiled_without(attribute: tuple[Any, str] | None) -> dict[str, Any]:
+        if attribute is None:
+            return profiled()
+        module, name = attribute
+        saved = getattr(module, name)
+        setattr(module, name, frozenset())
+        try:
+            return profiled()
+        finally:
+            setattr(module, name, saved)
+
+    # The defaults, then each default that is a prediction switched off alone (its measured
+    # effect); two interleaved rounds, the faster of each kept, against drifting clocks.
+    variants: dict[str, tuple[Any, str] | None] = {"defaults": None}
+    variants.update({name: (module, attribute) for name, module, attribute in WITHOUT})
     with torch.inference_mode():
+        profiled()  # discarded: the profiler's and the allocator's first-use costs
+        runs: dict[str, dict[str, Any]] = {}
+        for _round in range(2):
+            for name, attribute in variants.items():
+                run = profiled_without(attribute)
+                if name not in runs or run["time_per_frame_ms"] < runs[name]["time_per_frame_ms"]:
+                    runs[name] = run
         report: dict[str, Any] = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dtype": args.dtype,
@@ -219,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             "config": config.name,
             "memory_format": args.memory_format,
             "torch": torch.__version__,
-            "profile": profile_stream(stream, frames, args.warmup, device),
+            "profile": runs.pop("defaults"),
+            "without": runs,
             "micro": micro(config.base_dim, height, width, dtype, device),
         }
     prof = report["profile"]
@@ -233,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     print("share: " + ", ".join(f"{k} {v:.1%}" for k, v in prof["share_by_category"].items()))
     for row in prof["top"]:
         print(f"  {row['ms_per_frame']:8.3f} ms/frame  {int(row['calls']):5d}x  {row['name']}")
+    for name, other in report["without"].items():
+        ratio = other["time_per_frame_ms"] / prof["time_per_frame_ms"]
+        print(
+            f"without {name}: {other['time_per_frame_ms']:.3f} ms per frame ({ratio:.2f}x the "
+            "defaults); share: "
+            + ", ".join(f"{k} {v:.1%}" for k, v in other["share_by_category"].items())
+        )
     print(f"micro-benchmarks at C={config.base_dim}, {report['size']}:")
     for row in report["micro"]:
         rate = ", ".join(

@@ -60,6 +60,7 @@ import torch
 
 import streamvae
 from streamvae.model import WanEncoder, default_memory_format
+from streamvae.model import encoder as encoder_module
 from streamvae.stream import StreamEncoder
 
 __all__ = [
@@ -457,10 +458,14 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 def streamvae_flops(encoder: WanEncoder, frames: int, height: int, width: int) -> int:
-    """FLOPs of streaming ``frames`` frames one step each, counted on the meta device."""
+    """FLOPs of streaming ``frames`` frames one step each, counted on the meta device.
+
+    As the encoder's device runs them: ring windows (``RING_DEVICES``) compute a stream's
+    first frames over the zeros before it; shifted windows skip those time taps.
+    """
     with torch.device("meta"):
         meta = WanEncoder(encoder.config).to(encoder.dtype)
-    state = meta.new_state(height, width)
+    state = meta.new_state(height, width, ring=encoder.device.type in encoder_module.RING_DEVICES)
     video = torch.zeros(1, 3, frames, height, width, dtype=encoder.dtype, device="meta")
     return count_flops(lambda: [meta.step(video[:, :, i : i + 1], state) for i in range(frames)])
 

@@ -11,6 +11,7 @@ import torch
 from helpers import random_encoder, random_video, rel_err, to_model_video
 from streamvae import WAN21, StreamEncoder, WanEncoder, narrow
 from streamvae.bench import DiffusersPeer
+from streamvae.model import encoder as encoder_module
 from streamvae.model import kernels
 from streamvae.model.kernels import PackedConv, onednn_available, rms_silu_into
 
@@ -144,25 +145,89 @@ def test_fused_rms_silu_matches_the_textbook_chain():
     assert not kernels._fused_norm_applies(x, 2.0, torch.empty_like(x))
 
 
+# -- ring windows (the CUDA default for frame-at-a-time streams), run on the CPU ----
+
+
+@pytest.fixture
+def ring_on_cpu(monkeypatch):
+    monkeypatch.setattr(encoder_module, "RING_DEVICES", frozenset({"cpu"}))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CHANNELS_LAST])
+@pytest.mark.parametrize("frames", [1, 2, 5, 9, 14])
+def test_ring_stream_matches_diffusers(ring_on_cpu, narrow_encoder, memory_format, frames):
+    video = random_video(frames, 24, 32, seed=20 + frames)
+    expected = DiffusersPeer(narrow_encoder).batch(to_model_video(video))
+    stream = StreamEncoder(narrow_encoder, normalize=False, memory_format=memory_format)
+    got = streamed(stream, video)
+    assert stream._state is not None and stream._state.conv_in.ring
+    assert rel_err(got, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("ring", [False, True])
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, TOLERANCE), (torch.bfloat16, 3e-2)])
-def test_stream_with_fused_norms_matches_diffusers(monkeypatch, wan21_encoder, dtype, bound):
-    """The whole encoder with the fused norms (as on CUDA in half precision), on the CPU."""
+def test_cuda_defaults_emulated_on_the_cpu(monkeypatch, wan21_encoder, dtype, bound, ring):
+    """Full config with what the CUDA defaults change: fused norms, channels-last state, and
+    with or without ring windows."""
     monkeypatch.setattr(kernels, "FUSED_NORM_DEVICES", frozenset({"cpu"}))
-    video = random_video(5, 32, 32, seed=8)
+    monkeypatch.setattr(encoder_module, "RING_DEVICES", frozenset({"cpu"} if ring else ()))
+    video = random_video(9, 32, 48, seed=21)
     expected = DiffusersPeer(wan21_encoder).batch(to_model_video(video))
     encoder = copy.deepcopy(wan21_encoder).to(dtype)
     stream = StreamEncoder(encoder, normalize=False, memory_format=CHANNELS_LAST)
     assert rel_err(streamed(stream, video), expected) <= bound
 
 
+def test_ring_step_writes_one_frame_and_copies_none(narrow_encoder):
+    """Each conv window changes in exactly one frame per step (the new one): nothing shifts."""
+    state = narrow_encoder.new_state(16, 16, capacity=1, ring=True)
+    convs = state._convs
+    video = to_model_video(random_video(9, 16, 16, seed=22))
+    for i in range(9):
+        before = [conv.window.frames.clone() for conv in convs]
+        pointers = [conv.window.frames.data_ptr() for conv in convs]
+        narrow_encoder.step(video[:, :, i : i + 1], state)
+        for conv, old, pointer in zip(convs, before, pointers):
+            assert conv.window.frames.data_ptr() == pointer
+            changed = [
+                t for t in range(3) if not torch.equal(conv.window.frames[:, :, t], old[:, :, t])
+            ]
+            assert len(changed) <= 1  # 0 for the layers that did not step this frame
+
+
+def test_ring_reset_and_in_place_weight_changes(narrow_encoder):
+    encoder = copy.deepcopy(narrow_encoder)
+    video = to_model_video(random_video(9, 16, 16, seed=23))
+    state = encoder.new_state(16, 16, capacity=1, ring=True)
+    first = encoder.step(video, state)
+    state.reset()
+    assert torch.equal(encoder.step(video, state), first)
+    # New values loaded in place (same addresses): the rotated copies must follow.
+    other = random_encoder(narrow(8), seed=24)
+    encoder.load_state_dict(other.state_dict())
+    state.reset()
+    got = encoder.step(video, state)
+    assert rel_err(got, other.encode(video, normalize=False)) <= TOLERANCE
+
+
+def test_ring_needs_one_frame_per_step(narrow_encoder):
+    with pytest.raises(ValueError, match="one frame per step"):
+        narrow_encoder.new_state(16, 16, capacity=4, ring=True)
+    state = narrow_encoder.new_state(16, 16, capacity=1, ring=True)
+    with pytest.raises(ValueError, match="one frame per step"):
+        state.conv_in.slots(2)
+
+
 # -- CUDA graphs: the Python-side bookkeeping (checked on the CPU), the replays (on a GPU) ----
 
 
-@pytest.mark.parametrize("capacity, chunk", [(1, 1), (4, 4), (4, 1)])
-def test_step_signature_determines_the_next(narrow_encoder, capacity, chunk):
+@pytest.mark.parametrize(
+    "capacity, chunk, ring", [(1, 1, False), (1, 1, True), (4, 4, False), (4, 1, False)]
+)
+def test_step_signature_determines_the_next(narrow_encoder, capacity, chunk, ring):
     """A replayed graph sets the state to what the eager step left: that must be a function of
     the state before the step and the step's frame count, over resets too."""
-    state = narrow_encoder.new_state(16, 16, capacity=capacity)
+    state = narrow_encoder.new_state(16, 16, capacity=capacity, ring=ring)
     video = to_model_video(random_video(41, 16, 16, seed=9))
     after: dict[tuple, tuple] = {}
     for _run in range(2):
@@ -175,7 +240,7 @@ def test_step_signature_determines_the_next(narrow_encoder, capacity, chunk):
             state.restore(before[1])
             assert state.signature() == before[1]
             state.restore(after[before])
-    assert len(after) <= 16  # a bounded number of graphs per stream
+    assert len(after) <= 17  # a bounded number of graphs per stream (17 with ring windows)
 
 
 def test_weights_key_sees_every_parameter_move():

@@ -32,6 +32,11 @@ from streamvae.model.state import ConvState, TimeDownState
 
 __all__ = ["EncoderState", "WanEncoder", "default_memory_format", "state_nbytes"]
 
+# Where frame-at-a-time states keep their conv windows as rings by default. Not the CPU: there
+# the two frame copies a shift costs are a few per cent of a step, and every conv would keep
+# three oneDNN-packed rotations of its weights (600 MB more in float32).
+RING_DEVICES = frozenset({"cuda"})
+
 Block = ResidualBlock | Downsample
 BlockState = ResidualState | TimeDownState | None
 
@@ -71,15 +76,15 @@ class EncoderState:
     def signature(self) -> Signature:
         """The Python-side state that decides which kernels the next step launches."""
         return (
-            *(conv.history for conv in self._convs),
+            *((conv.history, conv.head) for conv in self._convs),
             *((down.held, down.started) for down in self._time_downs),
         )
 
     def restore(self, signature: Signature) -> None:
         """Set the Python-side state to ``signature`` (after a replayed CUDA graph)."""
         convs = len(self._convs)
-        for conv, history in zip(self._convs, signature[:convs]):
-            conv.history = history  # type: ignore[assignment]
+        for conv, history_head in zip(self._convs, signature[:convs]):
+            conv.history, conv.head = history_head  # type: ignore[misc]
         for down, held_started in zip(self._time_downs, signature[convs:]):
             down.held, down.started = held_started  # type: ignore[misc]
 
@@ -150,6 +155,7 @@ class WanEncoder(nn.Module):
         capacity: int = 1,
         memory_format: torch.memory_format | None = None,
         cuda_graphs: bool = False,
+        ring: bool | None = None,
     ) -> EncoderState:
         """Allocate the streaming state for ``batch`` streams of ``height x width`` frames.
 
@@ -159,10 +165,16 @@ class WanEncoder(nn.Module):
         measured for the encoder's device and dtype, see :func:`default_memory_format`).
         ``cuda_graphs`` (CUDA only) captures the steps into CUDA graphs and replays them (see
         :mod:`streamvae.model.graphs`); the state's buffers must then not be replaced.
+        ``ring`` (capacity 1 only) keeps each causal conv's frames as a ring and rotates the
+        kernel's time taps instead of copying two frames per step (see
+        :class:`~streamvae.model.state.ConvState`); default: on the devices in
+        :data:`RING_DEVICES` when ``capacity`` is 1.
         """
         if memory_format is None:
             memory_format = default_memory_format(self.device, self.dtype)
-        spec = StateSpec(batch, capacity, self.dtype, self.device, memory_format)
+        if ring is None:
+            ring = capacity == 1 and self.device.type in RING_DEVICES
+        spec = StateSpec(batch, capacity, self.dtype, self.device, memory_format, ring=ring)
         h, w = height, width
         conv_in = self.conv_in.new_state(spec, h, w)
         blocks: list[BlockState] = []
@@ -209,14 +221,16 @@ class WanEncoder(nn.Module):
         )
 
     def _weights_key(self) -> Hashable:
-        """Changes when any parameter is moved or cast (CUDA graphs read their addresses).
+        """Changes when any parameter is moved, cast or changed in place.
 
-        The parameter list is cached (walking the module tree each step costs about 0.1 ms)
-        and dropped by ``_apply`` (``.to``, ``.cuda``, ``.half``...) and ``load_state_dict``.
+        CUDA graphs read the parameters' addresses, and the ring convs' rotated copies of the
+        weights, which are refreshed only by an eager step. The parameter list is cached
+        (walking the module tree each step costs about 0.1 ms) and dropped by ``_apply``
+        (``.to``, ``.cuda``, ``.half``...) and ``load_state_dict``.
         """
         if self._params is None:
             self._params = tuple(self.parameters())
-        return (self.dtype, *(param.data_ptr() for param in self._params))
+        return (self.dtype, *((param.data_ptr(), param._version) for param in self._params))
 
     def _apply(self, fn: Any, recurse: bool = True) -> WanEncoder:
         self._params = None

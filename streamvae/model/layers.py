@@ -41,14 +41,19 @@ class StateSpec:
         dtype: torch.dtype,
         device: torch.device,
         memory_format: torch.memory_format = torch.contiguous_format,
+        *,
+        ring: bool = False,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1 frame per step, got {capacity}")
+        if ring and capacity != 1:
+            raise ValueError(f"ring windows take one frame per step, got capacity {capacity}")
         self.batch = batch
         self.capacity = capacity
         self.dtype = dtype
         self.device = device
         self.memory_format = memory_format
+        self.ring = ring
 
     def window(self, channels: int, keep: int, height: int, width: int) -> FrameWindow:
         return FrameWindow.allocate(
@@ -100,11 +105,21 @@ class CausalConv3d(nn.Conv3d):
         if kernel_size != 3:
             raise ValueError("the Wan encoder's causal convs are 3x3x3")
         self.kernel = PackedConv(stride=(1, 1, 1), padding=(0, pad, pad))
+        self._rotated: dict[tuple[object, ...], tuple[torch.Tensor, int]] = {}
+        self._rotated_of: tuple[object, ...] | None = None
 
     def new_state(self, spec: StateSpec, height: int, width: int) -> ConvState:
-        return ConvState(spec.window(self.in_channels, ConvState.KEEP, height, width))
+        window = spec.window(self.in_channels, ConvState.KEEP, height, width)
+        return ConvState(window, ring=spec.ring)
 
     def step(self, state: ConvState, count: int) -> torch.Tensor:
+        if state.ring:
+            # Frames in ring order; zeros where a stream's first frames have no history yet
+            # (they add exactly zero, so no first-frame special case).
+            window = state.window.frames
+            out = self.kernel(window, self.rotated_weight(state.taps(), window), self.bias)
+            state.advance(count)
+            return out
         keep = ConvState.KEEP
         history = state.history
         if count == 1 and history < keep:
@@ -116,6 +131,39 @@ class CausalConv3d(nn.Conv3d):
             out = self.kernel(state.window.slots(0, keep + count), self.weight, self.bias)
         state.advance(count)
         return out
+
+    def rotated_weight(self, taps: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The weight with time tap ``taps[i]`` at position ``i``, in ``like``'s layout.
+
+        One tensor per rotation and layout, shared by all streams and kept at a fixed address
+        (CUDA graphs read it): rebuilt when the weight is replaced, moved or cast, refilled in
+        place when it is changed in place.
+        """
+        weight = self.weight
+        identity = (weight.data_ptr(), weight.dtype, weight.device)
+        if identity != self._rotated_of:
+            self._rotated.clear()
+            self._rotated_of = identity
+        layout = (
+            torch.channels_last_3d
+            if like.is_contiguous(memory_format=torch.channels_last_3d)
+            and not like.is_contiguous()
+            else torch.contiguous_format
+        )
+        key = (taps, layout)
+        entry = self._rotated.get(key)
+        version = weight._version
+        if entry is None or entry[1] != version:
+            # A normal tensor even during an inference-mode step: PackedConv keys on versions.
+            with torch.inference_mode(False), torch.no_grad():
+                rotated = weight.detach()[:, :, list(taps)]
+                if entry is None:
+                    entry = (rotated.contiguous(memory_format=layout), version)
+                else:
+                    entry[0].copy_(rotated)
+                    entry = (entry[0], version)
+            self._rotated[key] = entry
+        return entry[0]
 
 
 class ResidualState:

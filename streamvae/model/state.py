@@ -69,32 +69,63 @@ class FrameWindow:
 class ConvState:
     """State of one causal 3x3x3 convolution: its last two input frames (zeros before frame 0).
 
-    ``window.frames[:, :, :2]`` are the remembered frames; ``slots(n)`` are where the ``n`` new
-    input frames of a step are written (by the norm and SiLU in front of the conv).
+    Two ways to keep them, the same frames either way:
+
+    - **shift** (any capacity): ``window.frames[:, :, :2]`` are the remembered frames in time
+      order; ``slots(n)`` are where the ``n`` new input frames of a step are written (by the
+      norm and SiLU in front of the conv); after the step the last two frames are copied to
+      the front.
+    - **ring** (one frame per step): the window's three frames are a ring; the new frame is
+      written over the oldest (at ``head``) and nothing is copied. The frames are then in time
+      order only up to a rotation, which the conv undoes by rotating its kernel's time taps
+      instead (:meth:`taps`). Saves two frame copies per conv per step.
     """
 
     KEEP = 2
 
-    def __init__(self, window: FrameWindow) -> None:
+    def __init__(self, window: FrameWindow, *, ring: bool = False) -> None:
+        if ring and window.length != self.KEEP + 1:
+            raise ValueError(
+                f"a ring window holds {self.KEEP + 1} frames (capacity 1), got {window.length}"
+            )
         self.window = window
+        self.ring = ring
         # How many of the remembered frames are real (the others are the zeros before frame 0).
         self.history = 0
+        # Where the next new frame is written: always KEEP when shifting; moves round a ring.
+        self.head = self.KEEP
 
     @property
     def capacity(self) -> int:
         return self.window.length - self.KEEP
 
     def slots(self, count: int) -> torch.Tensor:
-        return self.window.slots(self.KEEP, count)
+        if self.ring and count != 1:
+            raise ValueError(f"a ring state takes one frame per step, got {count}")
+        return self.window.slots(self.head, count)
+
+    def taps(self) -> tuple[int, ...]:
+        """For each frame of the window, the kernel's time tap that reads it in this step.
+
+        Tap 2 reads the newest frame (the one just written at ``head``), tap 1 the one before,
+        tap 0 the oldest: ``(0, 1, 2)`` when shifting one frame per step, a rotation of it on a
+        ring.
+        """
+        size = self.KEEP + 1
+        return tuple(self.KEEP - (self.head - position) % size for position in range(size))
 
     def advance(self, count: int) -> None:
         """After a step over ``count`` new frames: the last two input frames become the memory."""
-        self.window.shift_to_front(count, self.KEEP)
+        if self.ring:
+            self.head = (self.head + 1) % (self.KEEP + 1)
+        else:
+            self.window.shift_to_front(count, self.KEEP)
         self.history = min(self.history + count, self.KEEP)
 
     def reset(self) -> None:
         self.window.frames.zero_()
         self.history = 0
+        self.head = self.KEEP
 
     @property
     def nbytes(self) -> int:
