@@ -4,6 +4,7 @@ fused norm) against diffusers, in float32 and bfloat16; their caches under weigh
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -210,6 +211,29 @@ def test_ring_reset_and_in_place_weight_changes(narrow_encoder):
     assert rel_err(got, other.encode(video, normalize=False)) <= TOLERANCE
 
 
+def test_ring_streams_in_threads_share_the_rotations(ring_on_cpu):
+    """Streams in threads sharing one encoder build each rotation once and get equal latents."""
+    encoder, reference = random_encoder(narrow(8), seed=25), random_encoder(narrow(8), seed=25)
+    videos = [random_video(9, 16, 16, seed=26 + i) for i in range(4)]
+    expected = [reference.encode(to_model_video(video), normalize=False) for video in videos]
+    results: dict[int, torch.Tensor] = {}
+
+    def run(i: int) -> None:
+        results[i] = streamed(StreamEncoder(encoder, normalize=False), videos[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(results) == [0, 1, 2, 3]
+    for i, want in enumerate(expected):
+        assert rel_err(results[i], want) <= TOLERANCE
+    assert len(encoder.conv_in._rotated) == 3  # one tensor per rotation, whoever built it
+    if onednn_available():  # and one oneDNN pack per rotation, kept (not rebuilt per step)
+        assert len(encoder.conv_in.kernel._packed) == 3
+
+
 def test_ring_needs_one_frame_per_step(narrow_encoder):
     with pytest.raises(ValueError, match="one frame per step"):
         narrow_encoder.new_state(16, 16, capacity=4, ring=True)
@@ -248,8 +272,11 @@ def test_weights_key_sees_every_parameter_move():
     encoder = random_encoder(narrow(8), seed=15)
     key = encoder._weights_key()
     assert encoder._weights_key() == key  # cached, stable
-    encoder.mid_block.attentions[0].proj.double().float()  # one deep submodule, in place
+    proj = encoder.mid_block.attentions[0].proj
+    held = [param.data for param in proj.parameters()]  # so that no new tensor reuses an address
+    proj.double().float()  # one deep submodule, moved
     assert encoder._weights_key() != key
+    del held
     key = encoder._weights_key()
     fresh = {name: value.clone() for name, value in encoder.state_dict().items()}
     encoder.load_state_dict(fresh, assign=True)  # new Parameter objects

@@ -12,6 +12,7 @@ Both paths compute the same convolution; they differ only in the order of the fl
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -25,6 +26,7 @@ _TINY = torch.finfo(torch.float32).tiny
 FUSED_NORM_DEVICES = frozenset({"cuda"})
 
 _PACKABLE = (torch.float32, torch.bfloat16)
+_PACK_LOCK = threading.Lock()
 _CACHE_ENTRIES = 4  # input shapes per layer: frame steps, group steps, first frames...
 
 
@@ -80,9 +82,12 @@ class PackedConv:
         bias: torch.Tensor | None,
         *,
         keep_packed: bool = True,
+        source: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The convolution; ``keep_packed=False`` for rare calls (oneDNN reorders the weights
-        for this call only, and no packed copy is kept in memory)."""
+        for this call only, and no packed copy is kept in memory). ``source``: the parameter
+        that ``weight`` was derived from (e.g. with its taps rotated), when it is not ``weight``
+        itself; the packs of all weights derived from one source are kept together."""
         if not self.applies(x, weight):
             conv = F.conv3d if x.dim() == 5 else F.conv2d
             return conv(x, weight, bias, self.stride, self.padding, self.dilation)
@@ -90,28 +95,32 @@ class PackedConv:
             return torch.ops.aten.mkldnn_convolution(
                 x, weight, bias, self.padding, self.stride, self.dilation, 1
             )
-        packed = self._pack(weight, tuple(x.shape))
+        packed = self._pack(weight, tuple(x.shape), weight if source is None else source)
         return torch.ops.mkldnn._convolution_pointwise(
             x, packed, bias, self.padding, self.stride, self.dilation, 1, "none", [], ""
         )
 
-    def _pack(self, weight: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
-        storage = weight.untyped_storage()
-        weights = (storage.data_ptr(), weight._version, weight.dtype)
-        if weights != self._weights:  # new weights (loaded, cast, moved): drop the old packs
-            self._packed.clear()
-            self._weights = weights
-        key = (weight.data_ptr(), tuple(weight.shape), input_shape)
-        packed = self._packed.get(key)
-        if packed is not None:
-            self._packed.move_to_end(key)
+    def _pack(
+        self, weight: torch.Tensor, input_shape: tuple[int, ...], source: torch.Tensor
+    ) -> torch.Tensor:
+        # Streams in several threads may share this layer: the cache changes under a lock.
+        with _PACK_LOCK:
+            storage = source.untyped_storage()
+            weights = (storage.data_ptr(), source._version, source.dtype)
+            if weights != self._weights:  # new weights (loaded, cast, moved): drop old packs
+                self._packed.clear()
+                self._weights = weights
+            key = (weight.data_ptr(), tuple(weight.shape), input_shape)
+            packed = self._packed.get(key)
+            if packed is not None:
+                self._packed.move_to_end(key)
+                return packed
+            with torch.inference_mode():
+                packed = _reorder(weight.detach().contiguous(), self, list(input_shape))
+            self._packed[key] = packed
+            while len(self._packed) > _CACHE_ENTRIES:
+                self._packed.popitem(last=False)
             return packed
-        with torch.inference_mode():
-            packed = _reorder(weight.detach().contiguous(), self, list(input_shape))
-        self._packed[key] = packed
-        while len(self._packed) > _CACHE_ENTRIES:
-            self._packed.popitem(last=False)
-        return packed
 
     def clear(self) -> None:
         self._packed.clear()

@@ -9,6 +9,7 @@ so one set of weights serves any number of streams.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,8 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Guards the causal convs' caches of rotated weights (see CausalConv3d.rotated_weight).
+_ROTATION_LOCK = threading.Lock()
 
 
 class StateSpec:
@@ -117,7 +120,8 @@ class CausalConv3d(nn.Conv3d):
             # Frames in ring order; zeros where a stream's first frames have no history yet
             # (they add exactly zero, so no first-frame special case).
             window = state.window.frames
-            out = self.kernel(window, self.rotated_weight(state.taps(), window), self.bias)
+            rotated = self.rotated_weight(state.taps(), window)
+            out = self.kernel(window, rotated, self.bias, source=self.weight)
             state.advance(count)
             return out
         keep = ConvState.KEEP
@@ -140,30 +144,35 @@ class CausalConv3d(nn.Conv3d):
         place when it is changed in place.
         """
         weight = self.weight
-        identity = (weight.data_ptr(), weight.dtype, weight.device)
-        if identity != self._rotated_of:
-            self._rotated.clear()
-            self._rotated_of = identity
         layout = (
             torch.channels_last_3d
-            if like.is_contiguous(memory_format=torch.channels_last_3d)
-            and not like.is_contiguous()
+            if like.is_contiguous(memory_format=torch.channels_last_3d) and not like.is_contiguous()
             else torch.contiguous_format
         )
+        identity = (weight.data_ptr(), weight.dtype, weight.device)
         key = (taps, layout)
         entry = self._rotated.get(key)
-        version = weight._version
-        if entry is None or entry[1] != version:
-            # A normal tensor even during an inference-mode step: PackedConv keys on versions.
-            with torch.inference_mode(False), torch.no_grad():
-                rotated = weight.detach()[:, :, list(taps)]
-                if entry is None:
-                    entry = (rotated.contiguous(memory_format=layout), version)
-                else:
-                    entry[0].copy_(rotated)
-                    entry = (entry[0], version)
-            self._rotated[key] = entry
-        return entry[0]
+        if identity == self._rotated_of and entry is not None and entry[1] == weight._version:
+            return entry[0]
+        # Streams in other threads may share this layer: one thread builds, the others wait
+        # and use its tensor (a replaced tensor could still be read by a captured CUDA graph).
+        with _ROTATION_LOCK:
+            if identity != self._rotated_of:
+                self._rotated.clear()
+                self._rotated_of = identity
+            entry = self._rotated.get(key)
+            version = weight._version
+            if entry is None or entry[1] != version:
+                # A normal tensor even in an inference-mode step: PackedConv keys on versions.
+                with torch.inference_mode(False), torch.no_grad():
+                    rotated = weight.detach()[:, :, list(taps)]
+                    if entry is None:
+                        entry = (rotated.contiguous(memory_format=layout), version)
+                    else:
+                        entry[0].copy_(rotated)
+                        entry = (entry[0], version)
+                self._rotated[key] = entry
+            return entry[0]
 
 
 class ResidualState:
