@@ -145,7 +145,7 @@ bench bench_${SIZE}_bf16 200 --dtype bfloat16 --size "$SIZE" --frames 33
 
 # 3. Where the step time goes: device time by kernel over two groups, and the widest layer's
 #    norm (fused / eager), window shift and conv per layout (benchmarks/gpu_profile.py).
-step profile_${SIZE}_bf16 45 "$PYTHON" benchmarks/gpu_profile.py --device "$DEVICE" \
+step profile_${SIZE}_bf16 60 "$PYTHON" benchmarks/gpu_profile.py --device "$DEVICE" \
     --dtype bfloat16 --size "$SIZE" --config "$CONFIG" --json "$OUT/profile_${SIZE}_bf16.json"
 
 # 4. The variants that decide the GPU defaults: no graphs, contiguous state (the default in

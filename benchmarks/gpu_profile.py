@@ -102,7 +102,11 @@ def profile_stream(
     for event in prof.key_averages():
         if use_device:
             # Kernels are the device-side events; ops (aten::...) have no self device time.
-            us = float(getattr(event, "self_device_time_total", 0) or 0)
+            us = float(
+                getattr(event, "self_device_time_total", None)
+                or getattr(event, "self_cuda_time_total", 0)  # the name before torch 2.4
+                or 0
+            )
             if us <= 0 or event.key.startswith("aten::"):
                 continue
         else:
