@@ -25,7 +25,6 @@ import json
 import re
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from streamvae import WAN21, StreamEncoder, narrow, random_encoder
-from streamvae.bench import parse_size, synthetic_frames
+from streamvae.bench import Clock, parse_size, synthetic_frames
 from streamvae.model import encoder as encoder_module
 from streamvae.model import kernels
 from streamvae.model.kernels import _fused_norm_applies, rms_silu_into
@@ -64,22 +63,16 @@ def category(name: str) -> str:
     return "other"
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 20) -> float:
     """Median wall time of ``fn`` in ms, synchronised, after two warm-up calls."""
+    clock = Clock(device)
     fn()
     fn()
     samples = []
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
+        start = clock.now()
         fn()
-        synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e3)
+        samples.append((clock.now() - start) * 1e3)
     return statistics.median(samples)
 
 
@@ -87,16 +80,17 @@ def profile_stream(
     stream: StreamEncoder, frames: list, warmup: int, device: torch.device
 ) -> dict[str, Any]:
     """Device (CUDA) or CPU self time per kernel over ``frames[warmup:]`` pushed one at a time."""
+    clock = Clock(device)
     for frame in frames[:warmup]:
         stream.push(frame)
-    synchronize(device)
+    clock.sync()
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
         for frame in frames[warmup:]:
             stream.push(frame)
-        synchronize(device)
+        clock.sync()
     use_device = device.type == "cuda"
     kernels: dict[str, dict[str, float]] = {}
     for event in prof.key_averages():
