@@ -380,19 +380,11 @@ class DiffusersPeer:
     def __init__(self, encoder: WanEncoder) -> None:
         from diffusers import AutoencoderKLWan
 
-        from streamvae.weights import diffusers_to_streamvae_name
+        from streamvae.weights import diffusers_config, diffusers_to_streamvae_name
 
         config = encoder.config
         with torch.device("meta"):
-            vae = AutoencoderKLWan(
-                base_dim=config.base_dim,
-                z_dim=config.z_dim,
-                dim_mult=list(config.dim_mult),
-                num_res_blocks=config.num_res_blocks,
-                attn_scales=[],
-                temperal_downsample=list(config.temporal_downsample),
-                dropout=0.0,
-            )
+            vae = AutoencoderKLWan(**diffusers_config(config))
         ours = encoder.state_dict()
         for prefix, module in (("encoder.", vae.encoder), ("quant_conv.", vae.quant_conv)):
             theirs = {}

@@ -289,6 +289,22 @@ def _load_legacy_pickle(path: Path) -> Any:
 # -- configs ----
 
 
+def diffusers_config(config: WanConfig) -> dict[str, Any]:
+    """``config`` as the keyword arguments of diffusers' ``AutoencoderKLWan`` (the inverse of
+    :func:`config_from_diffusers`)."""
+    return {
+        "base_dim": config.base_dim,
+        "z_dim": config.z_dim,
+        "dim_mult": list(config.dim_mult),
+        "num_res_blocks": config.num_res_blocks,
+        "attn_scales": [],
+        "temperal_downsample": list(config.temporal_downsample),
+        "dropout": 0.0,
+        "latents_mean": list(config.latents_mean),
+        "latents_std": list(config.latents_std),
+    }
+
+
 def config_from_diffusers(config_path: Path) -> WanConfig:
     try:
         raw = json.loads(config_path.read_text())

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from streamvae import WanConfig, WanEncoder
+from streamvae.weights import diffusers_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -50,17 +51,7 @@ def diffusers_reference(config: WanConfig):
     """diffusers' AutoencoderKLWan with ``config``'s hyper-parameters (random init)."""
     from diffusers import AutoencoderKLWan
 
-    return AutoencoderKLWan(
-        base_dim=config.base_dim,
-        z_dim=config.z_dim,
-        dim_mult=list(config.dim_mult),
-        num_res_blocks=config.num_res_blocks,
-        attn_scales=[],
-        temperal_downsample=list(config.temporal_downsample),
-        dropout=0.0,
-        latents_mean=list(config.latents_mean),
-        latents_std=list(config.latents_std),
-    ).eval()
+    return AutoencoderKLWan(**diffusers_config(config)).eval()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

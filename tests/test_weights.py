@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -359,3 +360,12 @@ def test_loading_never_holds_the_weights_twice(full_layouts, layout, dtype):
     print(layout, dtype, figures)
     # One copy of the encoder (205 MiB in float32) plus transients of one tensor at a time.
     assert figures["peak_growth"] < 1.25 * figures["params"] + 64 * 2**20
+
+
+@pytest.mark.parametrize("config", [WAN21, narrow(8)], ids=["wan2.1", "narrow8"])
+def test_diffusers_config_round_trips(tmp_path, config):
+    """The keyword arguments streamvae gives AutoencoderKLWan read back as the same topology."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(weights.diffusers_config(config)))
+    read = weights.config_from_diffusers(path)
+    assert dataclasses.replace(read, name=config.name) == config
