@@ -11,7 +11,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 import torch
-from test_io_wire import make_latent
+from test_io_wire import hostile_overflow_payload, make_latent
 
 import io_fixtures
 from io_fixtures import MQTT_PASSWORD, MQTT_USER, Broker, wait_until
@@ -170,6 +170,35 @@ async def test_subscriber_refuses_oversized_and_hostile_payloads(broker: Broker)
             message = await anext(sub)
     assert message.latent.index == 1
     assert sub.stats.rejected == 1 and "not valid JSON" not in (sub.stats.last_error or "x")
+
+
+async def test_no_payload_ends_a_subscriber(broker: Broker, monkeypatch: pytest.MonkeyPatch):
+    """Issue 17 item 1: a 400-digit timestamp (OverflowError) ended every subscriber; so would
+    any decoder failure that is not a WireError. Each is counted and skipped instead."""
+    import streamvae.io.mqtt as mqtt
+
+    settings = settings_for(broker)
+    calls = 0
+
+    def flaky_decode(payload, **options):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("a decoder bug")
+        return decode_latent(payload, **options)
+
+    monkeypatch.setattr(mqtt, "decode_latent", flaky_decode)
+    async with LatentSubscriber(settings, streams="cam7") as sub:
+        async with settings.client(identifier="attacker2") as client:
+            topic = latent_topic("test", "cam7")
+            await client.publish(topic, hostile_overflow_payload(), qos=1)
+            await client.publish(topic, encode_latent(make_latent(1, h=2, w=2)), qos=1)
+            await client.publish(topic, encode_latent(make_latent(2, h=2, w=2)), qos=1)
+        async with asyncio.timeout(10):
+            message = await anext(sub)
+    assert message.latent.index == 2
+    assert (sub.stats.received, sub.stats.rejected, sub.stats.decoded) == (3, 2, 1)
+    assert "a decoder bug" in sub.stats.last_error
 
 
 def test_stream_ids_and_prefixes_are_checked_before_becoming_topics():

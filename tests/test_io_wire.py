@@ -144,6 +144,10 @@ def _hostile_payloads(tmp_path: Path) -> dict[str, bytes]:
         "bad frames": edited(meta={"frames": "9"}),
         "bad timestamps": edited(meta={"timestamps": '["now"]'}),
         "nan ready time": edited(meta={"ready_time": "nan"}),
+        "a 400-digit timestamp": edited(meta={"timestamps": "[" + "9" * 400 + "]"}),
+        "a 400-digit index": edited(meta={"index": "9" * 400}),
+        "an infinite timestamp": edited(meta={"timestamps": "[1e999]"}),
+        "a boolean timestamp": edited(meta={"timestamps": "[true]"}),
         "bad gap": edited(meta={"gap": "maybe"}),
     }
 
@@ -184,3 +188,45 @@ def test_mangled_payloads_raise_only_wire_error(cut: int, flips: list[tuple[int,
     except WireError:
         return
     assert latent.data.shape == (16, 2, 3)  # a flip in the tensor data or a harmless place
+
+
+def hostile_overflow_payload() -> bytes:
+    """A valid latent whose timestamps hold a 400-digit integer: ``math.isfinite`` overflows."""
+    header, data = _valid_parts()
+    header["__metadata__"]["timestamps"] = "[" + "9" * 400 + "]"
+    return _payload_with_header(header, data)
+
+
+def test_a_huge_integer_timestamp_is_a_wire_error_not_an_overflow():
+    """Issue 17 item 1: it raised OverflowError, which ended every LatentSubscriber."""
+    with pytest.raises(WireError, match="timestamps"):
+        decode_latent(hostile_overflow_payload())
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**400), max_value=10**400)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    key=st.sampled_from(["index", "frames", "timestamps", "ready_time", "padded", "gap"]),
+    value=_json_values | st.text(max_size=40),
+)
+def test_any_metadata_value_is_accepted_or_a_wire_error(key: str, value: object):
+    """Issue 17 item 1: every decode failure is a WireError, whatever a metadata value holds."""
+    header, data = _valid_parts()
+    header["__metadata__"][key] = value if isinstance(value, str) else json.dumps(value)
+    try:
+        latent = decode_latent(_payload_with_header(header, data))
+    except WireError:
+        return
+    assert latent.data.shape == (16, 4, 6)

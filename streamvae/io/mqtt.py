@@ -519,7 +519,8 @@ class LatentSubscriber:
     - ``streams``: stream ids to follow (default all, ``+``).
     - ``max_payload_bytes``: larger messages are refused: the broker is asked not to send
       packets over this size (MQTT 5 maximum packet size) and any that still arrive are
-      counted in ``stats.rejected`` and skipped, as are payloads that do not decode.
+      counted in ``stats.rejected`` and skipped, as are payloads that do not decode: no
+      payload, however hostile, ends the iteration (each is logged as a warning).
     - ``session_expiry``: seconds the broker keeps this subscriber's session and queued QoS 1
       messages while it is disconnected (with a fixed ``identifier``).
 
@@ -592,11 +593,11 @@ class LatentSubscriber:
                 if not isinstance(payload, (bytes, bytearray)):
                     raise WireError(f"payload is {type(payload).__name__}, not bytes")
                 latent = decode_latent(payload, max_bytes=self.max_payload_bytes)
-            except WireError as exc:
+                stream_id = topic.split("/")[-2]
+            except Exception as exc:  # no payload may end the subscription: count, log, go on
                 self.stats.rejected += 1
                 self.stats.last_error = f"{topic}: {exc}"
                 log.warning("rejected a message on %s: %s", topic, exc)
                 continue
             self.stats.decoded += 1
-            stream_id = topic.split("/")[-2]
             return ReceivedLatent(stream_id, latent, topic, time.time())

@@ -68,6 +68,8 @@ _RESERVED = frozenset(
 )
 _MAX_CHANNELS = 1024
 _MAX_TIMESTAMPS = 64
+_MAX_COUNT = 2**63 - 1  # indices and frame numbers are int64 everywhere downstream
+_MAX_EXACT_SECONDS = 2**53  # larger JSON integers are no time anyone means (and may overflow)
 
 
 class WireError(ValueError):
@@ -117,7 +119,15 @@ def decode_latent(
     """
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise WireError(f"a latent payload is bytes, got {type(payload).__name__}")
-    payload = bytes(payload)
+    try:
+        return _decode(bytes(payload), max_bytes)
+    except WireError:
+        raise
+    except Exception as exc:  # a decoder bug must not end a subscriber: it is a refusal too
+        raise WireError(f"payload refused: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(payload: bytes, max_bytes: int) -> Latent:
     if len(payload) > max_bytes:
         raise WireError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes} bytes")
     if len(payload) < 8:
@@ -196,6 +206,13 @@ def _check_tensor_entry(header: dict[str, Any], *, data_bytes: int) -> tuple[int
     return tuple(shape)
 
 
+def _finite_number(value: Any) -> bool:
+    """A JSON number that is finite as a float (an integer of 310+ digits is not)."""
+    if type(value) is int:
+        return abs(value) <= _MAX_EXACT_SECONDS
+    return type(value) is float and math.isfinite(value)
+
+
 def _latent_from(data: torch.Tensor, metadata: dict[str, str]) -> Latent:
     try:
         index = int(metadata["index"])
@@ -203,18 +220,23 @@ def _latent_from(data: torch.Tensor, metadata: dict[str, str]) -> Latent:
         stamps = json.loads(metadata["timestamps"])
         ready_time = float(metadata["ready_time"])
         padded = int(metadata["padded"])
-    except (ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError, OverflowError) as exc:
         raise WireError(f"malformed metadata: {exc}") from None
-    if index < 0 or not 0 <= start <= stop or padded < 0 or not math.isfinite(ready_time):
+    if (
+        not 0 <= index <= _MAX_COUNT
+        or not 0 <= start <= stop <= _MAX_COUNT
+        or not 0 <= padded <= _MAX_COUNT
+        or not math.isfinite(ready_time)
+    ):
         raise WireError(
             f"metadata out of range: index={index}, frames={start}:{stop}, padded={padded}"
         )
     if (
         not isinstance(stamps, list)
         or len(stamps) > _MAX_TIMESTAMPS
-        or not all(s is None or (type(s) in (int, float) and math.isfinite(s)) for s in stamps)
+        or not all(s is None or _finite_number(s) for s in stamps)
     ):
-        raise WireError("timestamps must be a JSON list of numbers or nulls")
+        raise WireError("timestamps must be a JSON list of finite numbers or nulls")
     if metadata["gap"] not in ("true", "false"):
         raise WireError(f"gap must be 'true' or 'false', got {metadata['gap']!r}")
     labels = {key: value for key, value in metadata.items() if key not in _RESERVED}
