@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -50,15 +52,89 @@ def test_every_cut_of_the_last_record_reads_the_complete_ones(tmp_path: Path):
         assert read_latents(cut_file) == []
 
 
-def test_append_cuts_a_torn_record_then_continues(tmp_path: Path):
+def test_append_cuts_a_torn_record_only_when_asked_to_repair(tmp_path: Path):
     path = tmp_path / "a.latents"
     with FileSink(path) as sink:
         sink.write(make_latent(0))
         sink.write(make_latent(1))
     path.write_bytes(path.read_bytes()[:-10])
-    with FileSink(path, append=True) as sink:
+    torn = path.read_bytes()
+    with pytest.raises(WireError, match=r"incomplete record 1.*repair=True"):
+        FileSink(path, append=True)
+    assert path.read_bytes() == torn  # refused: not a byte changed
+    with FileSink(path, append=True, repair=True) as sink:
         sink.write(make_latent(2))
     assert [x.index for x in read_latents(path)] == [0, 2]
+
+
+def _four_records(path: Path) -> list[int]:
+    """Writes four latents; the byte offset of each record."""
+    offsets = []
+    with FileSink(path) as sink:
+        for i in range(4):
+            offsets.append(len(FILE_MAGIC) + sink.bytes_written)
+            sink.write(make_latent(i))
+    return offsets
+
+
+@pytest.mark.parametrize("delta", [-100, +1, +10_000])
+def test_a_corrupted_length_is_an_error_and_append_deletes_nothing(tmp_path: Path, delta: int):
+    """Issue 17 item 2: a bad length in record 1 was taken for a torn end: read_latents
+    returned one record without a word, and an append then cut the file (2,036 -> 1,028 B)."""
+    path = tmp_path / "a.latents"
+    offsets = _four_records(path)
+    data = bytearray(path.read_bytes())
+    length = struct.unpack_from("<Q", data, offsets[1] + 4)[0]
+    struct.pack_into("<Q", data, offsets[1] + 4, length + delta)
+    path.write_bytes(bytes(data))
+    with pytest.raises(WireError, match=f"record 1 at byte {offsets[1]} fails its header checksum"):
+        read_latents(path)
+    for repair in (False, True):
+        with pytest.raises(WireError, match="record 1"):
+            FileSink(path, append=True, repair=repair)
+        assert path.read_bytes() == bytes(data)
+
+
+def _as_version_1(data: bytes) -> bytes:
+    """The same records in the version 1 layout (no header checksum)."""
+    out, offset = bytearray(b"STREAMVAE-LATENTS/1\n"), len(FILE_MAGIC)
+    while offset < len(data):
+        length = struct.unpack_from("<Q", data, offset + 4)[0]
+        payload_and_crc = data[offset + 16 : offset + 16 + length + 4]
+        out += b"SVL1" + struct.pack("<Q", length) + payload_and_crc
+        offset += 16 + length + 4
+    return bytes(out)
+
+
+def test_version_1_files_are_read_appended_and_checked(tmp_path: Path):
+    path = tmp_path / "a.latents"
+    _four_records(path)
+    old = tmp_path / "old.latents"
+    old.write_bytes(_as_version_1(path.read_bytes()))
+    assert [x.index for x in read_latents(old)] == [0, 1, 2, 3]
+    with FileSink(old, append=True) as sink:
+        sink.write(make_latent(4))
+    assert old.read_bytes().startswith(b"STREAMVAE-LATENTS/1\n")
+    assert [x.index for x in read_latents(old)] == [0, 1, 2, 3, 4]
+    # A bad length in record 1 (no header checksum there): the records after it give it away.
+    data = bytearray(old.read_bytes())
+    second = len(FILE_MAGIC) + 12 + struct.unpack_from("<Q", data, len(FILE_MAGIC) + 4)[0] + 4
+    length = struct.unpack_from("<Q", data, second + 4)[0]
+    struct.pack_into("<Q", data, second + 4, length + 50_000)
+    old.write_bytes(bytes(data))
+    with pytest.raises(WireError, match=r"record 1 .* another record starts inside"):
+        read_latents(old)
+
+
+def test_a_torn_end_is_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    path = tmp_path / "a.latents"
+    offsets = _four_records(path)
+    path.write_bytes(path.read_bytes()[:-7])
+    with caplog.at_level(logging.WARNING, logger="streamvae.io.filesink"):
+        assert [x.index for x in read_latents(path)] == [0, 1, 2]
+    (record,) = caplog.records
+    torn = path.stat().st_size - offsets[3]
+    assert f"incomplete record 3 at the end ({torn} bytes at byte {offsets[3]}" in record.message
 
 
 def test_corruption_inside_the_file_is_an_error(tmp_path: Path):

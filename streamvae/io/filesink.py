@@ -6,14 +6,27 @@
 ...         sink.write(latent)
 >>> latents = read_latents("out/cam1.latents")                              # doctest: +SKIP
 
-Format (``.latents``): the line ``STREAMVAE-LATENTS/1\\n``, then one record per latent::
+Format (``.latents``, version 2): the line ``STREAMVAE-LATENTS/2\\n``, then one record per latent::
 
-    b"SVL1" | payload length (uint64, little-endian) | payload | CRC-32 of payload (uint32, LE)
+    b"SVL2" | payload length (uint64 LE) | CRC-32 of the 12 bytes before (uint32 LE)
+            | payload | CRC-32 of payload (uint32 LE)
 
 where the payload is the latent's wire encoding (:mod:`streamvae.io.wire`, a safetensors file).
 Each record is written and flushed to the OS in one piece as its latent arrives, so nothing is
 buffered beyond one latent, other processes can read the file while it grows, and a process that
-dies mid-write leaves at most one incomplete record at the end, which readers skip.
+dies mid-write leaves at most one incomplete record at the end.
+
+**Damage.** The record header has its own checksum, so a corrupted length is found as such
+and never taken for the end of the file. A record counts as *torn* (a writer still running, or
+one that died mid-write) only when the file truly ends inside it: readers stop before it and
+log a warning saying how many bytes were skipped. Anything else (a bad marker, a header or
+payload that fails its checksum with more of the file after it) raises
+:class:`streamvae.io.WireError` naming the record and its byte offset: nothing after damage is
+ever skipped without a word. ``FileSink(append=True)`` refuses a file that ends in a torn record
+unless asked to ``repair`` it (the torn bytes are then cut off and logged), and always refuses a
+file damaged before its end. Version 1 files (``STREAMVAE-LATENTS/1``, records ``b"SVL1" |
+length | payload | CRC-32``, no header checksum) are still read and appended to; there a short
+last record counts as torn only if no record marker follows its header.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -34,10 +48,46 @@ __all__ = ["FILE_MAGIC", "FileSink", "iter_latents", "read_latents"]
 
 log = logging.getLogger("streamvae.io.filesink")
 
-FILE_MAGIC = b"STREAMVAE-LATENTS/1\n"
-_RECORD_MAGIC = b"SVL1"
-_RECORD_HEAD = struct.Struct("<4sQ")
+FILE_MAGIC = b"STREAMVAE-LATENTS/2\n"
+"""The first line of a ``.latents`` file this version writes."""
+
+
+@dataclass(frozen=True)
+class _Format:
+    """The record layout of one file version."""
+
+    file_magic: bytes
+    record_magic: bytes
+    head: struct.Struct  # marker, length (and, from version 2, the header's CRC-32)
+
+    @property
+    def head_checked(self) -> bool:
+        return self.head.size > 12
+
+    def pack_head(self, length: int) -> bytes:
+        if not self.head_checked:
+            return self.head.pack(self.record_magic, length)
+        first = struct.pack("<4sQ", self.record_magic, length)
+        return first + struct.pack("<I", zlib.crc32(first))
+
+
+_FORMATS = (
+    _Format(FILE_MAGIC, b"SVL2", struct.Struct("<4sQI")),
+    _Format(b"STREAMVAE-LATENTS/1\n", b"SVL1", struct.Struct("<4sQ")),
+)
+_MAGIC_SIZE = len(FILE_MAGIC)
+assert all(len(f.file_magic) == _MAGIC_SIZE for f in _FORMATS)
 _RECORD_TAIL = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class _Tail:
+    """How a ``.latents`` file ends: its complete records and what follows them."""
+
+    format: _Format
+    records: int
+    valid_bytes: int  # the file up to the end of its last complete record
+    torn_bytes: int  # an incomplete last record after that (0: none)
 
 
 class FileSink:
@@ -46,8 +96,10 @@ class FileSink:
     - ``labels``: string metadata stored with every latent (stream id, model, ...).
     - ``dtype``: storage dtype, ``float32`` (default, exact), ``float16`` or ``bfloat16``.
     - ``fsync``: also force every record to disk (survives power loss, costs a disk flush each).
-    - ``append``: continue an existing file (an incomplete last record is cut off first)
-      instead of starting a new one.
+    - ``append``: continue an existing file instead of starting a new one. A file that ends
+      in a torn record is refused (:class:`WireError`) unless ``repair=True``, which cuts that
+      record off (and logs how many bytes went); a file damaged before its end is always
+      refused. The records are written in the existing file's version.
     """
 
     def __init__(
@@ -58,6 +110,7 @@ class FileSink:
         dtype: str = "float32",
         fsync: bool = False,
         append: bool = False,
+        repair: bool = False,
     ) -> None:
         self.path = Path(path)
         self.labels = dict(labels or {})
@@ -66,12 +119,28 @@ class FileSink:
         self.latents_written = 0
         self.bytes_written = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if append and self.path.exists() and self.path.stat().st_size >= len(FILE_MAGIC):
-            valid = _valid_length(self.path)
+        tail = _scan(self.path) if append and self.path.exists() else None
+        if tail is not None and tail.valid_bytes:  # else: empty, or only part of the first line
+            if tail.torn_bytes and not repair:
+                raise WireError(
+                    f"{self.path} ends in an incomplete record {tail.records} ({tail.torn_bytes} "
+                    f"bytes at byte {tail.valid_bytes}: a writer that died mid-write, or one still "
+                    "writing); pass repair=True to cut it off, or write to a new file"
+                )
+            self._format = tail.format
             self._file: BinaryIO = open(self.path, "r+b")  # noqa: SIM115 (closed by close())
-            self._file.truncate(valid)
-            self._file.seek(valid)
+            if tail.torn_bytes:
+                log.warning(
+                    "%s: repair: cutting off the incomplete record %d (%d bytes at byte %d)",
+                    self.path,
+                    tail.records,
+                    tail.torn_bytes,
+                    tail.valid_bytes,
+                )
+                self._file.truncate(tail.valid_bytes)
+            self._file.seek(tail.valid_bytes)
         else:
+            self._format = _FORMATS[0]
             self._file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
             self._file.write(FILE_MAGIC)
             self._flush()
@@ -82,9 +151,7 @@ class FileSink:
             raise ValueError(f"{self.path} is closed")
         payload = encode_latent(latent, self.labels, dtype=self.dtype)
         record = (
-            _RECORD_HEAD.pack(_RECORD_MAGIC, len(payload))
-            + payload
-            + _RECORD_TAIL.pack(zlib.crc32(payload))
+            self._format.pack_head(len(payload)) + payload + _RECORD_TAIL.pack(zlib.crc32(payload))
         )
         self._file.write(record)
         self._flush()
@@ -123,58 +190,75 @@ class FileSink:
         self.close()
 
 
-def _records(
-    path: Path, max_bytes: int
-) -> Iterator[tuple[int, bytes]]:  # (offset after the record, payload)
+def _records(path: Path, max_bytes: int, tail: list[_Tail] | None = None) -> Iterator[bytes]:
+    """The payloads of the complete records; how the file ends is appended to ``tail``."""
     with open(path, "rb") as file:
-        magic = file.read(len(FILE_MAGIC))
-        if magic != FILE_MAGIC:
-            if FILE_MAGIC.startswith(magic):  # a file whose writer has only just started
+        magic = file.read(_MAGIC_SIZE)
+        form = next((f for f in _FORMATS if f.file_magic == magic), None)
+        if form is None:
+            if any(f.file_magic.startswith(magic) for f in _FORMATS):
+                if tail is not None:  # a file whose writer has only just started
+                    tail.append(_Tail(_FORMATS[0], 0, 0, len(magic)))
                 return
             raise WireError(
                 f"{path} is not a streamvae .latents file (it starts with {magic[:20]!r})"
             )
-        offset = len(FILE_MAGIC)
-        number = 0
+        offset, number = _MAGIC_SIZE, 0
         while True:
-            head = file.read(_RECORD_HEAD.size)
-            if len(head) < _RECORD_HEAD.size:
-                _note_tail(path, number, len(head))
+            torn = _read_record(file, form, path, number, offset, max_bytes)
+            if isinstance(torn, int):
+                if torn:
+                    log.warning(
+                        "%s: skipping an incomplete record %d at the end (%d bytes at byte %d: "
+                        "a writer still running, or one that died mid-write)",
+                        path,
+                        number,
+                        torn,
+                        offset,
+                    )
+                if tail is not None:
+                    tail.append(_Tail(form, number, offset, torn))
                 return
-            magic, length = _RECORD_HEAD.unpack(head)
-            if magic != _RECORD_MAGIC:
-                raise WireError(f"{path}: record {number} at byte {offset} has no record marker")
-            if length > max_bytes:
-                raise WireError(
-                    f"{path}: record {number} at byte {offset} claims {length} bytes, over the "
-                    f"limit of {max_bytes}"
-                )
-            body = file.read(length + _RECORD_TAIL.size)
-            if len(body) < length + _RECORD_TAIL.size:
-                _note_tail(path, number, _RECORD_HEAD.size + len(body))
-                return
-            payload = body[:length]
-            (crc,) = _RECORD_TAIL.unpack(body[length:])
-            if crc != zlib.crc32(payload):
-                if not file.read(1):  # a torn last write: the end of what is readable
-                    _note_tail(path, number, _RECORD_HEAD.size + len(body))
-                    return
-                raise WireError(f"{path}: record {number} at byte {offset} fails its checksum")
-            offset += _RECORD_HEAD.size + len(body)
+            offset += form.head.size + len(torn) + _RECORD_TAIL.size
             number += 1
-            yield offset, payload
+            yield torn
 
 
-def _note_tail(path: Path, number: int, size: int) -> None:
-    if size:
-        log.info("%s: ignoring an incomplete record %d (%d bytes) at the end", path, number, size)
+def _read_record(
+    file: BinaryIO, form: _Format, path: Path, number: int, offset: int, max_bytes: int
+) -> bytes | int:
+    """The next record's payload, or the size of a torn record that ends the file (0: none)."""
+    where = f"{path}: record {number} at byte {offset}"
+    head = file.read(form.head.size)
+    if len(head) < form.head.size:
+        return len(head)
+    magic, length, *check = form.head.unpack(head)
+    if magic != form.record_magic:
+        raise WireError(f"{where} has no record marker ({magic!r}, expected {form.record_magic!r})")
+    if check and check[0] != zlib.crc32(head[:12]):
+        raise WireError(f"{where} fails its header checksum (a corrupted length field)")
+    if length > max_bytes:
+        raise WireError(f"{where} claims {length} bytes, over the limit of {max_bytes}")
+    body = file.read(length + _RECORD_TAIL.size)
+    if len(body) < length + _RECORD_TAIL.size:
+        if not form.head_checked and form.record_magic in body:
+            # Version 1 has no header checksum: records after this one mean a bad length.
+            raise WireError(f"{where} claims {length} bytes but another record starts inside")
+        return form.head.size + len(body)
+    payload = body[:length]
+    (crc,) = _RECORD_TAIL.unpack(body[length:])
+    if crc != zlib.crc32(payload):
+        if not file.read(1):  # a last write that did not reach the disk whole
+            return form.head.size + len(body)
+        raise WireError(f"{where} fails its checksum")
+    return payload
 
 
-def _valid_length(path: Path) -> int:
-    valid = len(FILE_MAGIC)
-    for record_end, _ in _records(path, DEFAULT_MAX_PAYLOAD_BYTES):
-        valid = record_end
-    return valid
+def _scan(path: Path) -> _Tail:
+    tail: list[_Tail] = []
+    for _ in _records(path, DEFAULT_MAX_PAYLOAD_BYTES, tail):
+        pass
+    return tail[0]
 
 
 def iter_latents(
@@ -182,10 +266,12 @@ def iter_latents(
 ) -> Iterator[Latent]:
     """The latents of a ``.latents`` file in order, reading as it goes.
 
-    Stops quietly at an incomplete last record (a writer still running, or one that crashed);
-    raises :class:`streamvae.io.WireError` for a file that is not one or is corrupt mid-way.
+    Stops at an incomplete last record (a writer still running, or one that crashed), with a
+    warning on the ``streamvae.io.filesink`` logger that says how many bytes it skipped;
+    raises :class:`streamvae.io.WireError` for a file that is not one or is damaged before its
+    end (see the module docstring).
     """
-    for _, payload in _records(Path(path), max_bytes):
+    for payload in _records(Path(path), max_bytes):
         yield decode_latent(payload, max_bytes=max_bytes)
 
 
