@@ -320,11 +320,31 @@ async def test_password_stays_out_of_argv_logs_and_errors(auth_broker: Broker, t
         "--mqtt-password-file", str(wrong),
         "--drain-timeout", "1",
     )  # fmt: skip
-    assert result.returncode == 0  # the stream ran; nothing could be published
+    # Issue 17 item 3: the stream ran but nothing was delivered: that is a failure (it was 0).
+    assert result.returncode == 1
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["mqtt"]["published"] == 0 and summary["mqtt"]["unsent"] == 3
+    assert summary["error"].startswith("3 of 3 latent(s) not delivered to MQTT")
     assert "Not authorized" in result.stderr
     assert "wrong-" not in result.stdout + result.stderr
+
+
+def test_unreadable_tls_files_are_refused_before_streaming(tmp_path: Path):
+    """Issue 17 item 3: a missing CA file ended the publisher silently and live exited 0."""
+    missing = tmp_path / "no-such-ca.pem"
+    result = run_cli(
+        "live", "synthetic://moving?frames=5", "--mqtt", "mqtts://127.0.0.1:1/x",
+        "--mqtt-ca-file", str(missing), "--size", "16x16", *NARROW,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "cannot load the MQTT CA file" in result.stderr and str(missing) in result.stderr
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key\n")
+    result = run_cli(
+        "live", "synthetic://moving?frames=5", "--mqtt", "mqtts://127.0.0.1:1/x",
+        "--mqtt-cert-file", str(bad), "--mqtt-key-file", str(bad), "--size", "16x16", *NARROW,
+    )  # fmt: skip
+    assert result.returncode != 0 and "client certificate" in result.stderr
 
 
 def test_mqtt_url_with_a_password_is_refused_without_echo():

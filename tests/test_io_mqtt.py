@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -15,7 +16,14 @@ from test_io_wire import hostile_overflow_payload, make_latent
 
 import io_fixtures
 from io_fixtures import MQTT_PASSWORD, MQTT_USER, Broker, wait_until
-from streamvae.io import Backoff, LatentSubscriber, MqttSettings, MqttSink, decode_latent
+from streamvae.io import (
+    Backoff,
+    LatentSubscriber,
+    MqttSettings,
+    MqttSink,
+    SinkError,
+    decode_latent,
+)
 from streamvae.io.mqtt import latent_topic, status_topic, validate_prefix, validate_stream_id
 from streamvae.io.wire import CONTENT_TYPE, encode_latent
 
@@ -267,3 +275,54 @@ async def test_user_password_and_tls(
     assert "certificate" in sink.stats.last_error.lower()
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert MQTT_PASSWORD not in logged and MQTT_PASSWORD not in sink.stats.last_error
+
+
+async def test_a_sink_that_cannot_work_fails_loudly(tmp_path: Path):
+    """Issue 17 item 3: a missing CA file or a bad key ended the publishing task silently;
+    send() went on buffering into nothing and last_error stayed empty."""
+    bad_key = tmp_path / "key.pem"
+    bad_key.write_text("not a key\n")
+    for options, expected in (
+        ({"ca_file": str(tmp_path / "missing-ca.pem")}, "missing-ca.pem"),
+        ({"cert_file": str(bad_key), "key_file": str(bad_key)}, "SSLError"),
+    ):
+        settings = MqttSettings.from_url("mqtts://127.0.0.1:1/test", **options)
+        with pytest.raises(OSError):
+            settings.tls_context()  # what the CLI calls up front
+        sink = MqttSink(settings, stream_id="cam8", backoff=Backoff(0.05, 0.05))
+        async with sink:
+            await sink.send(make_latent(0))
+            await wait_until(lambda s=sink: s.stats.failed, 10, "the sink to fail")
+            assert expected in sink.stats.last_error
+            with pytest.raises(SinkError, match="stopped"):
+                await sink.send(make_latent(1))
+        assert (sink.stats.sent, sink.stats.unsent, sink.stats.undelivered) == (1, 1, 1)
+
+
+async def test_a_drain_timeout_still_leaves_the_status_offline(broker: Broker):
+    """Issue 17 item 4: cancelling the task at the drain timeout ended in a normal DISCONNECT,
+    so the broker dropped the will and the retained status stayed "online"."""
+    settings = settings_for(broker, connect_timeout=1.0)
+    sink = MqttSink(settings, stream_id="cam9", drain_timeout=0.5)
+    async with sink:
+        assert await sink.wait_connected(10)
+        await sink.send(make_latent(0, h=2, w=2))
+        await wait_until(lambda: sink.stats.published == 1, 10, "a publish")
+        assert (await retained(settings, sink.status_topic))["status"] == "online"
+        broker.process.send_signal(signal.SIGSTOP)  # the connection stays up; nothing is acked
+        try:
+            for index in range(1, 4):
+                await sink.send(make_latent(index, h=2, w=2))
+            await asyncio.sleep(0.1)
+        except BaseException:
+            broker.process.send_signal(signal.SIGCONT)
+            raise
+    broker.process.send_signal(signal.SIGCONT)
+    assert sink.stats.unsent == 3 and sink.stats.undelivered == 3
+    status = None
+    for _ in range(50):
+        status = await retained(settings, sink.status_topic)
+        if status and status["status"] == "offline":
+            break
+        await asyncio.sleep(0.1)
+    assert status is not None and status["status"] == "offline", status

@@ -25,7 +25,7 @@ from typing import Any
 
 from streamvae.io.backoff import Backoff
 from streamvae.io.filesink import FileSink, iter_latents, read_latents
-from streamvae.io.pipeline import LatentSink, PipelineStats, encode_to_sinks
+from streamvae.io.pipeline import LatentSink, PipelineStats, SinkError, encode_to_sinks
 from streamvae.io.sources import (
     FrameSource,
     SourceError,
@@ -47,6 +47,7 @@ __all__ = [
     "MqttSink",
     "PipelineStats",
     "ReceivedLatent",
+    "SinkError",
     "SourceError",
     "SourceFrame",
     "SourceStats",

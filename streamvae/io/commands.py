@@ -12,6 +12,10 @@ every ``--stats-interval`` seconds. Both stop cleanly on Ctrl-C or SIGTERM: the 
 the encoder is flushed, the file is closed, buffered MQTT messages are published and the
 stream's status becomes ``offline``. A second Ctrl-C aborts at once. ``--json`` prints the
 summary as one JSON line on stdout instead of text.
+
+Exit status: 0 when every latent was delivered; 1 when the source or a sink failed, or when
+``live`` could not deliver every latent to MQTT (discarded by a full buffer, or unsent at
+exit: the summary's ``error`` says how many); 130 after an abort.
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ from urllib.parse import urlsplit
 
 from streamvae.io.backoff import Backoff
 from streamvae.io.filesink import FileSink
-from streamvae.io.pipeline import LatentSink, PipelineStats, encode_to_sinks, percentiles
+from streamvae.io.pipeline import (
+    LatentSink,
+    PipelineStats,
+    SinkError,
+    encode_to_sinks,
+    percentiles,
+)
 from streamvae.io.sources import FrameSource, SourceError, open_source, source_kind
 from streamvae.io.topics import PASSWORD_ENV, validate_stream_id
 from streamvae.io.wire import STORAGE_DTYPES
@@ -429,6 +439,8 @@ def run_live(args: argparse.Namespace) -> int:
             if args.mqtt
             else None
         )
+        if settings is not None:
+            settings.tls_context()  # a missing CA file or a bad key: refused before streaming
     except (ValueError, OSError) as exc:
         raise SystemExit(f"streamvae: {exc}") from None
     source = _open_source_from_args(args.source, args)
@@ -477,12 +489,18 @@ async def _live(
         reporter = asyncio.ensure_future(_report_live(args.stats_interval, source, stats, mqtt))
         try:
             await encode_to_sinks(source, encoder, sinks, max_frames=args.frames, stats=stats)
-        except SourceError as exc:
+        except (SourceError, SinkError) as exc:
             error = str(exc)
         finally:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
+    if mqtt is not None and mqtt.stats.undelivered and error is None:
+        m = mqtt.stats  # the stream ran, but not every latent got out: a failure too
+        error = (
+            f"{m.undelivered} of {m.sent} latent(s) not delivered to MQTT "
+            f"({m.discarded} discarded, {m.unsent} unsent; last error: {m.last_error})"
+        )
     summary: dict[str, Any] = {
         **stats.summary(),
         "stream": stream_id,
@@ -518,6 +536,7 @@ async def _live(
             f"mqtt: {m.published}/{m.sent} published, {m.discarded} discarded (buffer full), "
             f"{m.unsent} unsent at exit, {m.connects} connection(s)"
         )
+
     if file_sink is not None:
         summary["output"] = str(args.output)
         lines.append(f"wrote {args.output} ({file_sink.latents_written} latents)")

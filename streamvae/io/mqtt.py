@@ -30,8 +30,15 @@ full, the *oldest* buffered latent is discarded (a live consumer wants the newes
 ``stats.discarded``. A latent counts as published when the broker acknowledged it (QoS 1/2) or it
 was written to the socket (QoS 0); one in flight when the connection drops goes back to the front
 of the buffer. At :meth:`MqttSink.aclose` the buffer is drained for up to ``drain_timeout``
-seconds; what is left then is counted in ``stats.unsent``. So at the end
-``sent == published + discarded + unsent``.
+seconds; what is left then is counted in ``stats.unsent``, and the retained status still
+becomes ``offline`` (reason ``drain timeout: N latent(s) unsent``; if even that cannot be
+published, the connection is ended with MQTT 5 reason 0x04 so that the broker publishes the
+will). So at the end ``sent == published + discarded + unsent``, and ``stats.undelivered``
+counts what never reached the broker.
+
+**When the sink cannot work at all** (an unreadable CA file, a bad key: anything retrying
+cannot mend), ``stats.failed`` is set, ``stats.last_error`` says why, and :meth:`MqttSink.send`
+raises :class:`streamvae.io.SinkError`, so a pipeline ends instead of buffering into nothing.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from streamvae.io.backoff import Backoff
+from streamvae.io.pipeline import SinkError
 from streamvae.io.redact import redact_url
 from streamvae.io.topics import (
     PASSWORD_ENV,
@@ -195,13 +203,6 @@ class MqttSettings:
         properties: Properties | None = None,
     ) -> aiomqtt.Client:
         """An (unconnected) MQTT 5 ``aiomqtt.Client`` for these settings."""
-        tls_context = None
-        if self.tls:
-            tls_context = ssl.create_default_context(cafile=self.ca_file)
-            if self.cert_file:
-                tls_context.load_cert_chain(self.cert_file, self.key_file)
-            if self.tls_insecure:
-                tls_context.check_hostname = False
         return aiomqtt.Client(
             self.host,
             self.port,
@@ -214,9 +215,33 @@ class MqttSettings:
             properties=properties,
             keepalive=self.keepalive,
             timeout=self.connect_timeout,
-            tls_context=tls_context,
+            tls_context=self.tls_context(),
             logger=log,
         )
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context of ``mqtts://`` (``None`` without TLS).
+
+        Raises ``OSError`` (``ssl.SSLError`` included) for a missing or unreadable CA file,
+        certificate or key: call it up front to refuse a bad configuration before streaming.
+        """
+        if not self.tls:
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+        except OSError as exc:
+            raise OSError(f"cannot load the MQTT CA file {self.ca_file!r}: {exc}") from exc
+        if self.cert_file:
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except OSError as exc:
+                raise OSError(
+                    f"cannot load the MQTT client certificate {self.cert_file!r} "
+                    f"(key {self.key_file!r}): {type(exc).__name__}: {exc}"
+                ) from exc
+        if self.tls_insecure:
+            context.check_hostname = False
+        return context
 
 
 # -- publishing ----
@@ -235,8 +260,15 @@ class MqttSinkStats:
     connection_failures: int = 0
     connected: bool = False
     last_error: str | None = None
+    failed: bool = False
+    """The connection task died of an error that retrying cannot mend (see ``last_error``)."""
     publish_latency: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
     """Seconds from :meth:`MqttSink.send` to the broker's acknowledgement, recent messages."""
+
+    @property
+    def undelivered(self) -> int:
+        """Latents accepted by :meth:`MqttSink.send` that never reached the broker (so far)."""
+        return self.discarded + self.unsent
 
 
 @dataclass
@@ -296,6 +328,7 @@ class MqttSink:
         self._wakeup = asyncio.Event()
         self._connected = asyncio.Event()
         self._closing = False
+        self._abandon = asyncio.Event()  # the drain timed out: stop publishing, say offline
         self._task: asyncio.Task[None] | None = None
         self._run_number = 0
         self._identifier = f"streamvae-{stream_id}-{uuid.uuid4().hex[:8]}"
@@ -323,10 +356,18 @@ class MqttSink:
         return self._connected.is_set()
 
     async def send(self, latent: Latent) -> None:
-        """Buffer one latent for publishing (never blocks on the network)."""
+        """Buffer one latent for publishing (never blocks on the network).
+
+        Raises :class:`streamvae.io.SinkError` once the sink has failed for good (a TLS file
+        that cannot be read, a bad key, ...): nothing sent after that could be published.
+        """
         self._queue(latent)
 
     def _queue(self, latent: Latent) -> None:
+        if self.stats.failed:
+            raise SinkError(
+                f"the MQTT sink for {self.settings.display} stopped: {self.stats.last_error}"
+            )
         if self._closing:
             raise RuntimeError("the MQTT sink is closed")
         if latent.gap:
@@ -365,17 +406,26 @@ class MqttSink:
         self._closing = True
         self._wakeup.set()
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), self.drain_timeout)
-        except asyncio.TimeoutError:
-            log.warning(
-                "MQTT %s: %d latent(s) not published within %.1f s of closing",
-                self.settings.display,
-                len(self._buffer),
-                self.drain_timeout,
-            )
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self.drain_timeout)
+            except asyncio.TimeoutError:
+                log.warning(
+                    "MQTT %s: %d latent(s) not published within %.1f s of closing",
+                    self.settings.display,
+                    len(self._buffer),
+                    self.drain_timeout,
+                )
+                # Cancelling now would end in a normal DISCONNECT, after which the broker drops
+                # the will: the status would stay "online". Say "offline" first.
+                self._abandon.set()
+                try:
+                    await asyncio.wait_for(
+                        asyncio.shield(self._task), 2 * self.settings.connect_timeout + 1
+                    )
+                except asyncio.TimeoutError:
+                    self._task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._task
         except asyncio.CancelledError:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -394,12 +444,31 @@ class MqttSink:
         return json.dumps({"status": status, "reason": reason, **labels}).encode()
 
     async def _run(self) -> None:
+        try:
+            await self._connect_and_publish()
+        except (aiomqtt.MqttError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # e.g. an unreadable CA file or key: retrying cannot mend it
+            self.stats.failed = True
+            self.stats.connected = False
+            self._connected.clear()
+            self.stats.last_error = self.settings.redact(f"{type(exc).__name__}: {exc}")
+            log.error(
+                "MQTT %s: the publisher stopped: %s (%d latent(s) buffered will not be sent)",
+                self.settings.display,
+                self.stats.last_error,
+                len(self._buffer),
+            )
+
+    async def _connect_and_publish(self) -> None:
         will = aiomqtt.Will(
             self.status_topic, self._status("offline", "connection lost"), qos=1, retain=True
         )
         while True:
             if self._closing and not self._buffer and self.stats.connects == 0:
                 return  # closed before ever connecting, with nothing to send
+            if self._abandon.is_set():
+                return  # the drain timed out while disconnected: the will speaks for us
             try:
                 async with self.settings.client(identifier=self._identifier, will=will) as client:
                     self.stats.connects += 1
@@ -408,8 +477,10 @@ class MqttSink:
                     self._backoff.reset()
                     log.info("MQTT connected to %s", self.settings.display)
                     await self._publish_status(client, "online", "started")
-                    await self._publish_buffer(client)
-                    await self._publish_status(client, "offline", "stopped")
+                    if await self._publish_buffer(client):
+                        await self._publish_status(client, "offline", "stopped")
+                    else:
+                        await self._give_up(client)
                     return
             except aiomqtt.MqttError as exc:
                 self.stats.connected = False
@@ -424,7 +495,18 @@ class MqttSink:
                     delay,
                     len(self._buffer),
                 )
-                await asyncio.sleep(delay)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._abandon.wait(), delay)
+
+    async def _give_up(self, client: aiomqtt.Client) -> None:
+        """The drain timed out: publish ``offline``, or else leave so that the will fires."""
+        reason = f"drain timeout: {len(self._buffer)} latent(s) unsent"
+        try:
+            await asyncio.wait_for(
+                self._publish_status(client, "offline", reason), self.settings.connect_timeout
+            )
+        except (asyncio.TimeoutError, aiomqtt.MqttError):
+            _disconnect_with_will(client)
 
     async def _publish_status(self, client: aiomqtt.Client, status: str, reason: str) -> None:
         properties = Properties(PacketTypes.PUBLISH)
@@ -437,18 +519,24 @@ class MqttSink:
             properties=properties,
         )
 
-    async def _publish_buffer(self, client: aiomqtt.Client) -> None:
-        """Publish in order until closing with an empty buffer; raise MqttError on disconnect."""
+    async def _publish_buffer(self, client: aiomqtt.Client) -> bool:
+        """Publish in order until closing with an empty buffer (``True``) or until the drain is
+        abandoned (``False``); raise MqttError on disconnect."""
         watcher = asyncio.ensure_future(_until_disconnected(client))
+        abandoned = asyncio.ensure_future(self._abandon.wait())
         try:
             while True:
+                if self._abandon.is_set():
+                    return False
                 if not self._buffer:
                     if self._closing:
-                        return
+                        return True
                     self._wakeup.clear()
                     woken = asyncio.ensure_future(self._wakeup.wait())
                     try:
-                        await asyncio.wait({watcher, woken}, return_when=asyncio.FIRST_COMPLETED)
+                        await asyncio.wait(
+                            {watcher, woken, abandoned}, return_when=asyncio.FIRST_COMPLETED
+                        )
                     finally:
                         woken.cancel()
                     if watcher.done():
@@ -466,23 +554,43 @@ class MqttSink:
                     )
                 )
                 try:
-                    await asyncio.wait({publish, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        {publish, watcher, abandoned}, return_when=asyncio.FIRST_COMPLETED
+                    )
                     if not publish.done():
                         publish.cancel()
-                        watcher.result()  # raises: the connection is gone
+                        if watcher.done():
+                            watcher.result()  # raises: the connection is gone
+                        raise _Abandoned
                     publish.result()
-                except BaseException:
+                except BaseException as exc:
                     if not publish.done():
                         publish.cancel()
                     self._buffer.appendleft(message)  # back to the front; maybe discarded
                     self._trim()
+                    if isinstance(exc, _Abandoned):
+                        return False
                     raise
                 self.stats.published += 1
                 self.stats.publish_latency.append(time.monotonic() - message.accepted)
         finally:
+            abandoned.cancel()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await watcher
+
+
+class _Abandoned(Exception):
+    """The drain timed out while a publish was in flight."""
+
+
+def _disconnect_with_will(client: aiomqtt.Client) -> None:
+    """End the connection with MQTT 5 reason 0x04, so the broker publishes the will."""
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    with contextlib.suppress(Exception):
+        reason = ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
+        client._client.disconnect(reasoncode=reason)  # aiomqtt's paho client: no public way
 
 
 async def _until_disconnected(client: aiomqtt.Client) -> None:

@@ -22,7 +22,18 @@ import numpy as np
 from streamvae.frames import Frame
 from streamvae.stream import Latent, StreamEncoder
 
-__all__ = ["LatentSink", "PipelineStats", "encode_to_sinks", "latent_latency", "percentiles"]
+__all__ = [
+    "LatentSink",
+    "PipelineStats",
+    "SinkError",
+    "encode_to_sinks",
+    "latent_latency",
+    "percentiles",
+]
+
+
+class SinkError(RuntimeError):
+    """A sink can no longer deliver latents (its connection task died); the message says why."""
 
 
 class LatentSink(Protocol):
