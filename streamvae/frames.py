@@ -99,7 +99,7 @@ def check_frame(frame: Any, device: torch.device, timestamp: float | None = None
                 f"got a {_describe(frame)}; frames must be on the CPU or on the encoder's "
                 f"device {device}"
             )
-        tensor = frame
+        tensor = frame.detach()  # never part of the caller's autograd graph (nor keeping it)
         if tensor.dtype not in (torch.uint8,) and not tensor.is_floating_point():
             raise FrameError(f"got a {_describe(frame)}; {_EXPECTED}")
     else:

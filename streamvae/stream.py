@@ -299,7 +299,7 @@ class StreamEncoder:
             x = item.tensor.to(self._device)
         slot = 0 if self.mode == "frame" or index == 0 else (index - 1) % self.group_size
         try:
-            with self._lane():
+            with self._lane(), torch.no_grad():
                 self._group[0, :, slot].copy_(to_model_input(x, self.encoder.dtype))
                 if self.mode == "frame" or index == 0 or slot == self.group_size - 1:
                     out = self.encoder.step(self._group[:, :, : slot + 1], self._state)

@@ -299,3 +299,27 @@ def test_each_frame_advances_as_far_as_causality_allows(narrow_encoder, monkeypa
     for t in range(1, 9):
         expected = stage01 + (stage2 if t % 2 == 0 else []) + (stage3 if t % 4 == 0 else [])
         assert per_push[t] == sorted(expected), t
+
+
+@pytest.mark.parametrize("mode", ["frame", "group"])
+def test_frames_that_require_grad_are_not_kept(narrow_encoder, mode):
+    """Issue 17 item 5: a float frame with requires_grad was copied into the group buffer
+    outside no-grad: the autograd chain grew a node per push, held every frame and survived
+    reset(). Now no pushed frame outlives its push, and the results equal a plain push."""
+    import gc
+    import weakref
+
+    video = random_video(9, 8, 8, seed=9)[0]
+    plain = stream_all(StreamEncoder(narrow_encoder, mode=mode), video)
+    stream = StreamEncoder(narrow_encoder, mode=mode)
+    refs, latents = [], []
+    for frame in video:
+        tensor = (frame.permute(2, 0, 1).float() / 127.5 - 1).requires_grad_(True)
+        refs.append(weakref.ref(tensor))
+        latents += stream.push(tensor)
+        del tensor
+    latents += stream.flush()
+    gc.collect()
+    assert [ref() is None for ref in refs] == [True] * len(refs)
+    assert not any(latent.data.requires_grad for latent in latents)
+    assert torch.equal(stacked(latents), stacked(plain))
