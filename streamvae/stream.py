@@ -24,10 +24,11 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from queue import SimpleQueue
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -126,6 +127,8 @@ class StreamEncoder:
         self._last: torch.Tensor | None = None  # the last frame, for pad_tail
         self._broken = False
         self.dropped_frames = 0
+        # Latents computed for a consumer of stream() that was cancelled before receiving them.
+        self._pending: deque[Latent] = deque()
         self._begin_run()
 
     # -- public state ----
@@ -160,11 +163,20 @@ class StreamEncoder:
         self._size: tuple[int, int] | None = None
         self._gap_pending = False
 
+    @property
+    def pending_latents(self) -> tuple[Latent, ...]:
+        """Latents computed but not yet handed out: those of a push in flight when a consumer of
+        :meth:`stream` was cancelled. The next :meth:`push`, :meth:`push_many`, :meth:`flush` or
+        :meth:`stream` returns them first; :meth:`reset` discards them."""
+        return tuple(self._pending)
+
     def reset(self) -> None:
         """Forget everything; the next frame is a first frame again (of any size).
 
         The state buffers are kept and zeroed in place, and reused when the size stays.
+        Latents still pending (see :attr:`pending_latents`) are discarded.
         """
+        self._pending.clear()
         if self._state is not None:
             self._run_on_lane(self._state.reset)
         self._broken = False
@@ -193,6 +205,9 @@ class StreamEncoder:
             raise ValueError(f"got {len(frames)} frames but {len(stamps)} timestamps")
         self._check_usable()
         checked = self._check_all(frames, stamps)
+        return self._with_pending(lambda: self._push_checked(checked))
+
+    def _push_checked(self, checked: list[CheckedFrame]) -> list[Latent]:
         latents: list[Latent] = []
         start = 0
         for i, item in enumerate(checked):
@@ -214,7 +229,9 @@ class StreamEncoder:
         dropped partial group are added to ``dropped_frames``.
         """
         self._check_usable()
-        latents = self._end_run(pad=self.pad_tail if pad is None else pad)
+        latents = self._with_pending(
+            lambda: self._end_run(pad=self.pad_tail if pad is None else pad)
+        )
         self.reset()
         return latents
 
@@ -225,12 +242,18 @@ class StreamEncoder:
     ) -> LatentStream:
         """Encode an iterable or async iterable of frames; an async iterator of latents.
 
-        The model (and the reading of sync iterables) runs in a worker thread, never on the
+        The model runs in a worker thread and a sync iterable is read in another, never on the
         event loop. One frame is read per push: a slow consumer slows the source. When the
         source is exhausted the stream is flushed (``flush=False`` keeps it open for more). If
         the source raises, the iteration ends with that exception after the latents already
-        complete. Cancelling the consumer waits for the push in flight, so no thread outlives
-        the iteration; the StreamEncoder is then usable after :meth:`reset`.
+        complete. Latents still pending from a cancelled iteration come first.
+
+        Cancelling the consumer (once or repeatedly) waits for the push in flight, so the
+        worker never touches the StreamEncoder after the cancel returns, and keeps that push's
+        latents in :attr:`pending_latents`. It never waits for a read of a sync source: a read
+        blocked in a hung capture is left to finish in its own daemon thread, and the frame it
+        returns is discarded. The StreamEncoder can then go on (``push``, ``stream``), or be
+        :meth:`reset`.
         """
         return LatentStream(self, frames, flush=flush)
 
@@ -242,6 +265,16 @@ class StreamEncoder:
                 "the encoder raised during an earlier push and this stream's state is undefined; "
                 "call reset() to start a new stream"
             )
+
+    def _with_pending(self, work: Callable[[], list[Latent]]) -> list[Latent]:
+        """The pending latents, then those of ``work()`` (which may reset: they are taken first)."""
+        taken = list(self._pending)
+        self._pending.clear()
+        try:
+            return taken + work()
+        except BaseException:
+            self._pending.extendleft(reversed(taken))
+            raise
 
     def _check_all(self, frames: list[Any], stamps: list[float | None]) -> list[CheckedFrame]:
         size = self._size
@@ -488,6 +521,7 @@ async def _latents(
     flush: bool,
 ) -> AsyncIterator[Latent]:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamvae-encode")
+    reader: _SyncReader | None = None
     try:
         if isinstance(frames, AsyncIterable):
             source = frames.__aiter__()
@@ -498,33 +532,96 @@ async def _latents(
                 except StopAsyncIteration:
                     return _END
         else:
-            iterator = iter(frames)
+            reader = _SyncReader(iter(frames))
+            next_frame = reader.next
 
-            async def next_frame() -> Any:
-                return await _in_worker(executor, next, iterator, _END)
-
+        pending = encoder._pending
+        while pending:
+            yield pending.popleft()
         while (frame := await next_frame()) is not _END:
-            for latent in await _in_worker(executor, encoder.push, frame):
-                yield latent
+            await _in_worker(executor, _push_to_pending, encoder, frame)
+            while pending:
+                yield pending.popleft()
         if flush:
-            for latent in await _in_worker(executor, encoder.flush):
-                yield latent
+            await _in_worker(executor, _flush_to_pending, encoder)
+            while pending:
+                yield pending.popleft()
     finally:
         executor.shutdown(wait=False)
         await _wait_thread_exit(executor)
+        if reader is not None:
+            await reader.aclose()
+
+
+def _push_to_pending(encoder: StreamEncoder, frame: Any) -> None:
+    """In the worker: push, keeping the latents on the encoder until the consumer takes them."""
+    encoder._pending.extend(encoder.push(frame))
+
+
+def _flush_to_pending(encoder: StreamEncoder) -> None:
+    encoder._pending.extend(encoder.flush())
 
 
 async def _in_worker(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn`` in the worker; if cancelled, wait for it to finish before re-raising."""
-    future = executor.submit(fn, *args)
-    try:
-        return await asyncio.shield(asyncio.wrap_future(future))
-    except asyncio.CancelledError:
-        await asyncio.wait([asyncio.wrap_future(future)])
-        raise
+    """Run ``fn`` in the worker; if cancelled (however often), wait for it before re-raising."""
+    future = asyncio.wrap_future(executor.submit(fn, *args))
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.cancelled():
+                raise
+            cancelled = True  # the worker may still run: a second cancel must not leave it
+            continue
+        except BaseException as exc:
+            if cancelled:
+                raise asyncio.CancelledError from exc
+            raise
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
 
 
 async def _wait_thread_exit(executor: ThreadPoolExecutor) -> None:
     threads: set[threading.Thread] = set(getattr(executor, "_threads", ()))
     while any(t.is_alive() for t in threads):
         await asyncio.sleep(0.001)
+
+
+class _SyncReader:
+    """Reads a sync iterator in its own daemon thread, one ``next()`` per request.
+
+    A cancelled :meth:`next` returns at once; a read still blocked (a hung capture) finishes in
+    the thread on its own, and its frame is discarded.
+    """
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self._iterator = iterator
+        self._requests: SimpleQueue[Future[Any] | None] = SimpleQueue()
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="streamvae-read", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (request := self._requests.get()) is not None:
+            if not request.set_running_or_notify_cancel():
+                continue
+            self._busy = True
+            try:
+                request.set_result(next(self._iterator, _END))
+            except BaseException as exc:
+                request.set_exception(exc)
+            finally:
+                self._busy = False
+
+    async def next(self) -> Any:
+        request: Future[Any] = Future()
+        self._requests.put(request)
+        return await asyncio.wrap_future(request)
+
+    async def aclose(self) -> None:
+        """Let the thread end; wait for it only when no read is in flight."""
+        self._requests.put(None)
+        while self._thread.is_alive() and not self._busy:
+            await asyncio.sleep(0.001)

@@ -42,28 +42,34 @@ async def test_sync_and_async_sources_equal_the_batch_encoder(narrow_encoder):
     assert encode_threads() == []
 
 
-async def test_the_event_loop_keeps_ticking_while_encoding(wan21_encoder):
-    frames = [f.numpy() for f in random_video(5, 64, 64, seed=2)[0]]
-    ticks: list[float] = []
-    stop = asyncio.Event()
+async def test_the_event_loop_runs_while_a_push_is_in_flight(narrow_encoder, monkeypatch):
+    """No push runs on the event loop's thread, and the loop serves other tasks while one is in
+    flight: the third step waits for an event that only a task on the loop sets (had the push
+    run on the loop's thread, the wait would time out and the step raise). No wall clock."""
+    frames = [f.numpy() for f in random_video(5, 16, 16, seed=2)[0]]
+    expected = await collect(StreamEncoder(narrow_encoder), frames)
+    loop_thread = threading.get_ident()
+    step_threads: list[int] = []
+    loop_ran = threading.Event()
+    real = narrow_encoder.step
 
-    async def heartbeat():
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
+    def step(*args, **kwargs):
+        step_threads.append(threading.get_ident())
+        if len(step_threads) == 3 and not loop_ran.wait(30):
+            raise AssertionError("the event loop did not run while a push was in flight")
+        return real(*args, **kwargs)
+
+    async def on_the_loop() -> None:
+        while len(step_threads) < 3:
             await asyncio.sleep(0.001)
+        loop_ran.set()
 
-    beat = asyncio.create_task(heartbeat())
-    started = time.perf_counter()
-    latents = await collect(StreamEncoder(wan21_encoder), frames)
-    encoding = time.perf_counter() - started
-    stop.set()
-    await beat
-    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-    assert len(latents) == 2
-    # Five pushes of the full model take a good fraction of a second here; had any run on the
-    # loop's thread, one gap would be as long as a push.
-    assert encoding > 0.1
-    assert max(gaps) < min(0.05, encoding / 10), (max(gaps), encoding)
+    monkeypatch.setattr(narrow_encoder, "step", step)
+    helper = asyncio.create_task(on_the_loop())
+    latents = await collect(StreamEncoder(narrow_encoder), frames)
+    await helper
+    assert len(step_threads) == 5 and loop_thread not in step_threads
+    assert all(torch.equal(a.data, b.data) for a, b in zip(latents, expected, strict=True))
 
 
 async def test_cancelling_the_consumer_leaves_no_thread_and_a_reusable_encoder(narrow_encoder):
@@ -172,3 +178,95 @@ async def test_cancelling_during_a_push_waits_for_it_then_ends(narrow_encoder):
         await task
     assert encode_threads() == []
     assert 6 <= stream.frames_pushed <= 7
+
+
+class BlockingStep:
+    """Wraps ``encoder.step``: its ``at``-th call (1-based) waits for ``release``."""
+
+    def __init__(self, encoder, at: int) -> None:
+        self.real, self.at, self.calls = encoder.step, at, 0
+        self.entered, self.release, self.finished = (threading.Event() for _ in range(3))
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            self.entered.set()
+            self.release.wait(60)
+            try:
+                return self.real(*args, **kwargs)
+            finally:
+                self.finished.set()
+        return self.real(*args, **kwargs)
+
+
+async def _wait_event(event: threading.Event) -> None:
+    deadline = time.monotonic() + 60
+    while not event.is_set():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("cancels", [1, 2])
+async def test_a_cancel_keeps_the_latents_of_the_push_in_flight(
+    narrow_encoder, monkeypatch, cancels
+):
+    """Issue 17 item 7: the latents of the push in flight were thrown away, and a second
+    cancel ended the wait while the worker still ran on the encoder the caller reuses."""
+    frames = [f.numpy() for f in random_video(13, 16, 16, seed=10)[0]]
+    fresh = await collect(StreamEncoder(narrow_encoder), frames)
+    blocking = BlockingStep(narrow_encoder, at=5)  # frame 4: the push that completes latent 1
+    monkeypatch.setattr(narrow_encoder, "step", blocking)
+    stream = StreamEncoder(narrow_encoder)
+    seen = []
+
+    async def consume():
+        async with stream.stream(iter(frames)) as latents:
+            async for latent in latents:
+                seen.append(latent)
+
+    task = asyncio.create_task(consume())
+    await _wait_event(blocking.entered)
+    for _ in range(cancels):
+        task.cancel()
+        await asyncio.sleep(0.05)
+    assert not task.done()  # still waiting for the push in flight, however often cancelled
+    blocking.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert blocking.finished.is_set() and encode_threads() == []
+    assert [x.index for x in seen] == [0]
+    assert [x.index for x in stream.pending_latents] == [1]
+    # The stream goes on where it was: latent 1 first, then the rest, as a fresh run.
+    rest = [x for frame in frames[5:] for x in stream.push(frame)] + stream.flush()
+    assert [x.index for x in rest] == [1, 2, 3]
+    assert all(torch.equal(a.data, b.data) for a, b in zip(rest, fresh[1:], strict=True))
+
+
+async def test_a_cancel_never_waits_for_a_hung_source_read(narrow_encoder):
+    """Issue 17 item 7: a sync source's next() ran in the worker, so cancelling the consumer
+    of a hung capture waited for it forever."""
+    frames = [f.numpy() for f in random_video(3, 8, 8, seed=11)[0]]
+    reading, hang = threading.Event(), threading.Event()
+
+    def camera():
+        yield frames[0]
+        reading.set()
+        hang.wait(60)  # a capture that never returns (until the test ends)
+        yield frames[1]
+
+    seen = []
+
+    async def consume():
+        async with StreamEncoder(narrow_encoder).stream(camera()) as latents:
+            async for latent in latents:
+                seen.append(latent.index)
+
+    task = asyncio.create_task(consume())
+    try:
+        await _wait_event(reading)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 20)
+        assert seen == [0] and encode_threads() == []
+    finally:
+        hang.set()
