@@ -140,9 +140,42 @@ def test_live_queue_keeps_runs_apart():
     taken = []
     while (frame := queue.take()) is not None:
         taken.append((frame.run, frame.number, frame.gap))
-    # Run 0's partial group {1, 2} went; both frame-0 groups stayed.
-    assert taken == [(0, 0, False), (1, 0, True)] + [(1, n, False) for n in range(1, 9)]
-    assert stats.dropped_frames == 2
+    # Nothing of run 0 was handed out: it went whole ({0} and {1, 2}), oldest first; run 1 stays.
+    assert taken == [(1, 0, True)] + [(1, n, False) for n in range(1, 9)]
+    assert stats.dropped_frames == 3
+
+
+def test_live_queue_stays_bounded_when_a_camera_flaps():
+    """Issue 17 item 8: frame 0 of every old run was never dropped, so a flapping camera with
+    a slow consumer grew the queue by one group per reconnect without bound."""
+    stats = SourceStats()
+    queue = _GroupQueue(max_groups=2, drop=True, group_frames=4, stats=stats, wake=lambda: None)
+    for run in range(50):  # 50 reconnects, six frames each, and nobody taking any
+        for number in range(6):
+            queue.put(_frame(number, run=run))
+    taken = []
+    while (frame := queue.take()) is not None:
+        taken.append((frame.run, frame.number, frame.gap))
+    # Only the newest run is left, whole and aligned: its frame 0 (with its gap) comes first.
+    assert taken == [(49, n, n == 0) for n in range(6)]
+    assert stats.dropped_frames == 49 * 6 and stats.dropped_groups == 49 * 3
+
+
+def test_live_queue_drops_a_started_old_run_group_by_group():
+    stats = SourceStats()
+    queue = _GroupQueue(max_groups=2, drop=True, group_frames=4, stats=stats, wake=lambda: None)
+    for number in range(6):
+        queue.put(_frame(number, run=0))
+    assert queue.take().number == 0  # run 0 has started: its later groups go one by one
+    for number in range(10):
+        queue.put(_frame(number, run=1))
+    taken = []
+    while (frame := queue.take()) is not None:
+        taken.append((frame.run, frame.number))
+    # Run 0's groups {1-4} and {5} go one by one (its frame 0 was handed out), then run 1's
+    # oldest waiting group {1-4}; run 1's frame 0 stays, so its groups stay aligned.
+    assert taken == [(1, 0)] + [(1, n) for n in range(5, 10)]
+    assert (stats.dropped_frames, stats.dropped_groups) == (9, 3)
 
 
 def test_file_queue_blocks_instead_of_dropping():
@@ -344,3 +377,44 @@ async def test_frames_are_rgb(tmp_path: Path):
         frames = [frame.image async for frame in source]
     mean = np.stack(frames).reshape(-1, 3).mean(axis=0)
     assert mean[0] > 200 and mean[1] < 60 and mean[2] < 60, mean
+
+
+class _EmptyCapture:
+    """A capture that opens and then yields nothing (a stream that answers, then ends)."""
+
+    total_frames = None
+    fps = None
+
+    def read(self):
+        return None
+
+    def release(self) -> None:
+        pass
+
+
+async def test_a_source_that_opens_but_yields_nothing_obeys_max_reconnects(
+    test_video: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Issue 17 item 8: it reconnected forever whatever max_reconnects said (199 reopens in
+    2 s with max_reconnects=2)."""
+    from streamvae.io.sources import FrameSource, SourceError
+
+    opens = 0
+
+    def open_empty(self):
+        nonlocal opens
+        opens += 1
+        return _EmptyCapture()
+
+    monkeypatch.setattr(FrameSource, "_open", open_empty)
+    source = open_source(
+        test_video, kind="webcam", max_reconnects=2, backoff=Backoff(initial=0.01, maximum=0.01)
+    )
+
+    async def read_all() -> list:
+        async with source:
+            return [frame async for frame in source]
+
+    with pytest.raises(SourceError, match=r"gave no frame 3 times in a row \(max_reconnects=2\)"):
+        await asyncio.wait_for(read_all(), 20)
+    assert opens == 3 and source.stats.disconnects == 3

@@ -24,8 +24,8 @@ when it was grabbed).
 the reader waits (backpressure). Live sources (webcams, network streams, paced synthetic) keep
 the newest frames and drop the oldest *whole groups*: the encoder groups frames as frame 0
 alone, then 1-4, 5-8, ...; a group is dropped only if none of its frames has been handed out, and
-frame 0 of a run is never dropped, so every group the encoder sees is four consecutive source
-frames (dropping a frame inside a group would silently change the latent). Every drop is counted
+frame 0 of the newest run is never dropped (an older run's frame 0 goes only with the whole of
+that run), so every group the encoder sees is four consecutive source frames (dropping a frame inside a group would silently change the latent). Every drop is counted
 in :attr:`FrameSource.stats`.
 
 **When a live source fails** (a camera unplugged, a stream that ends or stalls past
@@ -373,17 +373,27 @@ class _GroupQueue:
 
     def _drop_overflow(self) -> None:
         # Protected, and not counted against max_groups: a group already handed out in part
-        # (it must be finished) and frame 0 of a run (so that the encoder's groups stay aligned
-        # with the source's). The newest group is the one being filled: it stays too.
-        waiting = [g for g in self._groups if not g.taken and g.key[1] != 0]
+        # (it must be finished) and frame 0 of the newest run (so that the encoder's groups
+        # stay aligned with the source's). The newest group is the one being filled: it stays
+        # too. Frame 0 of an older run goes only with the whole of that run (nothing of it has
+        # been handed out yet), so a flapping camera cannot grow the queue a group per reconnect.
+        newest_run = self._groups[-1].key[0]
+        waiting = [g for g in self._groups if not g.taken and g.key != (newest_run, 0)]
         excess = len(waiting) - self._max_groups
         for group in waiting[:-1]:
             if excess <= 0:
                 break
-            self._groups.remove(group)
-            self._stats.dropped_frames += len(group.frames)
-            self._stats.dropped_groups += 1
-            excess -= 1
+            if group.key[1] == 0:
+                doomed = [g for g in waiting[:-1] if g.key[0] == group.key[0]]
+            elif group in self._groups:
+                doomed = [group]
+            else:
+                continue  # gone with its run
+            for old in doomed:
+                self._groups.remove(old)
+                self._stats.dropped_frames += len(old.frames)
+                self._stats.dropped_groups += 1
+                excess -= 1
 
     def take(self) -> SourceFrame | None:
         """The next frame, or ``None`` if none is ready yet. Raises :class:`_Ended` at the end."""
@@ -628,6 +638,14 @@ class FrameSource:
                     break
                 self.stats.disconnects += 1
                 self.stats.last_error = f"{_shown(self.uri)} stopped after {number} frames"
+                if not number:  # opened, then nothing: as much a failed attempt as no open
+                    failures += 1
+                    if self._max_reconnects is not None and failures > self._max_reconnects:
+                        error = SourceError(
+                            f"{_shown(self.uri)} opened but gave no frame {failures} times in a "
+                            f"row (max_reconnects={self._max_reconnects})"
+                        )
+                        break
                 delay = self._backoff.next_delay()
                 log.info("%s; reopening in %.1f s", self.stats.last_error, delay)
                 self._stop.wait(delay)
@@ -713,7 +731,8 @@ def open_source(
     - ``live``: drop whole groups when the consumer falls behind (default for webcams, network
       streams and a synthetic source with ``fps``) rather than wait (files).
     - ``reconnect``: reopen after a failure with ``backoff`` (default: live sources do;
-      ``max_reconnects`` failed attempts in a row end the source, ``None`` never gives up).
+      ``max_reconnects`` failed attempts in a row end the source with :class:`SourceError`, an
+      open that gives no frame counting as a failed attempt; ``None`` never gives up).
     - ``max_queued_groups``: how many groups wait between the reader and the consumer.
     - ``open_timeout`` / ``read_timeout``: seconds before OpenCV gives up opening or reading a
       network stream (which then counts as a failure).
