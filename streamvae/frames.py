@@ -14,7 +14,8 @@ scaled there (``x / 127.5 - 1``), so a 480x832 frame uploads 1.2 MB, not 4.8 MB.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,11 +39,22 @@ class Frame:
     ``timestamp`` is the capture time (seconds since the epoch) when the source knows it.
     ``gap`` marks the first frame after a discontinuity (a source that reconnected): the
     stream ends its current run before this frame and starts afresh from it.
+
+    Keyword-only, both optional:
+
+    - ``number``: the frame's number in its source's run, dropped frames included (as
+      :class:`streamvae.io.SourceFrame` counts them). The stream carries the numbers into
+      :attr:`streamvae.Latent.source_frames` and counts the missing ones in
+      :attr:`streamvae.Latent.dropped_before`.
+    - ``captured``: the capture time on this process's ``time.monotonic()`` clock, which
+      latencies are measured on (a wall-clock step cannot corrupt them).
     """
 
     image: Any
     timestamp: float | None = None
     gap: bool = False
+    number: int | None = field(default=None, kw_only=True)
+    captured: float | None = field(default=None, kw_only=True)
 
 
 FrameLike = np.ndarray | torch.Tensor | Frame
@@ -57,6 +69,8 @@ class CheckedFrame:
     width: int
     timestamp: float | None
     gap: bool
+    number: int | None = None
+    captured: float | None = None
 
     @property
     def is_uint8(self) -> bool:
@@ -78,15 +92,18 @@ _EXPECTED = (
 
 def check_frame(frame: Any, device: torch.device, timestamp: float | None = None) -> CheckedFrame:
     """Check one frame without touching any stream state; raise :class:`FrameError` if refused."""
-    gap = False
+    gap, number, captured = False, None, None
     if isinstance(frame, Frame):
         timestamp = frame.timestamp if timestamp is None else timestamp
-        gap = frame.gap
+        gap, number, captured = frame.gap, frame.number, frame.captured
         frame = frame.image
-    if timestamp is not None and not (
-        isinstance(timestamp, (int, float)) and math.isfinite(timestamp)
+    timestamp = _seconds(timestamp, "timestamp")
+    captured = _seconds(captured, "captured")
+    if number is not None and (
+        isinstance(number, bool) or not isinstance(number, numbers.Integral) or number < 0
     ):
-        raise FrameError(f"timestamp must be a finite number of seconds, got {timestamp!r}")
+        raise FrameError(f"number must be a non-negative integer (or None), got {number!r}")
+    number = None if number is None else int(number)
     if isinstance(frame, np.ndarray):
         if frame.ndim != 3 or frame.shape[2] != 3:
             raise FrameError(f"got a {_describe(frame)}; {_EXPECTED}")
@@ -112,7 +129,19 @@ def check_frame(frame: Any, device: torch.device, timestamp: float | None = None
         )
     if tensor.is_floating_point():
         _check_float_values(tensor, frame)
-    return CheckedFrame(tensor, height, width, timestamp, gap)
+    return CheckedFrame(tensor, height, width, timestamp, gap, number, captured)
+
+
+def _seconds(value: Any, name: str) -> float | None:
+    """A time in seconds as a float: any real number type (numpy's too), never a bool."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise FrameError(f"{name} must be a finite number of seconds, got {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise FrameError(f"{name} must be a finite number of seconds, got {value!r}")
+    return seconds
 
 
 def _numpy_to_tensor(array: np.ndarray) -> torch.Tensor:

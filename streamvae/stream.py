@@ -53,6 +53,18 @@ class Latent:
     ready on its device. ``padded`` counts repeated copies of the last frame that completed
     the group (``flush(pad=True)``); ``gap`` is true for the first latent after a restart of
     the source (see :class:`streamvae.frames.Frame`).
+
+    Where the frames carry their source's numbers (:class:`streamvae.io.SourceFrame` does):
+    ``source_frames`` are those numbers (``None`` entries where not known), and
+    ``dropped_before`` counts the source frames missing since the previous latent of the run
+    (a live source that fell behind drops whole groups). A latent with ``dropped_before > 0``
+    is encoded exactly, but the encoder's causal memory spans the hole: it differs from what
+    encoding the source's true consecutive frames would give, and a consumer that needs
+    temporal continuity should treat it as a cut (as after ``gap``).
+
+    ``captured`` is the ``time.monotonic()`` capture time of the last frame and
+    ``ready_monotonic`` the ``time.monotonic()`` time the latent was ready: latencies within
+    this process are ``ready_monotonic - captured`` (neither is sent over the wire).
     """
 
     data: torch.Tensor
@@ -63,6 +75,10 @@ class Latent:
     padded: int = 0
     gap: bool = False
     meta: dict[str, str] = field(default_factory=dict)
+    source_frames: tuple[int | None, ...] = ()
+    dropped_before: int = 0
+    captured: float | None = None
+    ready_monotonic: float | None = None
 
 
 class StreamBroken(RuntimeError):
@@ -160,6 +176,9 @@ class StreamEncoder:
         self._latents = 0
         # Capture times of the frames not yet covered by an emitted latent (at most a group).
         self._timestamps: deque[float | None] = deque()
+        self._numbers: deque[int | None] = deque()  # their source numbers (Frame.number)
+        self._captured: deque[float | None] = deque()  # their monotonic capture times
+        self._last_number: int | None = None  # the source number of the last frame emitted
         self._size: tuple[int, int] | None = None
         self._gap_pending = False
 
@@ -341,6 +360,8 @@ class StreamEncoder:
             self._frames += 1
             self._last = self._group[:, :, slot : slot + 1]
             self._timestamps.append(item.timestamp)
+            self._numbers.append(item.number)
+            self._captured.append(item.captured)
             return [] if out is None else self._emit(out)
         except BaseException:
             # The state may have advanced part of the way: only a reset makes it defined again.
@@ -380,7 +401,7 @@ class StreamEncoder:
                 # Left on the GPU for the caller: its later reads are on its own stream, so the
                 # lane's allocator must not hand this memory out again before they are done.
                 data.record_stream(torch.cuda.current_stream(data.device))
-        ready = time.time()
+        ready, ready_monotonic = time.time(), time.monotonic()
         for i in range(data.shape[2]):
             index = self._latents
             frames = (
@@ -391,6 +412,9 @@ class StreamEncoder:
                 )
             )
             stamps = tuple(self._timestamps.popleft() for _ in frames)
+            numbers = tuple(self._numbers.popleft() for _ in frames)
+            captures = [self._captured.popleft() for _ in frames]
+            captured = next((c for c in reversed(captures) if c is not None), None)
             latents.append(
                 Latent(
                     data=data[0, :, i],
@@ -399,11 +423,26 @@ class StreamEncoder:
                     timestamps=stamps,
                     ready_time=ready,
                     gap=self._gap_pending,
+                    source_frames=numbers if any(n is not None for n in numbers) else (),
+                    dropped_before=self._count_dropped(numbers),
+                    captured=captured,
+                    ready_monotonic=ready_monotonic,
                 )
             )
             self._gap_pending = False
             self._latents += 1
         return latents
+
+    def _count_dropped(self, numbers: tuple[int | None, ...]) -> int:
+        """Source numbers missing before and among ``numbers`` since the last latent's frames."""
+        dropped, last = 0, self._last_number
+        for number in numbers:
+            if number is not None:
+                if last is not None and number > last + 1:
+                    dropped += number - last - 1
+                last = number
+        self._last_number = last
+        return dropped
 
     def _to_output(self, data: torch.Tensor) -> torch.Tensor:
         if (
@@ -428,7 +467,11 @@ class StreamEncoder:
 def _with_padding(latent: Latent, padded: int, real_frames: int) -> Latent:
     frames = range(latent.frames.start, min(latent.frames.stop, real_frames))
     return replace(
-        latent, frames=frames, timestamps=latent.timestamps[: len(frames)], padded=padded
+        latent,
+        frames=frames,
+        timestamps=latent.timestamps[: len(frames)],
+        source_frames=latent.source_frames[: len(frames)],
+        padded=padded,
     )
 
 

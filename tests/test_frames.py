@@ -90,10 +90,22 @@ def test_a_bad_frame_in_a_burst_refuses_the_whole_burst(narrow_encoder):
 
 def test_bad_timestamps_are_refused(narrow_encoder):
     stream = StreamEncoder(narrow_encoder)
-    for stamp in (float("nan"), float("inf"), "now"):
+    for stamp in (float("nan"), float("inf"), "now", True, np.float32("nan"), 1j):
         with pytest.raises(FrameError, match="timestamp"):
             stream.push(GOOD, timestamp=stamp)
+    with pytest.raises(FrameError, match="captured"):
+        stream.push(Frame(GOOD, captured=False))
     assert stream.frames_pushed == 0
+
+
+def test_numpy_timestamps_are_accepted_as_floats(narrow_encoder):
+    """Issue 17 (lesser): ``True`` was taken for a timestamp and ``np.float32`` refused."""
+    stream = StreamEncoder(narrow_encoder)
+    (latent,) = stream.push(GOOD, timestamp=np.float32(1.5))
+    assert latent.timestamps == (1.5,) and type(latent.timestamps[0]) is float
+    stream.reset()
+    (latent,) = stream.push(Frame(GOOD, timestamp=np.int64(7)))
+    assert latent.timestamps == (7.0,) and type(latent.timestamps[0]) is float
 
 
 def test_float64_and_float_frames_are_accepted(narrow_encoder):

@@ -308,9 +308,11 @@ async def test_an_encoder_slower_than_a_live_source_stays_current(narrow_encoder
     class LatencySink:
         def __init__(self) -> None:
             self.lags: list[float] = []
+            self.latents: list = []
 
         async def send(self, latent) -> None:
             self.lags.append(time.time() - latent.timestamps[-1])
+            self.latents.append(latent)
 
     sink = LatencySink()
     async with open_source("synthetic://moving?fps=1000&frames=1000", size="64x64") as source:
@@ -329,6 +331,16 @@ async def test_an_encoder_slower_than_a_live_source_stays_current(narrow_encoder
         f"max {max(late) * 1000:.0f} ms; {per_frame * 1000:.1f} ms a frame"
     )
     assert max(late) < 16 * per_frame + 0.5
+    # Issue 17 item 6: each latent names its source frames and counts the drops before it.
+    latents = sink.latents
+    assert latents[0].source_frames == (0,) and latents[0].dropped_before == 0
+    for before, latent in zip(latents, latents[1:]):
+        first, last = latent.source_frames[0], latent.source_frames[-1]
+        assert latent.source_frames == tuple(range(first, last + 1)) and last - first == 3
+        assert latent.dropped_before == first - before.source_frames[-1] - 1
+        assert latent.dropped_before % 4 == 0
+    counted = sum(x.dropped_before for x in latents)
+    assert 0 < counted <= dropped and dropped - counted < 4 * 4  # the rest: after the last one
 
 
 def _open_fds() -> int:

@@ -230,3 +230,40 @@ def test_any_metadata_value_is_accepted_or_a_wire_error(key: str, value: object)
     except WireError:
         return
     assert latent.data.shape == (16, 4, 6)
+
+
+def test_source_numbers_and_drops_travel_and_old_payloads_still_decode():
+    """Issue 17 item 6: the source's frame numbers and the drop count are in the metadata."""
+    latent = Latent(
+        torch.zeros(16, 2, 2), 2, range(5, 9), source_frames=(9, 10, None, 12), dropped_before=4
+    )
+    decoded = decode_latent(encode_latent(latent))
+    assert (decoded.source_frames, decoded.dropped_before) == ((9, 10, None, 12), 4)
+    header, data = _valid_parts()
+    for key in ("source_frames", "dropped_before"):
+        del header["__metadata__"][key]  # a payload from before these keys existed
+    old = decode_latent(_payload_with_header(header, data))
+    assert (old.source_frames, old.dropped_before) == ((), 0)
+    with pytest.raises(ValueError, match="labels may not use"):
+        encode_latent(latent, {"dropped_before": "0"})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_non_finite_latents_are_never_sent_nor_accepted(dtype: str):
+    """Issue 17 (lesser): latents were never checked for NaN/inf (a float16 overflow)."""
+    big = Latent(torch.full((16, 2, 2), 70_000.0), 1, range(1, 5))
+    if dtype == "float16":
+        with pytest.raises(ValueError, match=r"latent 1 has 64 NaN or infinite.*float16 overflows"):
+            encode_latent(big, dtype=dtype)
+    else:
+        assert decode_latent(encode_latent(big, dtype=dtype)).data.max() >= 69_000
+    nan = Latent(
+        torch.zeros(16, 2, 2).index_fill_(1, torch.tensor([0]), float("nan")), 1, range(1, 5)
+    )
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        encode_latent(nan, dtype=dtype)
+    header, _ = _valid_parts()
+    raw = torch.zeros(16, 4, 6)
+    raw[3, 2, 1] = float("inf")
+    with pytest.raises(WireError, match="NaN or infinite"):
+        decode_latent(_payload_with_header(header, raw.numpy().tobytes()))

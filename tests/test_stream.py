@@ -323,3 +323,32 @@ def test_frames_that_require_grad_are_not_kept(narrow_encoder, mode):
     assert [ref() is None for ref in refs] == [True] * len(refs)
     assert not any(latent.data.requires_grad for latent in latents)
     assert torch.equal(stacked(latents), stacked(plain))
+
+
+def test_source_numbers_reach_the_latents_and_drops_are_counted(narrow_encoder):
+    """Issue 17 item 6: a live source drops whole groups, but the latents did not say so, and
+    the source's frame numbers were discarded."""
+    video = random_video(17, 8, 8, seed=12)[0]
+    numbers = [0, 1, 2, 3, 4, 9, 10, 11, 12, 13, 14, 15, 16]  # group 5-8 dropped by the source
+    stream = StreamEncoder(narrow_encoder)
+    latents = []
+    for number in numbers:
+        latents += stream.push(Frame(video[number].numpy(), number=number, captured=5.0 + number))
+    assert [x.source_frames for x in latents] == [
+        (0,),
+        (1, 2, 3, 4),
+        (9, 10, 11, 12),
+        (13, 14, 15, 16),
+    ]
+    assert [x.dropped_before for x in latents] == [0, 0, 4, 0]
+    assert [x.frames for x in latents] == [range(0, 1), range(1, 5), range(5, 9), range(9, 13)]
+    assert [x.captured for x in latents] == [5.0, 9.0, 17.0, 21.0]
+    assert all(x.ready_monotonic is not None for x in latents)
+    # A gap starts a new run: its numbers start again and nothing counts as dropped.
+    more = stream.push(Frame(video[0].numpy(), gap=True, number=0))
+    assert more == [] or [(x.gap, x.dropped_before) for x in more] == [(True, 0)]
+    # Frames without numbers give latents without them.
+    plain = StreamEncoder(narrow_encoder).push(video[0].numpy())
+    assert (plain[0].source_frames, plain[0].dropped_before, plain[0].captured) == ((), 0, None)
+    with pytest.raises(FrameError, match="number must be"):
+        stream.push(Frame(video[1].numpy(), number=-1))

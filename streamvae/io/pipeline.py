@@ -43,7 +43,11 @@ class LatentSink(Protocol):
 
 
 def latent_latency(latent: Latent, now: float | None = None) -> float | None:
-    """Seconds from the capture of a latent's last frame to ``now`` (default: its ready time)."""
+    """Seconds from the capture of a latent's last frame to its ready time, on the monotonic
+    clock where the frames carry ``captured`` (a wall-clock step cannot corrupt it); else, or
+    with ``now`` (wall-clock seconds), from its capture ``timestamps``."""
+    if now is None and latent.captured is not None and latent.ready_monotonic is not None:
+        return latent.ready_monotonic - latent.captured
     stamps = [s for s in latent.timestamps if s is not None]
     if not stamps:
         return None

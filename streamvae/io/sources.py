@@ -17,8 +17,9 @@ What a URI opens (``kind="auto"``):
 - anything else: a video file (``file://`` prefix optional).
 
 Frames are decoded, converted to RGB and resized in a reader thread, never on the event loop,
-and handed over through a bounded queue. Each frame carries its capture time (``time.time()``
-when it was grabbed).
+and handed over through a bounded queue. Each frame carries its capture time twice: as a label
+(``timestamp``, ``time.time()`` when it was grabbed) and for measuring latency (``captured``,
+``time.monotonic()`` at the same moment, which a wall-clock step cannot disturb).
 
 **When the consumer falls behind.** Files (and the synthetic source without ``fps``) never drop:
 the reader waits (backpressure). Live sources (webcams, network streams, paced synthetic) keep
@@ -224,8 +225,9 @@ class _Capture(Protocol):
     total_frames: int | None
     fps: float | None
 
-    def read(self) -> tuple[np.ndarray, float] | None:
-        """The next RGB frame and its capture time, or ``None`` at the end or on failure."""
+    def read(self) -> tuple[np.ndarray, float, float] | None:
+        """The next RGB frame and its capture time (wall clock, monotonic), or ``None`` at the
+        end or on failure."""
 
     def release(self) -> None: ...
 
@@ -261,18 +263,18 @@ class _OpenCvCapture:
         self.total_frames = int(count) if count and count > 0 else None
         self.fps = float(fps) if fps and 0 < fps < 1000 else None
 
-    def read(self) -> tuple[np.ndarray, float] | None:
+    def read(self) -> tuple[np.ndarray, float, float] | None:
         if not self._cap.grab():
             return None
-        timestamp = time.time()
+        timestamp, captured = time.time(), time.monotonic()
         ok, image = self._cap.retrieve()
         if not ok or image is None:
             return None
         if image.ndim == 2:
-            return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB), timestamp
+            return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB), timestamp, captured
         if image.shape[2] == 4:
-            return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB), timestamp
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), timestamp
+            return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB), timestamp, captured
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), timestamp, captured
 
     def release(self) -> None:
         self._cap.release()
@@ -289,7 +291,7 @@ class _SyntheticCapture:
         self._number = 0
         self._start = time.monotonic()
 
-    def read(self) -> tuple[np.ndarray, float] | None:
+    def read(self) -> tuple[np.ndarray, float, float] | None:
         if self.total_frames is not None and self._number >= self.total_frames:
             return None
         if self.fps is not None:
@@ -299,7 +301,7 @@ class _SyntheticCapture:
                 return None
         image = synthetic_frame(self._number, *self._size)
         self._number += 1
-        return image, time.time()
+        return image, time.time(), time.monotonic()
 
     def release(self) -> None:
         pass
@@ -663,10 +665,15 @@ class FrameSource:
                 item = capture.read()
                 if item is None:
                     break
-                image, timestamp = item
+                image, timestamp, captured = item
                 image = fit_frame(image, self.size, self.resize)
                 frame = SourceFrame(
-                    image, timestamp, gap=run > 0 and number == 0, number=number, run=run
+                    image,
+                    timestamp,
+                    gap=run > 0 and number == 0,
+                    number=number,
+                    run=run,
+                    captured=captured,
                 )
                 self.stats.frames_read += 1
                 number += 1

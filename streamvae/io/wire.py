@@ -10,6 +10,9 @@ string metadata:
 ``timestamps``            their capture times, a JSON list (``null`` where unknown)
 ``ready_time``            when the latent was ready (seconds since the epoch)
 ``padded`` / ``gap``      as in :class:`streamvae.Latent` (``"0"``, ``"true"``/``"false"``)
+``source_frames``         the source's numbers of those frames, a JSON list (``null`` where
+                          unknown; ``[]`` when the frames carried none)
+``dropped_before``        source frames missing since the previous latent of the run (``"0"``)
 ``dtype``                 the storage dtype (``float32``, ``float16``, ``bfloat16``)
 labels                    added by the sinks: ``stream``, ``run``, ``model``, ``config``,
                           ``normalization`` (``wan2.1`` or ``none``), ``meaningless``
@@ -25,7 +28,10 @@ labels                    added by the sinks: ``stream``, ``run``, ``model``, ``
 
 :func:`decode_latent` checks the header itself before handing anything to safetensors: size
 limits, exactly the expected tensor, dtype, shape and offsets, and string-only metadata, so a
-truncated, oversized or hostile payload is refused with :class:`WireError`.
+truncated, oversized or hostile payload is refused with :class:`WireError`. ``source_frames``
+and ``dropped_before`` are optional when decoding (payloads from before they existed decode with
+``()`` and ``0``). A latent with NaN or infinite values (e.g. a float16 overflow) is refused at
+both ends: :func:`encode_latent` raises ``ValueError`` and :func:`decode_latent` ``WireError``.
 """
 
 from __future__ import annotations
@@ -63,9 +69,11 @@ STORAGE_DTYPES: dict[str, tuple[torch.dtype, str, int]] = {
     "bfloat16": (torch.bfloat16, "BF16", 2),
 }
 _BY_CODE = {code: (name, size) for name, (_, code, size) in STORAGE_DTYPES.items()}
-_RESERVED = frozenset(
+_REQUIRED = frozenset(
     {"format", "index", "frames", "timestamps", "ready_time", "padded", "gap", "dtype"}
 )
+_OPTIONAL = frozenset({"source_frames", "dropped_before"})
+_RESERVED = _REQUIRED | _OPTIONAL
 _MAX_CHANNELS = 1024
 _MAX_TIMESTAMPS = 64
 _MAX_COUNT = 2**63 - 1  # indices and frame numbers are int64 everywhere downstream
@@ -101,10 +109,23 @@ def encode_latent(
         "ready_time": repr(float(latent.ready_time)),
         "padded": str(latent.padded),
         "gap": "true" if latent.gap else "false",
+        "source_frames": json.dumps(list(latent.source_frames)),
+        "dropped_before": str(latent.dropped_before),
         "dtype": dtype,
         **extra,
     }
     data = latent.data.detach().to("cpu", STORAGE_DTYPES[dtype][0]).contiguous()
+    bad = int((~torch.isfinite(data)).sum())
+    if bad:
+        raise ValueError(
+            f"latent {latent.index} has {bad} NaN or infinite value(s) in {dtype} (of "
+            f"{data.numel()}); refusing to send it"
+            + (
+                " (float16 overflows beyond 65504: store float32 or bfloat16)"
+                if dtype == "float16"
+                else ""
+            )
+        )
     return safetensors.torch.save({"latent": data}, metadata=metadata)
 
 
@@ -148,6 +169,8 @@ def _decode(payload: bytes, max_bytes: int) -> Latent:
         raise WireError(f"safetensors refused the payload: {exc}") from None
     if tuple(data.shape) != shape:
         raise WireError(f"tensor shape {tuple(data.shape)} differs from its header {shape}")
+    if not bool(torch.isfinite(data).all()):
+        raise WireError("the latent holds NaN or infinite values")
     return _latent_from(data.float(), metadata)
 
 
@@ -172,7 +195,7 @@ def _check_metadata(metadata: Any) -> dict[str, str]:
             raise WireError(f"metadata values must be strings, {key!r} is {type(value).__name__}")
     if metadata.get("format") != WIRE_FORMAT:
         raise WireError(f"metadata format is {metadata.get('format')!r}, expected {WIRE_FORMAT!r}")
-    missing = _RESERVED - set(metadata)
+    missing = _REQUIRED - set(metadata)
     if missing:
         raise WireError(f"metadata lacks {sorted(missing)}")
     return metadata
@@ -220,6 +243,8 @@ def _latent_from(data: torch.Tensor, metadata: dict[str, str]) -> Latent:
         stamps = json.loads(metadata["timestamps"])
         ready_time = float(metadata["ready_time"])
         padded = int(metadata["padded"])
+        numbers = json.loads(metadata.get("source_frames", "[]"))
+        dropped = int(metadata.get("dropped_before", "0"))
     except (ValueError, RecursionError, OverflowError) as exc:
         raise WireError(f"malformed metadata: {exc}") from None
     if (
@@ -237,6 +262,16 @@ def _latent_from(data: torch.Tensor, metadata: dict[str, str]) -> Latent:
         or not all(s is None or _finite_number(s) for s in stamps)
     ):
         raise WireError("timestamps must be a JSON list of finite numbers or nulls")
+    if (
+        not isinstance(numbers, list)
+        or len(numbers) > _MAX_TIMESTAMPS
+        or not all(n is None or (type(n) is int and 0 <= n <= _MAX_COUNT) for n in numbers)
+        or not 0 <= dropped <= _MAX_COUNT
+    ):
+        raise WireError(
+            "source_frames must be a JSON list of frame numbers or nulls, and dropped_before "
+            "a count"
+        )
     if metadata["gap"] not in ("true", "false"):
         raise WireError(f"gap must be 'true' or 'false', got {metadata['gap']!r}")
     labels = {key: value for key, value in metadata.items() if key not in _RESERVED}
@@ -249,4 +284,6 @@ def _latent_from(data: torch.Tensor, metadata: dict[str, str]) -> Latent:
         padded=padded,
         gap=metadata["gap"] == "true",
         meta=labels,
+        source_frames=tuple(numbers),
+        dropped_before=dropped,
     )
