@@ -213,7 +213,7 @@ async def test_live_file_to_mqtt_equals_the_batch_encode(
 
 
 @pytest.mark.network
-async def test_live_stops_cleanly_on_sigint(broker: Broker):
+async def test_live_stops_cleanly_on_sigint(broker: Broker, cli_encoder):
     settings = MqttSettings.from_url(broker.url)
     task, received = await start_subscriber(settings, latent_topic("test", "syn"))
     process = await asyncio.create_subprocess_exec(
@@ -243,9 +243,22 @@ async def test_live_stops_cleanly_on_sigint(broker: Broker):
     assert mqtt["published"] == mqtt["sent"] == summary["latents"] == len(received)
     assert mqtt["unsent"] == mqtt["discarded"] == 0
     assert [latent.index for latent, _ in received] == list(range(len(received)))
-    for latent, _ in received[:3]:
-        frames = [synthetic_frame(n, 32, 32) for n in latent.frames]
-        assert latent.data.shape == (16, 4, 4) and len(frames) in (1, 4)
+    # Issue 17: the frames to compare against were built and never compared. Up to the first
+    # latent after a drop (dropped_before > 0), the latents equal the batch encode of the
+    # pattern's frames 0..4k, which the source numbers name.
+    intact = []
+    for latent, _ in received:
+        if latent.dropped_before:
+            break
+        intact.append(latent)
+    assert intact and intact[0].source_frames == (0,)
+    assert [x.source_frames for x in intact] == [tuple(x.frames) for x in intact]
+    pattern = [synthetic_frame(n, 32, 32) for n in range(intact[-1].frames.stop)]
+    expected = direct_latents(cli_encoder, pattern)
+    for latent in intact:
+        assert latent.data.shape == (16, 4, 4)
+        assert rel_err(latent.data, expected[:, latent.index]) <= 1e-5
+    print(f"{len(intact)} of {len(received)} latents before any drop, equal to the batch encode")
     status = await retained_status(settings, "syn")
     assert status == {
         "status": "offline",
