@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 from pathlib import Path
+from types import ModuleType
 
+import pytest
 import torch
 
 from streamvae import WanConfig, WanEncoder
@@ -13,6 +17,27 @@ from streamvae.weights import diffusers_config
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MEGAMIND = SHARED / "data" / "Megamind.avi"
+
+
+def in_ci() -> bool:
+    """Whether the tests run in CI (``.ci/run`` and CI services set ``CI=true``)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require(name: str) -> ModuleType:
+    """Import a test dependency: where it is missing, skip, except in CI, where that is a
+    failure (a broken install must not turn whole files of tests into skips). Use it for test
+    dependencies only: a missing GPU stays a skip (the ``cuda`` marker)."""
+    if not in_ci():
+        return pytest.importorskip(name)
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        pytest.fail(
+            f"CI: the test dependency {name!r} does not import ({exc}); scripts/install.sh "
+            "installs it",
+            pytrace=False,
+        )
 
 
 def wan21_keys() -> list[tuple[str, tuple[int, ...]]]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import rel_err
+from helpers import rel_err, require
 from streamvae import StreamEncoder, narrow
 from streamvae.bench import (
     Clock,
@@ -27,8 +27,8 @@ from streamvae.bench import (
 )
 from streamvae.cli import main
 
-pytest.importorskip("diffusers")
-pytest.importorskip("matplotlib")
+require("diffusers")
+require("matplotlib")
 
 
 def test_bench_tiny_run_writes_its_json_and_plot(tmp_path, capsys):

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import require
+
 ROOT = Path(__file__).resolve().parents[1]
 
-pytest.importorskip("diffusers")
-pytest.importorskip("matplotlib")
+require("diffusers")
+require("matplotlib")
 
 BENCH_STEPS = (
     "bench_16x16_bf16",

@@ -60,7 +60,9 @@ def test_each_stream_has_its_own_cuda_stream():
     gpu = on_gpu(random_encoder(narrow(8), seed=5))
     a, b = StreamEncoder(gpu), StreamEncoder(gpu)
     assert a._cuda is not None and b._cuda is not None
-    assert a._cuda.stream != b._cuda.stream != torch.cuda.current_stream()
+    # Issue 17: the chained ``a != b != c`` never compared a with c.
+    streams = [a._cuda.stream, b._cuda.stream, torch.cuda.current_stream()]
+    assert len({stream.cuda_stream for stream in streams}) == 3
 
 
 def test_two_streams_in_threads_equal_separate_runs(exact_fp32):

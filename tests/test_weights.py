@@ -17,6 +17,7 @@ from helpers import (
     random_video,
     random_wan_state_dict,
     rel_err,
+    require,
     to_model_video,
     wan21_keys,
 )
@@ -268,7 +269,7 @@ def build_hub_cache(cache, repo_id: str, files: dict[str, object]) -> None:
 
 @pytest.fixture
 def offline_hub(monkeypatch):
-    huggingface_hub = pytest.importorskip("huggingface_hub")
+    huggingface_hub = require("huggingface_hub")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
