@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import diffusers_reference, random_video, rel_err, to_model_video
+from helpers import channel_rel_err, diffusers_reference, random_video, rel_err, to_model_video
 from streamvae import WAN21, WanEncoder, narrow, state_nbytes
 from streamvae.weights import diffusers_to_streamvae_name
 
@@ -84,8 +84,12 @@ def test_frames_past_the_last_group_are_ignored(narrow_encoder):
     assert torch.equal(narrow_encoder.encode(video), narrow_encoder.encode(changed))
 
 
-@pytest.mark.parametrize("dtype, bound", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
-def test_half_precision_error_is_bounded(narrow_encoder, dtype, bound, record_property):
+@pytest.mark.parametrize(
+    "dtype, bound, channel_bound", [(torch.bfloat16, 3e-2, 5e-2), (torch.float16, 5e-3, 1e-2)]
+)
+def test_half_precision_error_is_bounded(
+    narrow_encoder, dtype, bound, channel_bound, record_property
+):
     video = to_model_video(random_video(9, 16, 24, seed=7))
     expected = narrow_encoder.encode(video)
     low = WanEncoder(narrow_encoder.config)
@@ -95,8 +99,12 @@ def test_half_precision_error_is_bounded(narrow_encoder, dtype, bound, record_pr
     assert got.dtype == torch.float32
     error = rel_err(got, expected)
     record_property(f"rel_err_{dtype}", error)
-    print(f"{dtype}: relative error against float32 = {error:.2e}")
+    worst = channel_rel_err(got, expected)
+    print(f"{dtype}: relative error against float32 = {error:.2e}, worst channel {worst:.2e}")
     assert error <= bound
+    # Issue 17: the global measure divides by the largest channel's range; each channel is held
+    # to its own (measured here: bf16 3.4e-2, fp16 4.9e-3 in the worst of the 16 channels).
+    assert worst <= channel_bound
 
 
 def test_bad_video_is_refused_clearly(narrow_encoder):

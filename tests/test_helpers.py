@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from helpers import in_ci, require
+from helpers import assert_bf16_close, channel_rel_err, in_ci, rel_err, require
 
 
 def test_a_missing_test_dependency_skips_locally_and_fails_in_ci(monkeypatch):
@@ -21,3 +22,16 @@ def test_a_missing_test_dependency_skips_locally_and_fails_in_ci(monkeypatch):
     assert require("json").dumps([2]) == "[2]"
     monkeypatch.setenv("CI", "false")
     assert not in_ci()
+
+
+def test_the_channel_check_sees_what_the_global_measure_hides():
+    """Issue 17: errors divided by the global maximum hid large errors in small channels."""
+    expected = torch.ones(1, 16, 3, 2, 2) * 0.01
+    expected[:, 0] = 100.0  # one channel of large values sets the global scale
+    got = expected.clone()
+    got[:, 5] += 0.005  # half of channel 5's own range
+    assert rel_err(got, expected) == pytest.approx(5e-5)  # passes any bf16 bound
+    assert channel_rel_err(got, expected) == pytest.approx(0.5)
+    with pytest.raises(AssertionError):
+        assert_bf16_close(got, expected)
+    assert_bf16_close(expected * (1 + 1e-3), expected)

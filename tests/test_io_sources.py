@@ -73,8 +73,12 @@ async def test_file_source_gives_every_frame_in_rgb(test_video: Path):
     assert [f.number for f in frames] == list(range(21))
     assert all(a.timestamp <= b.timestamp for a, b in zip(frames, frames[1:]))
     assert source.stats.dropped_frames == 0 and source.total_frames == 21
-    # testsrc draws a colour bar chart: red on the left of the top half, in RGB order.
     assert source.fps == 25.0
+    # Issue 17: this promised an RGB check and asserted only fps. In frame 0 of testsrc at
+    # 64x64 the pixel at (y 5, x 10) is red and (y 40, x 30) blue: a BGR frame swaps them.
+    red, blue = frames[0].image[5, 10], frames[0].image[40, 30]
+    assert red[0] > 220 and red[1] < 35 and red[2] < 35, red
+    assert blue[0] < 35 and blue[1] < 35 and blue[2] > 220, blue
 
 
 async def test_a_slow_reader_of_a_file_loses_nothing(test_video: Path):
