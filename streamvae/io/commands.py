@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -43,7 +44,14 @@ from streamvae.io.pipeline import (
     encode_to_sinks,
     percentiles,
 )
-from streamvae.io.sources import FrameSource, SourceError, open_source, source_kind
+from streamvae.io.redact import redact_url
+from streamvae.io.sources import (
+    SOURCE_PASSWORD_ENV,
+    FrameSource,
+    SourceError,
+    open_source,
+    source_kind,
+)
 from streamvae.io.topics import PASSWORD_ENV, validate_stream_id
 from streamvae.io.wire import STORAGE_DTYPES
 from streamvae.stream import StreamEncoder
@@ -169,6 +177,11 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="FFmpeg option for stream URLs, e.g. rtsp_transport=tcp or rtsp_flags=listen",
     )
+    group.add_argument(
+        "--source-password-file",
+        help="file whose first line is the stream's password, put into rtsp://USER@host/... "
+        f"(else ${SOURCE_PASSWORD_ENV}; keeps it out of the command line)",
+    )
 
 
 def _add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
@@ -230,16 +243,34 @@ def _ffmpeg_options(pairs: list[str]) -> dict[str, str]:
     return options
 
 
+def source_password(args: argparse.Namespace) -> str | None:
+    """The source's password: ``--source-password-file`` (first line), else the environment."""
+    path = getattr(args, "source_password_file", None)
+    if path:
+        lines = Path(path).read_text().splitlines()
+        return lines[0] if lines else ""
+    return os.environ.get(SOURCE_PASSWORD_ENV) or None
+
+
 def _open_source_from_args(uri: str, args: argparse.Namespace) -> FrameSource:
+    if isinstance(uri, str) and redact_url(uri) != uri:
+        print(
+            "streamvae: warning: the source URL holds a secret, visible in the process list "
+            f"and shell history; put the password in ${SOURCE_PASSWORD_ENV} or "
+            "--source-password-file instead",
+            file=sys.stderr,
+        )
     try:
+        password = source_password(args)
         return open_source(
             uri,
             size=args.size,
             resize=args.resize,
             max_queued_groups=args.max_queued_groups,
             ffmpeg_options=_ffmpeg_options(args.ffmpeg_option),
+            password=password if source_kind(uri) == "network" else None,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         raise SystemExit(f"streamvae: {exc}") from None
 
 

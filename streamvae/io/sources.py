@@ -51,7 +51,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import cv2
 import numpy as np
@@ -62,6 +62,7 @@ from streamvae.io.redact import redact_url
 
 __all__ = [
     "GROUP_FRAMES",
+    "SOURCE_PASSWORD_ENV",
     "FrameSource",
     "ResizeMode",
     "SourceError",
@@ -79,6 +80,10 @@ log = logging.getLogger("streamvae.io.sources")
 
 GROUP_FRAMES = 4
 """Frames per latent after the first (Wan 2.1's temporal stride): the unit live sources drop."""
+
+SOURCE_PASSWORD_ENV = "STREAMVAE_SOURCE_PASSWORD"
+"""The environment variable the CLI reads a network source's password from (or
+``--source-password-file``), so that it never needs to be in the URL on the command line."""
 
 SourceKind = Literal["file", "webcam", "network", "synthetic"]
 ResizeMode = Literal["resize", "crop"]
@@ -471,8 +476,10 @@ class FrameSource:
         read_timeout: float,
         ffmpeg_options: Mapping[str, str] | None,
         group_frames: int,
+        password: str | None = None,
     ) -> None:
         self.uri = uri
+        self._password = password
         self.kind: SourceKind = kind
         self.size = size
         self.resize: ResizeMode = resize
@@ -588,6 +595,8 @@ class FrameSource:
             target = int(target)
         if isinstance(target, str) and target.startswith("file://"):
             target = target[len("file://") :]
+        if isinstance(target, str) and self._password is not None:
+            target = with_password(target, self._password)
         backend = cv2.CAP_ANY if self.kind in ("webcam", "file") else cv2.CAP_FFMPEG
         params: list[int] = []
         if self.kind == "network":
@@ -712,6 +721,21 @@ def _synthetic_options(uri: str | int) -> tuple[int | None, float | None, tuple[
     return frames, fps, parse_size(query["size"]) if "size" in query else None
 
 
+def with_password(url: str, password: str) -> str:
+    """``scheme://user@host/...`` with ``password`` put in (percent-encoded); only ever passed to
+    OpenCV, never shown (messages use :func:`streamvae.io.redact.redact_url`)."""
+    parts = urlsplit(url)
+    if not parts.username:
+        raise ValueError(
+            f"a source password needs the user in the URL (scheme://USER@host/...), got "
+            f"{redact_url(url)!r}"
+        )
+    if parts.password is not None:
+        raise ValueError(f"the URL {redact_url(url)!r} already holds a password")
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{parts.username}:{quote(password, safe='')}@{host}").geturl()
+
+
 def open_source(
     uri: str | int | Path,
     *,
@@ -727,6 +751,7 @@ def open_source(
     read_timeout: float = 5.0,
     ffmpeg_options: Mapping[str, str] | None = None,
     group_frames: int = GROUP_FRAMES,
+    password: str | None = None,
 ) -> FrameSource:
     """Open a video source as an async iterator of :class:`SourceFrame` (see the module docstring).
 
@@ -745,6 +770,10 @@ def open_source(
       network stream (which then counts as a failure).
     - ``ffmpeg_options``: FFmpeg demuxer options for network streams, e.g.
       ``{"rtsp_transport": "tcp"}`` or ``{"rtsp_flags": "listen"}`` to receive an RTSP push.
+    - ``password``: a network stream's password, put into ``scheme://user@host/...`` only when
+      OpenCV opens it, so that it need not be in the URL (see :data:`SOURCE_PASSWORD_ENV`).
+      Messages and logs never show it, nor a password in the URL, nor the values of
+      secret-looking query parameters (``?pwd=...``, ``?token=...``).
     """
     if isinstance(uri, Path):
         uri = str(uri)
@@ -762,6 +791,10 @@ def open_source(
                 f"no video file at {str(path)!r} (a camera is 0 or /dev/video0; streams start "
                 "with rtsp://, http://, ...; synthetic://moving is a built-in test pattern)"
             )
+    if password is not None:
+        if chosen != "network" or not isinstance(uri, str):
+            raise ValueError(f"a password is for network streams, not a {chosen} source")
+        with_password(uri, password)  # checked now: a clear error before anything runs
     synthetic_paced = chosen == "synthetic" and _synthetic_options(uri)[1] is not None
     is_live = live if live is not None else chosen in ("webcam", "network") or synthetic_paced
     return FrameSource(
@@ -778,4 +811,5 @@ def open_source(
         read_timeout=read_timeout,
         ffmpeg_options=ffmpeg_options,
         group_frames=group_frames,
+        password=password,
     )
