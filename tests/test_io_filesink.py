@@ -183,3 +183,29 @@ def test_a_killed_writer_leaves_every_latent_it_wrote(tmp_path: Path):
     assert len(latents) >= written + 1  # every latent reported written is there
     assert [x.index for x in latents] == list(range(len(latents)))
     assert all(float(x.data[0, 0, 0]) == x.index for x in latents)
+
+
+async def test_fsync_runs_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Issue 17 (lesser): FileSink.send ran fsync (a disk flush) on the event loop."""
+    import os
+    import threading
+
+    from streamvae.io import filesink
+
+    loop_thread = threading.get_ident()
+    synced_in: list[int] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        synced_in.append(threading.get_ident())
+        real(fd)
+
+    monkeypatch.setattr(filesink.os, "fsync", recording)
+    path = tmp_path / "synced.latents"
+    sink = FileSink(path, fsync=True)
+    synced_in.clear()  # the file's first line was synced where the sink was made
+    async with sink:
+        for i in range(3):
+            await sink.send(make_latent(i))
+    assert len(synced_in) >= 3 and loop_thread not in synced_in
+    assert [x.index for x in read_latents(path)] == [0, 1, 2]

@@ -493,3 +493,39 @@ def test_the_cli_reads_the_source_password_from_a_file_or_the_environment(
     secret = tmp_path / "pw"
     secret.write_text("from-file\nignored\n")
     assert source_password(argparse.Namespace(source_password_file=str(secret))) == "from-file"
+
+
+async def test_frames_discarded_by_stop_are_counted():
+    """Issue 17 (lesser): frames queued when stop() ended the iteration vanished uncounted."""
+    source = open_source("synthetic://moving?fps=500", size="16x16", max_queued_groups=4)
+    async with source:
+        async for frame in source:
+            if frame.number == 0:
+                await io_fixtures.wait_until(
+                    lambda: source.stats.frames_read > 6, 10, "frames to queue up"
+                )
+                source.stop()
+    await source.aclose()
+    stats = source.stats
+    assert stats.discarded_at_stop > 0
+    assert (
+        stats.frames_read == stats.frames_delivered + stats.dropped_frames + stats.discarded_at_stop
+    )
+
+
+def test_a_source_never_closed_stops_its_reader_with_its_event_loop():
+    """Issue 17 (lesser): a FrameSource never closed kept its reader thread forever."""
+    sources = {}
+
+    async def main(uri: str) -> None:
+        source = open_source(uri, size="16x16", max_queued_groups=1)
+        sources[uri] = source
+        async for frame in source:
+            if frame.number == 1:
+                return  # neither stop() nor aclose(): the reader is left running
+
+    for uri in ("synthetic://moving?fps=200", "synthetic://moving"):  # live, and blocking
+        asyncio.run(main(uri))
+        thread = sources[uri]._thread
+        thread.join(10)
+        assert not thread.is_alive(), uri

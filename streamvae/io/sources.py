@@ -124,6 +124,9 @@ class SourceStats:
     dropped_groups: int = 0
     disconnects: int = 0
     reconnects: int = 0
+    discarded_at_stop: int = 0
+    """Frames read but never handed out because :meth:`FrameSource.stop` ended the iteration:
+    ``frames_read == frames_delivered + dropped_frames + discarded_at_stop`` once it ends."""
     last_error: str | None = None
 
 
@@ -345,7 +348,9 @@ class _GroupQueue:
         group_frames: int,
         stats: SourceStats,
         wake: Callable[[], None],
+        abandoned: Callable[[], bool] = lambda: False,
     ) -> None:
+        self._abandoned = abandoned  # the consumer's event loop is gone: stop waiting for it
         self._cond = threading.Condition()
         self._groups: deque[_Group] = deque()
         self._max_groups = max_groups
@@ -362,14 +367,19 @@ class _GroupQueue:
         key = (frame.run, number)
         with self._cond:
             if self._closed:
+                self._stats.discarded_at_stop += 1
                 return False
             if self._groups and self._groups[-1].key == key:
                 self._groups[-1].frames.append(frame)
             else:
                 if not self._drop:
                     while len(self._groups) >= self._max_groups and not self._closed:
+                        if self._abandoned():
+                            self._closed = True
+                            break
                         self._cond.wait(0.5)
                     if self._closed:
+                        self._stats.discarded_at_stop += 1
                         return False
                 size = 1 if number == 0 else self._group_frames
                 self._groups.append(_Group(key, size, [frame]))
@@ -436,6 +446,7 @@ class _GroupQueue:
                 self._closed = True
                 self._error = error
             if discard:
+                self._stats.discarded_at_stop += sum(len(g.frames) - g.taken for g in self._groups)
                 self._groups.clear()
             self._cond.notify_all()
         self._wake()
@@ -518,12 +529,18 @@ class FrameSource:
             group_frames=self._group_frames,
             stats=self.stats,
             wake=self._wake,
+            abandoned=self._loop_closed,
         )
         self._thread = threading.Thread(
             target=self._read_loop, name=f"streamvae-source-{self.kind}", daemon=True
         )
         self._thread.start()
         return self._queue
+
+    def _loop_closed(self) -> bool:
+        """The consumer's event loop has closed (a source never closed): the reader stops."""
+        loop = self._loop
+        return loop is not None and loop.is_closed()
 
     def _wake(self) -> None:
         loop, ready = self._loop, self._ready
@@ -558,7 +575,9 @@ class FrameSource:
         await self.aclose()
 
     def stop(self) -> None:
-        """End the iteration now (queued frames are discarded); the reader thread winds down."""
+        """End the iteration now (queued frames are discarded and counted in
+        ``stats.discarded_at_stop``); the reader thread winds down. A source never stopped or
+        closed stops its reader by itself once its event loop has closed."""
         self._stop.set()
         if self._queue is not None:
             self._queue.close(discard=True)
@@ -671,6 +690,9 @@ class FrameSource:
         number = 0
         try:
             while not self._stop.is_set():
+                if self._loop_closed():
+                    self._stop.set()  # nobody can read what we would queue
+                    break
                 item = capture.read()
                 if item is None:
                     break
