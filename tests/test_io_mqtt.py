@@ -326,3 +326,42 @@ async def test_a_drain_timeout_still_leaves_the_status_offline(broker: Broker):
             break
         await asyncio.sleep(0.1)
     assert status is not None and status["status"] == "offline", status
+
+
+async def test_publishes_are_pipelined_up_to_max_in_flight(broker: Broker):
+    """Issue 17 (lesser): QoS 1 kept one message in flight, so a 256-message backlog at a
+    50 ms round trip outlasted the 5 s drain default. A stopped broker acknowledges nothing:
+    the sink has exactly max_in_flight publishes out, in order, and none is lost or doubled."""
+    settings = settings_for(broker)
+    sink = MqttSink(settings, stream_id="cam10", max_in_flight=8, drain_timeout=20)
+    received: list[int] = []
+    async with LatentSubscriber(settings, streams="cam10") as sub:
+
+        async def receive() -> None:
+            async for message in sub:
+                received.append(message.latent.index)
+                if len(received) == 30:
+                    return
+
+        receiving = asyncio.ensure_future(receive())
+        async with sink:
+            assert await sink.wait_connected(10)
+            broker.process.send_signal(signal.SIGSTOP)
+            try:
+                for index in range(30):
+                    await sink.send(make_latent(index, h=2, w=2))
+                await wait_until(lambda: sink.stats.in_flight == 8, 10, "eight in flight")
+                await asyncio.sleep(0.2)
+                assert (sink.stats.in_flight, sink.stats.buffered, sink.stats.published) == (
+                    8,
+                    22,
+                    0,
+                )
+            finally:
+                broker.process.send_signal(signal.SIGCONT)
+            await wait_until(lambda: sink.stats.published == 30, 20, "all published")
+        await asyncio.wait_for(receiving, 20)
+    assert received == list(range(30))
+    assert (sink.stats.sent, sink.stats.published, sink.stats.unsent) == (30, 30, 0)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        MqttSink(settings, stream_id="x", max_in_flight=0)
