@@ -432,3 +432,35 @@ async def test_a_second_ctrl_c_aborts_a_stuck_drain():
             process.kill()
             await process.wait()
     assert process.returncode == 130
+
+
+def test_the_cli_runs_what_the_bench_measures():
+    """Issue 17 (lesser): the CLI built StreamEncoders without CUDA graphs and cuDNN's benchmark
+    mode while the bench measured with both. Now both default as the bench's, with its flags."""
+    import torch
+
+    from streamvae.bench import BenchOptions
+    from streamvae.cli import build_parser
+    from streamvae.io.commands import cuda_options
+
+    bench = BenchOptions()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for command in (["encode", "x.mp4", "-o", "x.latents"], ["live", "0", "--mqtt", "mqtt://h/p"]):
+        args = build_parser().parse_args(command)
+        assert (
+            cuda_options(args, cuda)
+            == {
+                "cuda_graphs": bench.cuda_graphs,
+                "cudnn_benchmark": bench.cudnn_benchmark,
+                "tf32": bench.tf32,
+            }
+            == {"cuda_graphs": True, "cudnn_benchmark": True, "tf32": False}
+        )
+        assert not any(cuda_options(args, cpu).values())
+        flags = ["--no-cuda-graphs", "--no-cudnn-benchmark", "--tf32"]
+        args = build_parser().parse_args(command + flags)
+        assert cuda_options(args, cuda) == {
+            "cuda_graphs": False,
+            "cudnn_benchmark": False,
+            "tf32": True,
+        }

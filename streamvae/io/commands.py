@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 
+import torch
+
 from streamvae.io.backoff import Backoff
 from streamvae.io.filesink import FileSink
 from streamvae.io.pipeline import (
@@ -196,6 +198,18 @@ def _add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--latent-dtype", choices=sorted(STORAGE_DTYPES), default="float32", help="storage dtype"
     )
+    # As `streamvae bench` runs it, so that the bench measures what the CLI runs.
+    group.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="on CUDA, launch every step's kernels instead of replaying captured CUDA graphs",
+    )
+    group.add_argument(
+        "--no-cudnn-benchmark",
+        action="store_true",
+        help="on CUDA, cuDNN's default algorithms instead of the fastest measured per shape",
+    )
+    group.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (float32 runs)")
 
 
 def _add_cli_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -284,10 +298,31 @@ def _stream_encoder(args: argparse.Namespace) -> tuple[Any, StreamEncoder]:
             "every output is labelled meaningless=true",
             file=sys.stderr,
         )
+    options = cuda_options(args, choice.encoder.device)
+    if choice.encoder.device.type == "cuda":
+        torch.backends.cudnn.benchmark = options["cudnn_benchmark"]
+        torch.backends.cudnn.allow_tf32 = options["tf32"]
+        torch.backends.cuda.matmul.allow_tf32 = options["tf32"]
     encoder = StreamEncoder(
-        choice.encoder, mode=args.mode, pad_tail=args.pad_tail, normalize=not args.no_normalize
+        choice.encoder,
+        mode=args.mode,
+        pad_tail=args.pad_tail,
+        normalize=not args.no_normalize,
+        cuda_graphs=options["cuda_graphs"],
     )
     return choice, encoder
+
+
+def cuda_options(args: argparse.Namespace, device: torch.device) -> dict[str, bool]:
+    """What the CLI runs on ``device``: CUDA graphs, cuDNN's benchmark mode and TF32 as
+    ``streamvae bench`` measures them by default (graphs and benchmark on, TF32 off); each has
+    a flag. Off the GPU none applies."""
+    cuda = device.type == "cuda"
+    return {
+        "cuda_graphs": cuda and not args.no_cuda_graphs,
+        "cudnn_benchmark": cuda and not args.no_cudnn_benchmark,
+        "tf32": cuda and args.tf32,
+    }
 
 
 @contextlib.contextmanager
