@@ -72,6 +72,9 @@ async def test_file_source_gives_every_frame_in_rgb(test_video: Path):
         np.testing.assert_array_equal(frame.image, image)
     assert [f.number for f in frames] == list(range(21))
     assert all(a.timestamp <= b.timestamp for a, b in zip(frames, frames[1:]))
+    # The stream's own times (25 fps), besides the wall-clock and monotonic capture times.
+    assert [f.stream_time for f in frames] == pytest.approx([n / 25 for n in range(21)])
+    assert all(a.captured < b.captured for a, b in zip(frames, frames[1:]))
     assert source.stats.dropped_frames == 0 and source.total_frames == 21
     assert source.fps == 25.0
     # Issue 17: this promised an RGB check and asserted only fps. In frame 0 of testsrc at

@@ -107,11 +107,14 @@ class SourceFrame(Frame):
 
     ``number`` counts frames since the source (re)opened, drops included; ``run`` counts the
     reconnections before it (0 until the first). ``gap`` is true on the first frame of every run
-    after the first.
+    after the first. ``stream_time`` is the stream's own time of the frame in seconds where the
+    source gives one (a file's or an RTSP stream's presentation time, as OpenCV reports it),
+    else ``None``: a label, like ``timestamp``.
     """
 
     number: int = 0
     run: int = 0
+    stream_time: float | None = None
 
 
 @dataclass
@@ -270,11 +273,15 @@ class _OpenCvCapture:
         fps = self._cap.get(cv2.CAP_PROP_FPS)
         self.total_frames = int(count) if count and count > 0 else None
         self.fps = float(fps) if fps and 0 < fps < 1000 else None
+        self.stream_time: float | None = None  # of the frame last read
+        self.stream_times = False  # whether the backend's positions are presentation times
 
     def read(self) -> tuple[np.ndarray, float, float] | None:
         if not self._cap.grab():
             return None
         timestamp, captured = time.time(), time.monotonic()
+        position = self._cap.get(cv2.CAP_PROP_POS_MSEC)
+        self.stream_time = position / 1000 if self.stream_times and position >= 0 else None
         ok, image = self._cap.retrieve()
         if not ok or image is None:
             return None
@@ -630,6 +637,8 @@ class FrameSource:
         )
         if self.kind == "webcam":
             capture._cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the newest frame, not a backlog
+        else:  # files and streams: OpenCV's position is the frame's presentation time
+            capture.stream_times = True
         return capture
 
     def _read_loop(self) -> None:
@@ -705,6 +714,7 @@ class FrameSource:
                     number=number,
                     run=run,
                     captured=captured,
+                    stream_time=getattr(capture, "stream_time", None),
                 )
                 self.stats.frames_read += 1
                 number += 1
