@@ -429,9 +429,7 @@ class MqttSink:
                 # the will: the status would stay "online". Say "offline" first.
                 self._abandon.set()
                 try:
-                    await asyncio.wait_for(
-                        asyncio.shield(self._task), 2 * self.settings.connect_timeout + 1
-                    )
+                    await asyncio.wait_for(asyncio.shield(self._task), self._status_timeout + 1)
                 except asyncio.TimeoutError:
                     self._task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -508,12 +506,17 @@ class MqttSink:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._abandon.wait(), delay)
 
+    @property
+    def _status_timeout(self) -> float:
+        """How long the ``offline`` status may take after a drain timeout, at most 2 s."""
+        return min(self.settings.connect_timeout, 2.0)
+
     async def _give_up(self, client: aiomqtt.Client) -> None:
         """The drain timed out: publish ``offline``, or else leave so that the will fires."""
         reason = f"drain timeout: {len(self._buffer)} latent(s) unsent"
         try:
             await asyncio.wait_for(
-                self._publish_status(client, "offline", reason), self.settings.connect_timeout
+                self._publish_status(client, "offline", reason), self._status_timeout
             )
         except (asyncio.TimeoutError, aiomqtt.MqttError):
             _disconnect_with_will(client)
