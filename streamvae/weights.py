@@ -452,7 +452,7 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> WanConfig:
         return family
     fields: dict[str, Any] = {}
     if residual:
-        patch = 2 if conv_in[1] % 4 == 0 else 1
+        patch = 2 if conv_in[1] == 4 * 3 else 1  # Wan's vae2_2.py: RGB patchified 2x2, always
         fields = {"patch_size": patch, "in_channels": conv_in[1] // (patch * patch)}
     return _family_config(family, conv_in[0], **fields)
 
