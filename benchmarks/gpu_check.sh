@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: CUDA tests, `streamvae bench` for the targets (480x832 bfloat16), a kernel
-# profile, the bench variants that decide the GPU defaults, float32, then 720x1280 if time is
-# left. Under 8 minutes on one H100. Everything lands in OUTDIR: logs, JSON, PNG, summary.md.
+# profile, the bench variants that decide the GPU defaults, Wan 2.2 at 704x1280 bfloat16,
+# float32, then 720x1280 if time is left. Under 8 minutes on one H100. Everything lands in
+# OUTDIR: logs, JSON, PNG, summary.md.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [BUNDLE.tar.gz]
 #
@@ -18,9 +19,12 @@
 #   GPU_CHECK_BUDGET_S  seconds for all steps together (default 450; a step that would start
 #                       with less than its own limit left is skipped and listed as skipped)
 #   PYTHON              interpreter (default python3)
-#   DEVICE, SIZE, SIZE_LARGE, CONFIG
-#                       cuda, 480x832, 720x1280, wan2.1 by default; a smoke test of this
-#                       script without a GPU: DEVICE=cpu SIZE=32x32 SIZE_LARGE=32x48 CONFIG=narrow8
+#   WEIGHTS22=path      real Wan 2.2 VAE weights for the Wan 2.2 step (default: random)
+#   DEVICE, SIZE, SIZE_LARGE, CONFIG, SIZE22, CONFIG22
+#                       cuda, 480x832, 720x1280, wan2.1, 704x1280 (TI2V-5B's 720p), wan2.2 by
+#                       default; a smoke test of this script without a GPU: DEVICE=cpu
+#                       SIZE=32x32 SIZE_LARGE=32x48 CONFIG=narrow8 SIZE22=32x32
+#                       CONFIG22=wan2.2-narrow8
 set -u -o pipefail
 
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR [BUNDLE.tar.gz]}
@@ -32,6 +36,8 @@ DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-480x832}
 SIZE_LARGE=${SIZE_LARGE:-720x1280}
 CONFIG=${CONFIG:-wan2.1}
+SIZE22=${SIZE22:-704x1280}
+CONFIG22=${CONFIG22:-wan2.2}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$REPO" || exit 1
@@ -64,6 +70,11 @@ if [[ -n "${WEIGHTS:-}" ]]; then
 else
     MODEL=(--random-weights --config "$CONFIG")
 fi
+if [[ -n "${WEIGHTS22:-}" ]]; then
+    MODEL22=(--weights "$WEIGHTS22")
+else
+    MODEL22=(--random-weights --config "$CONFIG22")
+fi
 
 elapsed() { echo $(($(date +%s) - START)); }
 
@@ -87,11 +98,18 @@ step() {
     return 0
 }
 
-bench() { # bench NAME LIMIT_S ARGS...
+bench() { # bench NAME LIMIT_S ARGS... (the model: MODEL, or MODEL22 in bench22)
     local name=$1 limit=$2
     shift 2
     step "$name" "$limit" "$PYTHON" -m streamvae.cli bench "${MODEL[@]}" --device "$DEVICE" \
         --json "$OUT/$name.json" --plot "$OUT/$name.png" "$@"
+}
+
+bench22() {
+    local saved=("${MODEL[@]}")
+    MODEL=("${MODEL22[@]}")
+    bench "$@"
+    MODEL=("${saved[@]}")
 }
 
 {
@@ -139,6 +157,7 @@ sys.exit(1 if failed else 0)
 EOF
 then
     MODEL+=(--no-cuda-graphs)
+    MODEL22+=(--no-cuda-graphs)
     echo "benches: without CUDA graphs (a CUDA graph test failed)" | tee -a "$STATUS"
 fi
 
@@ -159,11 +178,16 @@ bench bench_${SIZE}_bf16_eager 45 "${QUICK[@]}" --no-cuda-graphs
 bench bench_${SIZE}_bf16_contiguous 45 "${QUICK[@]}" --memory-format contiguous
 bench bench_${SIZE}_bf16_group 45 "${QUICK[@]}" --mode group
 
-# 5. float32 (true float32: TF32 off), without live mode and memory sweep.
+# 5. The Wan 2.2 VAE (z 48, stride 16) at TI2V-5B's 704x1280 in bfloat16: 17 frames (4 groups),
+#    against diffusers bfloat16 on the same weights; no live mode or memory sweep.
+bench22 bench_wan22_${SIZE22}_bf16 60 --dtype bfloat16 --size "$SIZE22" --frames 17 \
+    --repeats 5 --fps 0 --lengths 0
+
+# 6. float32 (true float32: TF32 off), without live mode and memory sweep.
 bench bench_${SIZE}_fp32 90 --dtype float32 --size "$SIZE" --frames 33 --repeats 5 \
     --fps 0 --lengths 0
 
-# 6. 720x1280 when time allows.
+# 7. 720x1280 when time allows.
 bench bench_${SIZE_LARGE}_bf16 60 --dtype bfloat16 --size "$SIZE_LARGE" --frames 17 --repeats 5 \
     --fps 0 --lengths 0
 

@@ -18,3 +18,7 @@ if command -v apt-get >/dev/null 2>&1; then
 fi
 python3 -m pip install -q "torch==2.13.0"
 python3 -m pip install -q -e ".[test,mqtt,hub,bench]"
+# Wan's own VAE code (wan/modules/vae2_1.py, vae2_2.py), the tests' second oracle, loaded by file
+# path: they need only torch and einops. --no-deps because the wheel's requirements (flash_attn,
+# opencv-python, transformers...) are for the rest of Wan; so it is not in pyproject's extras.
+python3 -m pip install -q --no-deps "wan22==2.2.11"

@@ -1,4 +1,4 @@
-"""streamvae: live video to Wan 2.1 VAE latents, frame by frame, exactly as the batch encoder.
+"""streamvae: live video to Wan VAE latents (Wan 2.1, Wan 2.2, LightVAE, Qwen-Image), frame by frame, exactly as the batch encoder.
 
 >>> import streamvae
 >>> encoder = streamvae.load_encoder("Wan2.1_VAE.pth")                 # doctest: +SKIP
@@ -10,7 +10,7 @@
 
 from typing import Any
 
-from streamvae.config import WAN21, WanConfig, narrow
+from streamvae.config import LIGHTVAE, PRESETS, QWEN_IMAGE, WAN21, WAN22, WanConfig, narrow
 from streamvae.frames import Frame, FrameError
 from streamvae.io import (
     FileSink,
@@ -33,7 +33,11 @@ from streamvae.stream import Latent, LatentStream, StreamBroken, StreamEncoder
 from streamvae.weights import CheckpointError, load_encoder, random_encoder
 
 __all__ = [
+    "LIGHTVAE",
+    "PRESETS",
+    "QWEN_IMAGE",
     "WAN21",
+    "WAN22",
     "CheckpointError",
     "EncoderState",
     "FileSink",

@@ -13,20 +13,27 @@ from dataclasses import dataclass
 
 import torch
 
-from streamvae.config import WAN21, narrow
+from streamvae.config import LIGHTVAE, WAN21, WAN22, narrow
 from streamvae.model import WanEncoder
 
 __all__ = ["ModelChoice", "add_model_arguments", "main", "model_from_args"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CONFIGS = {"wan2.1": WAN21, "narrow8": narrow(8)}
+CONFIGS = {
+    "wan2.1": WAN21,
+    "narrow8": narrow(8),
+    "wan2.2": WAN22,
+    "wan2.2-narrow8": narrow(8, WAN22),
+    "lightvae": LIGHTVAE,
+}
 
 NO_WEIGHTS_HELP = (
-    "no weights given. Pass --weights with the Wan 2.1 VAE: a local Wan2.1_VAE.pth, ComfyUI's "
-    "wan_2.1_vae.safetensors, diffusers' vae/ folder, or a hub id such as Wan-AI/Wan2.1-T2V-1.3B "
-    "(pip install 'streamvae[hub]'; e.g. huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B "
-    "Wan2.1_VAE.pth). To try the pipeline without them, pass --random-weights: every output is "
-    "then labelled as meaningless."
+    "no weights given. Pass --weights with a Wan VAE: a local Wan2.1_VAE.pth or Wan2.2_VAE.pth, "
+    "ComfyUI's wan_2.1_vae / wan2.2_vae.safetensors, LightVAE's lightvaew2_1, diffusers' vae/ "
+    "folder (Wan or Qwen-Image), or a hub id such as Wan-AI/Wan2.1-T2V-1.3B or "
+    "Wan-AI/Wan2.2-TI2V-5B (pip install 'streamvae[hub]'; e.g. huggingface-cli download "
+    "Wan-AI/Wan2.1-T2V-1.3B Wan2.1_VAE.pth). To try the pipeline without them, pass "
+    "--random-weights: every output is then labelled as meaningless."
 )
 
 
@@ -57,8 +64,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         choices=sorted(CONFIGS),
         default="wan2.1",
-        help="architecture for --random-weights: wan2.1 (default) or narrow8, the same network "
-        "8 channels wide (fast: for tests and trying the pipeline)",
+        help="architecture for --random-weights: wan2.1 (default), wan2.2 (z 48, frames in "
+        "multiples of 16), lightvae, or narrow8 / wan2.2-narrow8, the same networks 8 channels "
+        "wide (fast: for tests and trying the pipeline)",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
     group.add_argument(

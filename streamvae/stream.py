@@ -1,4 +1,4 @@
-"""StreamEncoder: one live stream of frames in, Wan 2.1 latents out, exactly as the batch encoder.
+"""StreamEncoder: one live stream of frames in, Wan VAE latents out, exactly as the batch encoder.
 
 >>> import numpy as np
 >>> from streamvae import StreamEncoder, WanEncoder, narrow
@@ -45,7 +45,8 @@ T = TypeVar("T")
 class Latent:
     """One latent frame of a stream.
 
-    ``data`` is float32 ``[z_dim, H/8, W/8]`` (normalised unless the stream was made with
+    ``data`` is float32 ``[z_dim, H/s, W/s]`` (``s`` = ``config.spatial_stride``: 8 for Wan 2.1,
+    16 for Wan 2.2; normalised unless the stream was made with
     ``normalize=False``). ``frames`` are the indices of the source frames it covers, counted
     from the stream's first frame (``range(0, 1)`` for latent 0, ``range(4k-3, 4k+1)`` for
     latent k). ``timestamps`` are those frames' capture times where known (``None`` entries
@@ -128,6 +129,11 @@ class StreamEncoder:
     ) -> None:
         if mode not in ("frame", "group"):
             raise ValueError(f"mode must be 'frame' or 'group', got {mode!r}")
+        if encoder.config.in_channels != 3:
+            raise ValueError(
+                f"streams carry RGB frames, but {encoder.config.name} takes "
+                f"{encoder.config.in_channels} channels; encode such clips with WanEncoder.encode"
+            )
         self.encoder = encoder
         self.mode: Mode = mode
         self.pad_tail = pad_tail
@@ -300,6 +306,11 @@ class StreamEncoder:
         checked = []
         for frame, stamp in zip(frames, stamps):
             item = check_frame(frame, self._device, stamp)
+            problem = self.encoder.config.size_error(item.height, item.width)
+            if problem is not None:  # the model's own rule (Wan 2.2: multiples of 16)
+                raise FrameError(
+                    f"{problem} (resize or crop it, e.g. open_source(..., size='HxW'))"
+                )
             if item.gap:
                 size = None
             if size is not None and (item.height, item.width) != size:

@@ -1,16 +1,25 @@
-"""Checkpoint layouts, name mapping and loading: ``load_encoder`` takes every real Wan 2.1 VAE file.
+"""Checkpoint layouts, name mapping and loading: ``load_encoder`` takes every real Wan-family VAE file.
 
 >>> import streamvae
 >>> encoder = streamvae.load_encoder("Wan2.1_VAE.pth")                   # Wan's own file  # doctest: +SKIP
 >>> encoder = streamvae.load_encoder("wan_2.1_vae.safetensors")          # ComfyUI's  # doctest: +SKIP
 >>> encoder = streamvae.load_encoder("Wan2.1-T2V-1.3B-Diffusers/vae")    # diffusers' folder  # doctest: +SKIP
 >>> encoder = streamvae.load_encoder("Wan-AI/Wan2.1-T2V-1.3B", dtype=torch.bfloat16)  # hub  # doctest: +SKIP
+>>> encoder = streamvae.load_encoder("Wan2.2_VAE.pth")                   # Wan 2.2 (z 48)  # doctest: +SKIP
+>>> encoder = streamvae.load_encoder("Wan-AI/Wan2.2-TI2V-5B-Diffusers")  # its diffusers repo  # doctest: +SKIP
+>>> encoder = streamvae.load_encoder("lightvaew2_1.safetensors")         # LightVAE  # doctest: +SKIP
+>>> encoder = streamvae.load_encoder("Qwen-Image/vae")                   # Qwen-Image's  # doctest: +SKIP
 
-Two layouts exist, told apart by their tensor names:
+The model is told from the tensors: Wan 2.2's stages are nested (``encoder.downsamples.N.
+downsamples.M`` in Wan's names, ``encoder.down_blocks.N.resnets.M`` in diffusers'), and the
+widths come from the shapes (``conv_in`` 96 wide: Wan 2.1; 24: LightVAE; 160 with 12 input
+channels: Wan 2.2). A diffusers folder's ``config.json`` (``AutoencoderKLWan`` or
+``AutoencoderKLQwenImage``) gives the configuration instead. Two name layouts exist:
 
-- ``wan``: Wan's original names (``encoder.conv1``, ``encoder.downsamples.N.residual.{0,2,3,6}``,
-  ``encoder.middle.{0,1,2}``, ``encoder.head.{0,2}``, top-level ``conv1``), in ``Wan2.1_VAE.pth``
-  and ComfyUI's ``wan_2.1_vae.safetensors``;
+- ``wan``: Wan's original names (``encoder.conv1``, ``encoder.downsamples.N.residual.{0,2,3,6}``
+  or, in Wan 2.2, ``encoder.downsamples.N.downsamples.M...``, ``encoder.middle.{0,1,2}``,
+  ``encoder.head.{0,2}``, top-level ``conv1``), in ``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth`` and
+  ComfyUI's safetensors files;
 - ``diffusers``: ``AutoencoderKLWan``'s names (``encoder.conv_in``, ``encoder.down_blocks.N``,
   ``encoder.mid_block``, ``encoder.norm_out``, ``encoder.conv_out``, ``quant_conv``).
 
@@ -34,13 +43,16 @@ from typing import Any
 
 import torch
 
-from streamvae.config import WAN21, WanConfig
+from streamvae.config import LIGHTVAE, QWEN_IMAGE, WAN21, WAN22, WanConfig
 from streamvae.model import WanEncoder
 
 __all__ = ["CheckpointError", "load_encoder", "random_encoder", "wan_to_streamvae_name"]
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 WAN_HUB_FILE = "Wan2.1_VAE.pth"
+# Single files looked for in a hub repo (after diffusers' vae/ folder), in this order.
+HUB_FILES = (WAN_HUB_FILE, "Wan2.2_VAE.pth", "wan_2.1_vae.safetensors", "wan2.2_vae.safetensors")
+DIFFUSERS_CLASSES = {"AutoencoderKLWan": "Wan", "AutoencoderKLQwenImage": "Qwen-Image"}
 DECODER_PREFIXES = ("decoder.", "conv2.", "post_quant_conv.")
 
 
@@ -72,8 +84,24 @@ def _wan_residual(index: str) -> str:
     return _WAN_RESIDUAL.get(index, "residual." + index)
 
 
-# Wan's names after "encoder." -> streamvae's.
+# Wan's names after "encoder." -> streamvae's (Wan 2.2's nested stages first).
 _FROM_WAN = _rules(
+    (
+        r"downsamples\.(\d+)\.downsamples\.(\d+)\.residual\.(\d+)\.(.+)",
+        lambda m: f"down_blocks.{m[1]}.resnets.{m[2]}.{_wan_residual(m[3])}.{m[4]}",
+    ),
+    (
+        r"downsamples\.(\d+)\.downsamples\.(\d+)\.shortcut\.(.+)",
+        lambda m: f"down_blocks.{m[1]}.resnets.{m[2]}.conv_shortcut.{m[3]}",
+    ),
+    (
+        r"downsamples\.(\d+)\.downsamples\.\d+\.resample\.1\.(.+)",
+        lambda m: f"down_blocks.{m[1]}.downsampler.conv.{m[2]}",
+    ),
+    (
+        r"downsamples\.(\d+)\.downsamples\.\d+\.time_conv\.(.+)",
+        lambda m: f"down_blocks.{m[1]}.downsampler.time_conv.{m[2]}",
+    ),
     (r"conv1\.(.+)", lambda m: f"conv_in.{m[1]}"),
     (
         r"downsamples\.(\d+)\.residual\.(\d+)\.(.+)",
@@ -91,8 +119,27 @@ _FROM_WAN = _rules(
     (r"head\.2\.(.+)", lambda m: f"conv_out.{m[1]}"),
 )
 
-# streamvae's names -> Wan's (whole names).
+# streamvae's names -> Wan's (whole names); Wan 2.2's downsampler is given its index later.
 _TO_WAN = _rules(
+    (
+        r"down_blocks\.(\d+)\.resnets\.(\d+)\.(norm1|conv1|norm2|conv2)\.(.+)",
+        lambda m: (
+            f"encoder.downsamples.{m[1]}.downsamples.{m[2]}.residual."
+            f"{_STREAMVAE_RESIDUAL[m[3]]}.{m[4]}"
+        ),
+    ),
+    (
+        r"down_blocks\.(\d+)\.resnets\.(\d+)\.conv_shortcut\.(.+)",
+        lambda m: f"encoder.downsamples.{m[1]}.downsamples.{m[2]}.shortcut.{m[3]}",
+    ),
+    (
+        r"down_blocks\.(\d+)\.downsampler\.conv\.(.+)",
+        lambda m: f"encoder.downsamples.{m[1]}.downsamples.{{R}}.resample.1.{m[2]}",
+    ),
+    (
+        r"down_blocks\.(\d+)\.downsampler\.time_conv\.(.+)",
+        lambda m: f"encoder.downsamples.{m[1]}.downsamples.{{R}}.time_conv.{m[2]}",
+    ),
     (r"quant_conv\.(.+)", lambda m: f"conv1.{m[1]}"),
     (r"conv_in\.(.+)", lambda m: f"encoder.conv1.{m[1]}"),
     (
@@ -129,19 +176,28 @@ def wan_to_streamvae_name(name: str) -> str | None:
     return _rename(_FROM_WAN, rest) or name
 
 
-def streamvae_to_wan_name(name: str) -> str:
-    """The inverse of :func:`wan_to_streamvae_name` (used to name missing tensors)."""
+def streamvae_to_wan_name(name: str, config: WanConfig = WAN21) -> str:
+    """The inverse of :func:`wan_to_streamvae_name` (used to name missing tensors).
+
+    Wan 2.2 numbers a stage's downsample after its residual blocks, so ``config`` is needed
+    (its ``num_res_blocks``).
+    """
     renamed = _rename(_TO_WAN, name)
     if renamed is None:
         raise KeyError(name)
-    return renamed
+    return renamed.replace("{R}", str(config.num_res_blocks))
 
 
-def streamvae_to_diffusers_name(name: str) -> str:
+# diffusers' "resample.1" (the conv after nn.ZeroPad2d) is streamvae's "conv".
+_DIFFUSERS_RESAMPLE = re.compile(r"^(down_blocks\.\d+(?:\.downsampler)?)\.resample\.1\.")
+_STREAMVAE_RESAMPLE = re.compile(r"^(down_blocks\.\d+(?:\.downsampler)?)\.conv\.")
+
+
+def streamvae_to_diffusers_name(name: str, config: WanConfig = WAN21) -> str:
     """The inverse of :func:`diffusers_to_streamvae_name`."""
     if name.startswith("quant_conv."):
         return name
-    return "encoder." + re.sub(r"^(down_blocks\.\d+)\.conv\.", r"\1.resample.1.", name)
+    return "encoder." + _STREAMVAE_RESAMPLE.sub(r"\1.resample.1.", name)
 
 
 def diffusers_to_streamvae_name(name: str) -> str | None:
@@ -150,8 +206,7 @@ def diffusers_to_streamvae_name(name: str) -> str | None:
         return name
     if not name.startswith("encoder."):
         return None
-    rest = name[len("encoder.") :]
-    return re.sub(r"^(down_blocks\.\d+)\.resample\.1\.", r"\1.conv.", rest)
+    return _DIFFUSERS_RESAMPLE.sub(r"\1.conv.", name[len("encoder.") :])
 
 
 @dataclass(frozen=True)
@@ -159,12 +214,12 @@ class Layout:
     name: str
     describe: str
     to_streamvae: Callable[[str], str | None]
-    from_streamvae: Callable[[str], str]
+    from_streamvae: Callable[[str, WanConfig], str]
 
 
 WAN_LAYOUT = Layout(
     "wan",
-    "Wan's original names (Wan2.1_VAE.pth / ComfyUI)",
+    "Wan's original names (Wan2.1_VAE.pth, Wan2.2_VAE.pth / ComfyUI)",
     wan_to_streamvae_name,
     streamvae_to_wan_name,
 )
@@ -190,12 +245,14 @@ def detect_layout(names: list[str], origin: str) -> Layout:
         raise CheckpointError(
             f"{origin} holds only decoder tensors ({len(names)} tensors, none named 'encoder.*'); "
             "streamvae needs the encoder: use the full VAE checkpoint (Wan2.1_VAE.pth, "
-            "wan_2.1_vae.safetensors or diffusers' vae/ folder)"
+            "Wan2.2_VAE.pth, ComfyUI's wan_2.1_vae / wan2.2_vae.safetensors or diffusers' vae/ "
+            "folder)"
         )
     sample = ", ".join(names[:5]) or "no tensors at all"
     raise CheckpointError(
-        f"{origin} is not a Wan 2.1 VAE checkpoint: expected tensors named 'encoder.conv1.*' "
-        f"(Wan's layout) or 'encoder.conv_in.*' (diffusers' layout), found {sample}"
+        f"{origin} is not a Wan VAE checkpoint (Wan 2.1, Wan 2.2, LightVAE or Qwen-Image's): "
+        "expected tensors named 'encoder.conv1.*' (Wan's layout) or 'encoder.conv_in.*' "
+        f"(diffusers' layout), found {sample}"
     )
 
 
@@ -289,11 +346,17 @@ def _load_legacy_pickle(path: Path) -> Any:
 # -- configs ----
 
 
-def diffusers_config(config: WanConfig) -> dict[str, Any]:
+def diffusers_config(config: WanConfig, *, decoder_base_dim: int | None = None) -> dict[str, Any]:
     """``config`` as the keyword arguments of diffusers' ``AutoencoderKLWan`` (the inverse of
-    :func:`config_from_diffusers`)."""
+    :func:`config_from_diffusers`).
+
+    ``decoder_base_dim`` sizes the decoder, which streamvae never uses (default: diffusers'
+    own, the encoder's width); a narrow one makes a reference model cheap to build.
+    """
+    channels = config.conv_in_channels
     return {
         "base_dim": config.base_dim,
+        "decoder_base_dim": decoder_base_dim,
         "z_dim": config.z_dim,
         "dim_mult": list(config.dim_mult),
         "num_res_blocks": config.num_res_blocks,
@@ -302,55 +365,96 @@ def diffusers_config(config: WanConfig) -> dict[str, Any]:
         "dropout": 0.0,
         "latents_mean": list(config.latents_mean),
         "latents_std": list(config.latents_std),
+        "is_residual": config.residual,
+        "in_channels": channels,
+        "out_channels": channels,
+        "patch_size": config.patch_size if config.patch_size > 1 else None,
+        "scale_factor_temporal": config.temporal_stride,
+        "scale_factor_spatial": config.spatial_stride,
     }
 
 
+def _family_config(family: WanConfig, base_dim: int, **fields: Any) -> WanConfig:
+    """``family`` at ``base_dim`` wide, named ``family-narrowN`` when narrower (LightVAE by name)."""
+    config = replace(family, base_dim=base_dim, **fields)
+    if replace(config, name=LIGHTVAE.name) == LIGHTVAE:
+        return LIGHTVAE
+    if base_dim == family.base_dim:
+        return config
+    return replace(config, name=f"{family.name}-narrow{base_dim}")
+
+
 def config_from_diffusers(config_path: Path) -> WanConfig:
+    """The :class:`WanConfig` of a diffusers ``config.json`` (``AutoencoderKLWan`` for Wan 2.1
+    and Wan 2.2, ``AutoencoderKLQwenImage`` for Qwen-Image)."""
     try:
         raw = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{config_path} is not a readable JSON config ({error})") from error
-    if raw.get("is_residual") or raw.get("patch_size"):
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_path} does not hold a JSON object")
+    cls = raw.get("_class_name", "AutoencoderKLWan")
+    if cls not in DIFFUSERS_CLASSES:
         raise CheckpointError(
-            f"{config_path} describes a Wan 2.2-style VAE (is_residual/patch_size); streamvae "
-            "encodes the Wan 2.1 VAE"
+            f"{config_path} describes a {cls}; streamvae encodes with "
+            f"{' or '.join(DIFFUSERS_CLASSES)} (the Wan 2.1 / 2.2, LightVAE and Qwen-Image VAEs)"
         )
-    fields: dict[str, Any] = {}
-    for ours, theirs in [
-        ("base_dim", "base_dim"),
-        ("z_dim", "z_dim"),
-        ("num_res_blocks", "num_res_blocks"),
-    ]:
-        if theirs in raw:
-            fields[ours] = int(raw[theirs])
+    if raw.get("attn_scales"):
+        raise CheckpointError(f"{config_path}: attention inside the stages is not a Wan VAE layout")
+    residual = bool(raw.get("is_residual", False))
+    patch = int(raw.get("patch_size") or 1)
+    if cls == "AutoencoderKLQwenImage":
+        family, channels = QWEN_IMAGE, int(raw.get("input_channels", 3))
+    else:
+        family = WAN22 if residual else WAN21
+        conv_in = int(raw.get("in_channels", 3 * patch * patch))
+        if conv_in % (patch * patch):
+            raise CheckpointError(
+                f"{config_path}: in_channels={conv_in} is not a whole number of "
+                f"{patch}x{patch} patches"
+            )
+        channels = conv_in // (patch * patch)
+    fields: dict[str, Any] = {"residual": residual, "patch_size": patch, "in_channels": channels}
+    for key in ("z_dim", "num_res_blocks"):
+        if key in raw:
+            fields[key] = int(raw[key])
     if "dim_mult" in raw:
         fields["dim_mult"] = tuple(int(m) for m in raw["dim_mult"])
     if "temperal_downsample" in raw:
         fields["temporal_downsample"] = tuple(bool(t) for t in raw["temperal_downsample"])
+    z_dim = fields.get("z_dim", family.z_dim)
     for key in ("latents_mean", "latents_std"):
-        if raw.get(key):
-            fields[key] = tuple(float(v) for v in raw[key])
-    if raw.get("attn_scales"):
-        raise CheckpointError(f"{config_path}: attention inside the stages is not Wan 2.1's layout")
+        values = raw.get(key)
+        if values and len(values) == z_dim:
+            fields[key] = tuple(float(v) for v in values)
+        elif z_dim == family.z_dim:
+            fields[key] = getattr(family, key)
+        elif values:
+            fields[key] = tuple(float(v) for v in values)  # reported as a mismatch below
     try:
-        return replace(WAN21, **fields)
+        return _family_config(family, int(raw.get("base_dim", family.base_dim)), **fields)
     except ValueError as error:
         raise CheckpointError(f"{config_path}: {error}") from error
 
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> WanConfig:
-    """The Wan 2.1 topology with the widths found in the checkpoint (narrow test models too)."""
+    """The model a checkpoint holds, from its tensors' streamvae names and shapes.
+
+    Nested stages (``down_blocks.N.resnets.M``) are Wan 2.2's topology, flat ones Wan 2.1's;
+    the width is ``conv_in``'s (narrow test models too: ``wan2.1-narrow8``), and 24 wide is
+    LightVAE. Wan 2.2's ``conv_in`` reads 12 channels: RGB patchified 2x2. Anything else that
+    does not fit is reported as missing or mis-shaped tensors against the model found.
+    """
+    residual = any(re.match(r"down_blocks\.\d+\.resnets\.", name) for name in shapes)
+    family = WAN22 if residual else WAN21
     conv_in = shapes.get("conv_in.weight")
-    conv_out = shapes.get("conv_out.weight")
-    if not conv_in or not conv_out or len(conv_in) != 5 or len(conv_out) != 5:
-        return WAN21
-    z_dim = conv_out[0] // 2
-    config = replace(WAN21, base_dim=conv_in[0], name="wan2.1")
-    if z_dim != WAN21.z_dim:
-        return config  # reported as mis-shaped tensors against the Wan 2.1 topology
-    if conv_in[0] != WAN21.base_dim:
-        config = replace(config, name=f"wan2.1-narrow{conv_in[0]}")
-    return config
+    if not conv_in or len(conv_in) != 5:
+        return family
+    fields: dict[str, Any] = {}
+    if residual:
+        patch = 2 if conv_in[1] == 4 * 3 else 1  # Wan's vae2_2.py: RGB patchified 2x2, always
+        fields = {"patch_size": patch, "in_channels": conv_in[1] // (patch * patch)}
+    return _family_config(family, conv_in[0], **fields)
 
 
 # -- loading ----
@@ -364,14 +468,18 @@ def load_encoder(
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> WanEncoder:
-    """Load the Wan 2.1 VAE encoder from any of its real checkpoint layouts, in eval mode.
+    """Load a Wan-family VAE encoder from any of its real checkpoint layouts, in eval mode.
 
-    ``source`` is a ``.pth`` or ``.safetensors`` file with Wan's names, diffusers' folder (with
-    ``config.json`` and ``diffusion_pytorch_model.safetensors``) or that safetensors file, or a
-    hub repo id (``Wan-AI/Wan2.1-T2V-1.3B`` or ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``), fetched
-    through ``huggingface_hub`` (``pip install streamvae[hub]``; ``revision`` and
-    ``cache_dir`` are passed on to it). ``device`` defaults to the CPU and ``dtype`` to float32
-    (``torch.bfloat16`` and ``torch.float16`` are supported).
+    The model (Wan 2.1, Wan 2.2, LightVAE, Qwen-Image; see :data:`streamvae.config.PRESETS`)
+    is told from the tensors' names and shapes, or from diffusers' ``config.json``;
+    ``encoder.config.name`` says which it is. ``source`` is a ``.pth`` or ``.safetensors``
+    file with Wan's names (``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth``, ComfyUI's files), diffusers'
+    folder (with ``config.json`` and ``diffusion_pytorch_model.safetensors``) or that
+    safetensors file, or a hub repo id (``Wan-AI/Wan2.1-T2V-1.3B``, ``Wan-AI/Wan2.2-TI2V-5B``
+    or their ``-Diffusers`` repos), fetched through ``huggingface_hub`` (``pip install
+    streamvae[hub]``; ``revision`` and ``cache_dir`` are passed on to it). ``device`` defaults
+    to the CPU and ``dtype`` to float32 (``torch.bfloat16`` and ``torch.float16`` are
+    supported). Decoder tensors are never read.
 
     Raises :class:`CheckpointError` naming the layout it saw and every missing, unexpected or
     mis-shaped tensor.
@@ -400,7 +508,9 @@ def load_encoder(
         expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
         unexpected += [mapped[k] for k in mapped if k not in expected]
         missing = [
-            f"{layout.from_streamvae(k)} {list(expected[k])}" for k in expected if k not in mapped
+            f"{layout.from_streamvae(k, config)} {list(expected[k])}"
+            for k in expected
+            if k not in mapped
         ]
         misshaped = [
             f"{mapped[k]}: {list(shapes[k])}, expected {list(expected[k])}"
@@ -469,7 +579,8 @@ def _resolve(
     if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
         return _from_hub(text, revision=revision, cache_dir=cache_dir)
     raise CheckpointError(
-        f"{text}: no such file or folder (and not a hub repo id like 'Wan-AI/Wan2.1-T2V-1.3B')"
+        f"{text}: no such file or folder (and not a hub repo id like 'Wan-AI/Wan2.1-T2V-1.3B' "
+        "or 'Wan-AI/Wan2.2-TI2V-5B')"
     )
 
 
@@ -494,11 +605,8 @@ def _from_hub(repo_id: str, *, revision: str | None, cache_dir: Any) -> tuple[Pa
             return None
 
     attempts = []
-    for weights_name, config_name in (
-        ("vae/" + DIFFUSERS_WEIGHTS, "vae/config.json"),
-        (WAN_HUB_FILE, None),
-        ("wan_2.1_vae.safetensors", None),
-    ):
+    candidates: list[tuple[str, str | None]] = [("vae/" + DIFFUSERS_WEIGHTS, "vae/config.json")]
+    for weights_name, config_name in candidates + [(name, None) for name in HUB_FILES]:
         attempts.append(weights_name)
         try:
             config = fetch(config_name) if config_name else None

@@ -5,7 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 import pytest
 import torch
 
-from helpers import random_encoder
+from helpers import random_encoder, require
 from streamvae import WAN21, narrow
 
 
@@ -28,3 +28,10 @@ def narrow_encoder():
 def wan21_encoder():
     """The full-size Wan 2.1 encoder with random weights (about 1 s per 9x64x64 clip here)."""
     return random_encoder(WAN21, seed=2)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """huggingface_hub in offline mode: repo ids resolve from a cache the test builds."""
+    huggingface_hub = require("huggingface_hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

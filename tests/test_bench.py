@@ -173,3 +173,37 @@ def test_track_memory_sees_an_allocation():
         block = np.ones(64 * 2**20, dtype=np.uint8)
         del block
     assert peak.rss >= 60 * 2**20
+
+
+def test_bench_wan22_runs_against_diffusers_on_the_same_weights(tmp_path):
+    """``--config wan2.2-narrow8``: the diffusers peer patchifies as diffusers' encode does, so
+    its batch and grouped latents equal streamvae's."""
+    out_json = tmp_path / "bench.json"
+    args = "bench --random-weights --config wan2.2-narrow8 --device cpu --size 32x48"
+    args += " --frames 9 --repeats 1 --fps 0 --lengths 9 --json " + str(out_json)
+    assert main(args.split()) == 0
+    report = json.loads(out_json.read_text())
+    assert report["run"]["config"] == "wan2.2-narrow8"
+    assert report["error"]["vs_diffusers"] <= 1e-5
+    assert report["error"]["diffusers_group_vs_batch"] <= 1e-5
+    assert report["state_bytes"] > 0 and report["memory_vs_length"]["lengths"] == [9]
+
+
+def test_bench_refuses_a_size_the_model_cannot_take():
+    args = "bench --random-weights --config wan2.2-narrow8 --device cpu --size 40x48"
+    with pytest.raises(SystemExit, match="multiples of 16"):
+        main(args.split())
+
+
+def test_wan22_peer_groups_patchify(narrow_encoder):
+    from streamvae import WAN22
+    from streamvae.weights import random_encoder
+
+    encoder = random_encoder(narrow(8, WAN22), seed=3)
+    frames = synthetic_frames(5, 32, 32)
+    video = frames_to_video(frames, torch.device("cpu"), torch.float32)
+    peer = DiffusersPeer(encoder)
+    times, grouped = peer.groups(video, Clock(torch.device("cpu")))
+    assert len(times) == 2 and grouped.shape == (1, 48, 2, 2, 2)
+    assert rel_err(grouped, encoder.encode(video, normalize=False)) <= 1e-5
+    assert rel_err(peer.batch(video), grouped) <= 1e-5

@@ -5,27 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import channel_rel_err, diffusers_reference, random_video, rel_err, to_model_video
+from helpers import (
+    channel_rel_err,
+    diffusers_twin,
+    random_video,
+    rel_err,
+    to_model_video,
+)
 from streamvae import WAN21, WanEncoder, narrow, state_nbytes
-from streamvae.weights import diffusers_to_streamvae_name
 
 TOLERANCE = 1e-5
-
-
-def diffusers_twin(encoder: WanEncoder):
-    """diffusers' model holding exactly ``encoder``'s weights (its decoder keeps random init)."""
-    reference = diffusers_reference(encoder.config)
-    ours = encoder.state_dict()
-    theirs = reference.state_dict()
-    mapped = 0
-    for name in theirs:
-        target = diffusers_to_streamvae_name(name)
-        if target is not None:
-            theirs[name] = ours[target].float().clone()
-            mapped += 1
-    assert mapped == len(ours)
-    reference.load_state_dict(theirs, strict=True)
-    return reference
 
 
 @pytest.fixture(scope="module")

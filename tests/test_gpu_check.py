@@ -32,6 +32,7 @@ BENCH_STEPS = (
     "bench_16x16_bf16_group",
     "bench_16x16_bf16_eager",
     "bench_16x24_bf16",
+    "bench_wan22_32x32_bf16",
 )
 
 
@@ -46,6 +47,8 @@ def test_gpu_check_runs_every_step_and_bundles_its_results(tmp_path):
         SIZE="16x16",
         SIZE_LARGE="16x24",
         CONFIG="narrow8",
+        SIZE22="32x32",
+        CONFIG22="wan2.2-narrow8",
         GPU_CHECK_BUDGET_S="400",
     )
     done = subprocess.run(

@@ -29,7 +29,7 @@ from io_fixtures import (
     streamvae_command,
     wait_until,
 )
-from streamvae import narrow
+from streamvae import WAN22, narrow
 from streamvae.io import MqttSettings, decode_latent, read_latents
 from streamvae.io.mqtt import latent_topic, status_topic
 from streamvae.io.sources import synthetic_frame
@@ -94,6 +94,43 @@ def test_encode_a_file_equals_the_batch_encode(tmp_path: Path, test_video: Path,
         assert rel_err(latent.data, expected[:, latent.index]) <= 1e-5
         assert latent.meta["meaningless"] == "true" and latent.meta["config"] == "wan2.1-narrow8"
         assert latent.meta["normalization"] == "wan2.1"
+
+
+@pytest.mark.parametrize(
+    "config, seconds",
+    [("wan2.2-narrow8", 120), pytest.param("wan2.2", 300, marks=pytest.mark.slow)],
+)
+def test_encode_wan22_equals_the_batch_encode(tmp_path: Path, test_video: Path, config, seconds):
+    """``--config wan2.2``: 48-channel latents at 1/16 of the frame, labelled with the model."""
+    output = tmp_path / "clip.latents"
+    frames = "9" if config == "wan2.2" else "21"
+    result = run_cli(
+        "encode", str(test_video), "-o", str(output), "--size", "32x48", "--random-weights",
+        "--config", config, "--frames", frames, "--json", timeout=seconds,
+    )  # fmt: skip
+    summary = summary_of(result)
+    latents = read_latents(output)
+    assert summary["latents"] == len(latents) == 1 + (int(frames) - 1) // 4
+    family = WAN22 if config == "wan2.2" else narrow(8, WAN22)
+    encoder = random_encoder(family, seed=0)
+    video = read_video_frames(test_video, (32, 48))[: int(frames)]
+    expected = direct_latents(encoder, video)
+    for latent in latents:
+        assert latent.data.shape == (48, 2, 3)
+        assert rel_err(latent.data, expected[:, latent.index]) <= 1e-5
+        assert latent.meta["config"] == config and latent.meta["z_dim"] == "48"
+        assert latent.meta["normalization"] == "wan2.2" and latent.meta["stride"] == "4x16x16"
+
+
+def test_a_size_the_model_cannot_take_is_refused_with_its_rule(tmp_path: Path):
+    model = ("--random-weights", "--config", "wan2.2-narrow8", "-o", str(tmp_path / "x.latents"))
+    given = run_cli("encode", "synthetic://moving?frames=5", "--size", "40x64", *model)
+    assert given.returncode != 0
+    assert "--size 40x64" in given.stderr and "multiples of 16" in given.stderr
+    assert "nearest size is 32x64" in given.stderr
+    native = run_cli("encode", "synthetic://moving?frames=5&size=40x64", *model)
+    assert native.returncode != 0 and "Traceback" not in native.stderr
+    assert "got 40x64 frames" in native.stderr and "multiples of 16" in native.stderr
 
 
 @pytest.mark.slow
@@ -205,9 +242,11 @@ async def test_live_file_to_mqtt_equals_the_batch_encode(
     for latent, _ in received:
         assert rel_err(latent.data, expected[:, latent.index]) <= 1e-5
         assert latent.meta["stream"] == "clip" and latent.meta["meaningless"] == "true"
+        assert latent.meta["config"] == "wan2.1-narrow8" and latent.meta["z_dim"] == "16"
     assert [x.index for x in read_latents(tmp_path / "also.latents")] == list(range(6))
     status = await retained_status(settings, "clip")
     assert status["status"] == "offline" and status["reason"] == "stopped"
+    assert status["config"] == "wan2.1-narrow8" and status["z_dim"] == "16"
     delays = [arrived - latent.ready_time for latent, arrived in received]
     print(f"latent ready -> decoded by the subscriber: max {max(delays) * 1000:.2f} ms")
 

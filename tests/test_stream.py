@@ -10,29 +10,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import random_video, rel_err, to_model_video
+from helpers import random_video, rel_err, stacked, stream_all, to_model_video
 from streamvae import FrameError, StreamBroken, StreamEncoder, WanEncoder
 from streamvae.frames import Frame
 
 TOLERANCE = 1e-5
-
-
-def stream_all(stream: StreamEncoder, frames: torch.Tensor, bursts=None) -> list:
-    """Push ``[T, H, W, 3]`` uint8 frames (one by one, or in bursts of the given sizes), flush."""
-    latents = []
-    if bursts is None:
-        for frame in frames:
-            latents += stream.push(frame.numpy())
-    else:
-        start = 0
-        for size in bursts:
-            latents += stream.push_many([f.numpy() for f in frames[start : start + size]])
-            start += size
-    return latents + stream.flush()
-
-
-def stacked(latents) -> torch.Tensor:
-    return torch.stack([latent.data for latent in latents], dim=1)[None]
 
 
 @pytest.mark.parametrize("mode", ["frame", "group"])

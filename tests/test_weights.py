@@ -13,15 +13,17 @@ from safetensors.torch import save_file
 
 import streamvae.weights as weights
 from helpers import (
+    build_hub_cache,
     diffusers_reference,
+    loading_memory,
     random_video,
     random_wan_state_dict,
+    record_reads,
     rel_err,
-    require,
     to_model_video,
     wan21_keys,
 )
-from streamvae import WAN21, CheckpointError, WanEncoder, load_encoder, narrow
+from streamvae import LIGHTVAE, WAN21, WAN22, CheckpointError, WanEncoder, load_encoder, narrow
 
 TOLERANCE = 1e-5
 MEAN = torch.tensor(WAN21.latents_mean).view(1, -1, 1, 1, 1)
@@ -131,24 +133,7 @@ def test_dtype_is_honoured(narrow_layouts, dtype):
 
 @pytest.mark.parametrize("layout", ["wan-pth", "comfyui-safetensors", "diffusers-folder"])
 def test_only_encoder_tensors_are_read(narrow_layouts, layout, monkeypatch):
-    read: list[str] = []
-    original = weights.open_tensors
-
-    from contextlib import contextmanager
-
-    @contextmanager
-    def recording(path):
-        with original(path) as source:
-            inner = source.read
-
-            def read_one(name):
-                read.append(name)
-                return inner(name)
-
-            source.read = read_one
-            yield source
-
-    monkeypatch.setattr(weights, "open_tensors", recording)
+    read = record_reads(monkeypatch)
     encoder = load_encoder(narrow_layouts[layout])
     assert len(read) == len(encoder.state_dict()) == 86
     assert not [n for n in read if n.startswith(("decoder.", "conv2.", "post_quant_conv."))]
@@ -213,7 +198,7 @@ def test_wrong_shapes_missing_and_unexpected_are_listed_together(narrow_layouts,
 def test_not_a_vae_at_all(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"model.layer.weight": torch.zeros(2)}, path)
-    with pytest.raises(CheckpointError, match=r"not a Wan 2\.1 VAE checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a Wan VAE checkpoint"):
         load_encoder(path)
 
 
@@ -242,35 +227,18 @@ def test_folder_without_config(narrow_layouts, tmp_path):
         load_encoder(folder)
 
 
-def test_wan22_config_is_refused(narrow_layouts, tmp_path):
+def test_wan21_weights_under_a_wan22_config_are_refused(narrow_layouts, tmp_path):
     folder = tmp_path / "vae"
     shutil.copytree(narrow_layouts["diffusers-folder"], folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(is_residual=True, patch_size=2)
+    config.update(is_residual=True, patch_size=2, in_channels=12)
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"Wan 2\.2"):
+    with pytest.raises(CheckpointError, match=r"does not fit the wan2\.2-narrow8 encoder") as info:
         load_encoder(folder)
+    assert "encoder.down_blocks.0.resnets.0.conv1.weight" in str(info.value)  # missing
 
 
 # -- hub, offline against a locally built cache ----
-
-
-def build_hub_cache(cache, repo_id: str, files: dict[str, object]) -> None:
-    """The layout huggingface_hub uses: models--org--name/{refs/main, snapshots/<sha>/...}."""
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(revision)
-    for name, source in files.items():
-        target = repo / "snapshots" / revision / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, target)
-
-
-@pytest.fixture
-def offline_hub(monkeypatch):
-    huggingface_hub = require("huggingface_hub")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def test_hub_wan_repo_from_cache(narrow_layouts, tmp_path, offline_hub):
@@ -315,55 +283,22 @@ def test_name_maps_invert_each_other():
         )
 
 
-MEMORY_PROBE = r"""
-import json, sys, threading, time
-import torch, streamvae
-
-def anon_kib():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-
-peak = [0]
-done = threading.Event()
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], anon_kib())
-        time.sleep(0.002)
-
-baseline = anon_kib()
-thread = threading.Thread(target=sample); thread.start()
-encoder = streamvae.load_encoder(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
-done.set(); thread.join()
-peak[0] = max(peak[0], anon_kib())
-params = sum(p.numel() * p.element_size() for p in encoder.parameters())
-print(json.dumps({"peak_growth": (peak[0] - baseline) * 1024, "params": params}))
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["wan-pth", "comfyui-safetensors"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_loading_never_holds_the_weights_twice(full_layouts, layout, dtype):
     """Anonymous memory while loading the full 508 MB VAE stays near the encoder's own size."""
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(full_layouts[layout]), dtype],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures = loading_memory(full_layouts[layout], dtype)
     print(layout, dtype, figures)
     # One copy of the encoder (205 MiB in float32) plus transients of one tensor at a time.
     assert figures["peak_growth"] < 1.25 * figures["params"] + 64 * 2**20
 
 
-@pytest.mark.parametrize("config", [WAN21, narrow(8)], ids=["wan2.1", "narrow8"])
+@pytest.mark.parametrize(
+    "config",
+    [WAN21, narrow(8), WAN22, narrow(8, WAN22), LIGHTVAE],
+    ids=["wan2.1", "narrow8", "wan2.2", "wan2.2-narrow8", "lightvae"],
+)
 def test_diffusers_config_round_trips(tmp_path, config):
     """The keyword arguments streamvae gives AutoencoderKLWan read back as the same topology."""
     path = tmp_path / "config.json"

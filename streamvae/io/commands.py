@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 
 import torch
 
+from streamvae.config import PRESETS, WanConfig
+from streamvae.frames import FrameError
 from streamvae.io.backoff import Backoff
 from streamvae.io.filesink import FileSink
 from streamvae.io.pipeline import (
@@ -52,6 +54,7 @@ from streamvae.io.sources import (
     FrameSource,
     SourceError,
     open_source,
+    parse_size,
     source_kind,
 )
 from streamvae.io.topics import PASSWORD_ENV, validate_stream_id
@@ -238,13 +241,27 @@ def default_stream_id(source: str) -> str:
 
 
 def model_labels(choice: Any, *, normalize: bool) -> dict[str, str]:
-    """Labels stored with every latent: model, config, normalisation, meaningless."""
+    """Labels stored with every latent: model, config, z_dim, stride, normalisation, meaningless.
+
+    ``normalization`` names the preset whose latent statistics were applied (``wan2.1``,
+    ``wan2.2``) or ``none``.
+    """
+    config = choice.encoder.config
     return {
         "model": choice.label,
-        "config": choice.encoder.config.name,
-        "normalization": "wan2.1" if normalize else "none",
+        "config": config.name,
+        "z_dim": str(config.z_dim),
+        "stride": f"{config.temporal_stride}x{config.spatial_stride}x{config.spatial_stride}",
+        "normalization": _statistics_name(config) if normalize else "none",
         "meaningless": "true" if choice.random else "false",
     }
+
+
+def _statistics_name(config: WanConfig) -> str:
+    for preset in PRESETS.values():
+        if (preset.latents_mean, preset.latents_std) == (config.latents_mean, config.latents_std):
+            return preset.name
+    return config.name
 
 
 def _ffmpeg_options(pairs: list[str]) -> dict[str, str]:
@@ -292,6 +309,10 @@ def _stream_encoder(args: argparse.Namespace) -> tuple[Any, StreamEncoder]:
     from streamvae.cli import model_from_args
 
     choice = model_from_args(args)
+    size = parse_size(args.size) if getattr(args, "size", None) else None
+    problem = None if size is None else choice.encoder.config.size_error(*size)
+    if problem is not None:
+        raise SystemExit(f"streamvae: --size {args.size}: {problem}")
     if choice.random:
         print(
             "streamvae: RANDOM WEIGHTS: the latents are meaningless (for trying the pipeline); "
@@ -361,6 +382,8 @@ def _run_until_done(main: Coroutine[Any, Any, int]) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("streamvae: aborted", file=sys.stderr)
         return 130
+    except FrameError as exc:  # e.g. a source whose frames the model cannot take (its rule)
+        raise SystemExit(f"streamvae: {exc}") from None
 
 
 def _ms(seconds: float) -> str:

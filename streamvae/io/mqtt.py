@@ -448,7 +448,8 @@ class MqttSink:
     # -- the connection task ----
 
     def _status(self, status: str, reason: str) -> bytes:
-        labels = {k: v for k, v in self.labels.items() if k in ("model", "meaningless", "stream")}
+        shown = ("model", "config", "z_dim", "meaningless", "stream")
+        labels = {k: v for k, v in self.labels.items() if k in shown}
         return json.dumps({"status": status, "reason": reason, **labels}).encode()
 
     async def _run(self) -> None:

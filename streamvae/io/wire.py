@@ -1,7 +1,7 @@
 """The wire format of one latent: the bytes of a safetensors file, never a pickle.
 
-One tensor named ``latent`` (``[16, h, w]``, float32 unless another storage dtype is chosen) and
-string metadata:
+One tensor named ``latent`` (``[z_dim, h, w]``: 16 channels for Wan 2.1, 48 for Wan 2.2; float32
+unless another storage dtype is chosen) and string metadata:
 
 ========================  ===================================================================
 ``format``                ``streamvae.latent/1``
@@ -14,9 +14,10 @@ string metadata:
                           unknown; ``[]`` when the frames carried none)
 ``dropped_before``        source frames missing since the previous latent of the run (``"0"``)
 ``dtype``                 the storage dtype (``float32``, ``float16``, ``bfloat16``)
-labels                    added by the sinks: ``stream``, ``run``, ``model``, ``config``,
-                          ``normalization`` (``wan2.1`` or ``none``), ``meaningless``
-                          (``"true"`` for random weights)
+labels                    added by the sinks: ``stream``, ``run``, ``model``, ``config``
+                          (``wan2.1``, ``wan2.2``, ...), ``z_dim``, ``stride`` (``4x16x16``),
+                          ``normalization`` (``wan2.1``, ``wan2.2`` or ``none``),
+                          ``meaningless`` (``"true"`` for random weights)
 ========================  ===================================================================
 
 >>> import torch

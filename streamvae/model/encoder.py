@@ -1,11 +1,15 @@
-"""The Wan 2.1 VAE encoder as a chain of stepping layers; batch encode is one fresh-state pass.
+"""The Wan VAE encoders as a chain of stepping layers; batch encode is one fresh-state pass.
 
 >>> import torch
->>> from streamvae.config import narrow
+>>> from streamvae.config import WAN22, narrow
 >>> from streamvae.model import WanEncoder
->>> encoder = WanEncoder(narrow(8)).eval()
->>> encoder.encode(torch.zeros(1, 3, 9, 32, 32)).shape
+>>> WanEncoder(narrow(8)).eval().encode(torch.zeros(1, 3, 9, 32, 32)).shape
 torch.Size([1, 16, 3, 4, 4])
+>>> WanEncoder(narrow(8, WAN22)).eval().encode(torch.zeros(1, 3, 9, 32, 48)).shape
+torch.Size([1, 48, 3, 2, 3])
+
+One code path for the whole family: Wan 2.2's patchify and stage shortcuts are layers like the
+others (:class:`~streamvae.model.layers.Patchify`, :class:`~streamvae.model.layers.ResidualStage`).
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from streamvae.model.layers import (
     CausalConv3d,
     Downsample,
     MidBlock,
+    Patchify,
     ResidualBlock,
+    ResidualStage,
     ResidualState,
     RMSNorm,
+    StageState,
     StateSpec,
 )
-from streamvae.model.state import ConvState, TimeDownState
+from streamvae.model.state import ConvState, FrameWindow, PairState, TimeDownState
 
 __all__ = ["EncoderState", "WanEncoder", "default_memory_format", "state_nbytes"]
 
@@ -37,8 +44,9 @@ __all__ = ["EncoderState", "WanEncoder", "default_memory_format", "state_nbytes"
 # three oneDNN-packed rotations of its weights (600 MB more in float32).
 RING_DEVICES = frozenset({"cuda"})
 
-Block = ResidualBlock | Downsample
-BlockState = ResidualState | TimeDownState | None
+Block = ResidualBlock | Downsample | ResidualStage
+BlockState = ResidualState | TimeDownState | StageState | None
+Part = ConvState | ResidualState | TimeDownState | PairState
 
 
 class EncoderState:
@@ -72,27 +80,45 @@ class EncoderState:
             for conv in (part.conv1, part.conv2)
         ]
         self._time_downs = [part for part in self._parts() if isinstance(part, TimeDownState)]
+        self._pairs = [part for part in self._parts() if isinstance(part, PairState)]
 
     def signature(self) -> Signature:
         """The Python-side state that decides which kernels the next step launches."""
         return (
             *((conv.history, conv.head) for conv in self._convs),
             *((down.held, down.started) for down in self._time_downs),
+            *(pair.held for pair in self._pairs),
         )
 
     def restore(self, signature: Signature) -> None:
         """Set the Python-side state to ``signature`` (after a replayed CUDA graph)."""
         convs = len(self._convs)
+        downs = convs + len(self._time_downs)
         for conv, history_head in zip(self._convs, signature[:convs]):
             conv.history, conv.head = history_head  # type: ignore[misc]
-        for down, held_started in zip(self._time_downs, signature[convs:]):
+        for down, held_started in zip(self._time_downs, signature[convs:downs]):
             down.held, down.started = held_started  # type: ignore[misc]
+        for pair, held in zip(self._pairs, signature[downs:]):
+            pair.held = held  # type: ignore[assignment]
 
-    def _parts(self) -> Iterator[ConvState | ResidualState | TimeDownState]:
+    def _parts(self) -> Iterator[Part]:
+        """Every layer's state, in the order the encoder steps them (stages flattened)."""
         yield self.conv_in
-        yield from (s for s in self.blocks if s is not None)
+        for block in self.blocks:
+            if isinstance(block, StageState):
+                yield from block.parts()
+            elif block is not None:
+                yield block
         yield from self.mid
         yield self.conv_out
+
+    def windows(self) -> list[FrameWindow]:
+        """Every frame buffer this state owns, in the order the encoder steps its layers."""
+        windows = []
+        for part in self._parts():
+            convs = (part.conv1, part.conv2) if isinstance(part, ResidualState) else (part,)
+            windows += [conv.window for conv in convs]
+        return windows
 
     def reset(self) -> None:
         """Back to the state before frame 0, in place (no reallocation)."""
@@ -105,26 +131,41 @@ class EncoderState:
 
 
 class WanEncoder(nn.Module):
-    """The Wan 2.1 VAE encoder (encoder trunk plus ``quant_conv``), returning the latent mean.
+    """A Wan VAE encoder (encoder trunk plus ``quant_conv``), returning the latent mean.
 
     Parameter names follow diffusers' ``AutoencoderKLWan`` (``conv_in``, ``down_blocks.N``,
     ``mid_block``, ``norm_out``, ``conv_out``, ``quant_conv``) with the ``encoder.`` prefix
-    dropped; :mod:`streamvae.weights` maps Wan's original names onto them.
+    dropped; :mod:`streamvae.weights` maps Wan's original names onto them. Wan 2.1's
+    ``down_blocks`` are a flat list of residual blocks and downsamples; with
+    ``config.residual`` (Wan 2.2) they are one :class:`ResidualStage` per stage
+    (``down_blocks.N.resnets.M``, ``down_blocks.N.downsampler``), as in diffusers.
     """
 
     def __init__(self, config: WanConfig = WAN21) -> None:
         super().__init__()
         self.config = config
         dims = config.dims
-        self.conv_in = CausalConv3d(config.in_channels, dims[0])
+        self.patchify = Patchify(config.patch_size)
+        self.conv_in = CausalConv3d(config.conv_in_channels, dims[0])
         blocks: list[Block] = []
-        last_stage = len(config.dim_mult) - 1
-        for stage, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+        for stage in config.stages():
+            if config.residual:
+                blocks.append(
+                    ResidualStage(
+                        stage.in_dim,
+                        stage.out_dim,
+                        config.num_res_blocks,
+                        spatial=stage.spatial_down,
+                        temporal=stage.temporal_down,
+                    )
+                )
+                continue
+            in_dim = stage.in_dim
             for _ in range(config.num_res_blocks):
-                blocks.append(ResidualBlock(in_dim, out_dim))
-                in_dim = out_dim
-            if stage != last_stage:
-                blocks.append(Downsample(out_dim, temporal=config.temporal_downsample[stage]))
+                blocks.append(ResidualBlock(in_dim, stage.out_dim))
+                in_dim = stage.out_dim
+            if stage.spatial_down:
+                blocks.append(Downsample(stage.out_dim, temporal=stage.temporal_down))
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(dims[-1])
         self.norm_out = RMSNorm(dims[-1])
@@ -175,12 +216,13 @@ class WanEncoder(nn.Module):
         if ring is None:
             ring = capacity == 1 and self.device.type in RING_DEVICES
         spec = StateSpec(batch, capacity, self.dtype, self.device, memory_format, ring=ring)
-        h, w = height, width
+        patch = self.config.patch_size
+        h, w = height // patch, width // patch
         conv_in = self.conv_in.new_state(spec, h, w)
         blocks: list[BlockState] = []
         for block in self.down_blocks:
             blocks.append(block.new_state(spec, h, w))
-            if isinstance(block, Downsample):
+            if block.halves_space:
                 h, w = h // 2, w // 2
         mid = self.mid_block.new_state(spec, h, w)
         conv_out = self.conv_out.new_state(spec, h, w)
@@ -195,8 +237,9 @@ class WanEncoder(nn.Module):
     def step(self, video: torch.Tensor, state: EncoderState) -> torch.Tensor | None:
         """Advance ``state`` by the frames of ``video`` (``[B, 3, n, H, W]``, model dtype, [-1, 1]).
 
-        Returns the raw latent means ``[B, z_dim, m, H/8, W/8]`` (model dtype) of the latent
-        frames that became complete, or ``None`` when none did.
+        Returns the raw latent means ``[B, z_dim, m, H/s, W/s]`` (model dtype; ``s`` is
+        ``config.spatial_stride``) of the latent frames that became complete, or ``None`` when
+        none did.
         """
         outs = [
             out
@@ -209,7 +252,7 @@ class WanEncoder(nn.Module):
 
     def _step_chunk(self, x: torch.Tensor, state: EncoderState) -> torch.Tensor | None:
         count = x.shape[2]
-        state.conv_in.slots(count).copy_(x)
+        self.patchify.write_into(x, state.conv_in.slots(count))
         if state.graphs is None:
             return self._advance(count, state)
         return state.graphs.run(
@@ -244,13 +287,9 @@ class WanEncoder(nn.Module):
         """The step after the input frames were written into ``conv_in``'s window."""
         h: torch.Tensor | None = self.conv_in.step(state.conv_in, count)
         for block, block_state in zip(self.down_blocks, state.blocks):
-            if isinstance(block, ResidualBlock):
-                h = block.step(h, block_state)
-            else:
-                h = block.step(h, block_state)
-                if h is None:
-                    return None
-        assert h is not None
+            h = block.step(h, block_state)  # type: ignore[arg-type]
+            if h is None:  # a temporal downsample holds its frame for the next pair
+                return None
         h = self.mid_block.step(h, state.mid)
         count = h.shape[2]
         self.norm_out.silu_into(h, state.conv_out.slots(count))
@@ -274,24 +313,33 @@ class WanEncoder(nn.Module):
     def encode(
         self, video: torch.Tensor, *, normalize: bool = True, chunk_frames: int = 4
     ) -> torch.Tensor:
-        """Encode whole clips: ``[B, 3, T, H, W]`` RGB in [-1, 1] -> ``[B, 16, 1 + (T-1)//4, H//8, W//8]``.
+        """Encode whole clips: ``[B, 3, T, H, W]`` RGB in [-1, 1] -> ``[B, z, 1 + (T-1)//4, H//s, W//s]``.
 
-        Returns float32 latent means, normalised with Wan's per-channel mean and std (the raw
-        mean with ``normalize=False``, which is what diffusers' ``latent_dist.mean`` returns).
-        As in the reference, frames after the last complete group of four (frames past
-        ``1 + 4 * ((T - 1) // 4)``) are ignored. This is the streaming code path run from a fresh
-        state over chunks of ``chunk_frames`` frames; any chunking gives the same latents.
+        ``z`` is ``config.z_dim`` (16 for Wan 2.1, 48 for Wan 2.2), ``s`` is
+        ``config.spatial_stride`` (8 or 16). Returns float32 latent means, normalised with the
+        model's per-channel mean and std (the raw mean with ``normalize=False``, which is what
+        diffusers' ``latent_dist.mean`` returns). As in the reference, frames after the last
+        complete group of four (frames past ``1 + 4 * ((T - 1) // 4)``) are ignored; Wan 2.1
+        ignores the rows and columns past a multiple of 8, and Wan 2.2 (whose reference fails
+        on them) refuses sizes that are not multiples of 16. This is the streaming code path run
+        from a fresh state over chunks of ``chunk_frames`` frames; any chunking gives the same
+        latents.
         """
         if not isinstance(video, torch.Tensor) or video.dim() != 5:
             got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
             raise ValueError(f"encode expects a [B, 3, T, H, W] tensor, got {got}")
         b, c, t, h, w = video.shape
-        if c != self.config.in_channels:
-            raise ValueError(f"encode expects {self.config.in_channels} channels (RGB), got {c}")
+        config = self.config
+        if c != config.in_channels:
+            kind = " (RGB)" if config.in_channels == 3 else ""
+            raise ValueError(f"encode expects {config.in_channels} channels{kind}, got {c}")
         if not video.is_floating_point():
             raise TypeError(f"encode expects a float tensor in [-1, 1], got {video.dtype}")
-        if t < 1 or h < self.config.spatial_stride or w < self.config.spatial_stride:
-            raise ValueError(f"encode needs T >= 1 and H, W >= 8, got T={t}, H={h}, W={w}")
+        if config.residual and (problem := config.size_error(h, w)):
+            raise ValueError(f"encode: {problem}")
+        stride = config.spatial_stride
+        if t < 1 or h < stride or w < stride:
+            raise ValueError(f"encode needs T >= 1 and H, W >= {stride}, got T={t}, H={h}, W={w}")
         stride = self.config.temporal_stride
         used = 1 + stride * ((t - 1) // stride)
         video = video[:, :, :used].to(device=self.device, dtype=self.dtype)

@@ -1,7 +1,8 @@
-"""The Wan 2.1 encoder's building blocks, each with a ``step`` over the frames new since its last call.
+"""The Wan encoders' building blocks, each with a ``step`` over the frames new since its last call.
 
 Tensors are ``[B, C, T, H, W]``. Layers without memory (norms, SiLU, attention, 1x1 convs, the
-spatial downsample) act per frame. The causal ones (3x3x3 convs, the temporal downsample) keep
+spatial downsample, Wan 2.2's patchify and spatial average pooling) act per frame. The causal
+ones (3x3x3 convs, the temporal downsample, Wan 2.2's average-pool shortcut across time) keep
 what they must remember in a state object owned by the stream (see :mod:`streamvae.model.state`),
 so one set of weights serves any number of streams.
 """
@@ -16,16 +17,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamvae.model.kernels import PackedConv, rms_silu_into
-from streamvae.model.state import ConvState, FrameWindow, TimeDownState
+from streamvae.model.state import ConvState, FrameWindow, PairState, TimeDownState
 
 __all__ = [
     "Attention",
+    "AvgShortcut",
     "CausalConv3d",
     "Downsample",
     "MidBlock",
+    "Patchify",
     "RMSNorm",
     "ResidualBlock",
+    "ResidualStage",
     "ResidualState",
+    "StageState",
     "StateSpec",
 ]
 
@@ -203,6 +208,8 @@ class ResidualBlock(nn.Module):
         self.conv_shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
         self.shortcut_kernel = PackedConv(stride=(1, 1, 1), padding=(0, 0, 0))
 
+    halves_space = False
+
     def new_state(self, spec: StateSpec, height: int, width: int) -> ResidualState:
         return ResidualState(
             self.conv1.new_state(spec, height, width), self.conv2.new_state(spec, height, width)
@@ -235,6 +242,8 @@ class Downsample(nn.Module):
         self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
         self.kernel = PackedConv(stride=(2, 2), padding=(0, 0))
         self.time_kernel = PackedConv(stride=(2, 1, 1), padding=(0, 0, 0))
+
+    halves_space = True
 
     def new_state(self, spec: StateSpec, height: int, width: int) -> TimeDownState | None:
         if self.time_conv is None:
@@ -291,6 +300,157 @@ class Downsample(nn.Module):
         if first is None:
             return out
         return first if out is None else torch.cat([first, out], dim=2)
+
+
+class Patchify(nn.Module):
+    """Wan 2.2's pixel patchify: ``[B, C, n, H, W] -> [B, C * p * p, n, H/p, W/p]``, per frame.
+
+    Output channel ``c * p * p + j * p + i`` holds pixel ``(p * y + i, p * x + j)`` of input
+    channel ``c`` (the width offset ``j`` before the height offset ``i``, as in Wan's
+    ``rearrange(x, "b c f (h q) (w r) -> b (c r q) f h w")``).
+    """
+
+    def __init__(self, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+
+    def write_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Patchify ``x`` into ``out`` (a slot of ``conv_in``'s window) in one copy."""
+        p = self.patch_size
+        if p == 1:
+            out.copy_(x)
+            return
+        b, c, n, h, w = x.shape
+        patches = x.reshape(b, c, n, h // p, p, w // p, p).permute(0, 1, 6, 4, 2, 3, 5)
+        out.unflatten(1, (c, p, p)).copy_(patches)
+
+
+class AvgShortcut(nn.Module):
+    """Wan 2.2's parameter-free stage shortcut (``AvgDown3D``): space-to-depth, then group means.
+
+    Each output frame is made from ``frames`` consecutive input frames and ``pixels x pixels``
+    blocks: the input's channels are spread over (channel, frame offset, row offset, column
+    offset), in that order, and every ``in_dim * frames * pixels**2 / out_dim`` consecutive of
+    those are averaged into one output channel. With ``frames == 2`` it pairs the stream's
+    frames ``(0, s0), (s1, s2), ...`` and keeps the unpaired one in a :class:`PairState`.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, frames: int, pixels: int) -> None:
+        super().__init__()
+        if frames not in (1, 2):
+            raise ValueError(f"the shortcut averages 1 or 2 frames, got {frames}")
+        factor = frames * pixels * pixels
+        if in_dim * factor % out_dim:
+            raise ValueError(
+                f"in_dim * {factor} must be divisible by out_dim ({in_dim}, {out_dim})"
+            )
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        self.frames = frames
+        self.pixels = pixels
+        self.group = in_dim * factor // out_dim
+
+    @property
+    def identity(self) -> bool:
+        return self.frames == 1 and self.pixels == 1 and self.in_dim == self.out_dim
+
+    def new_state(self, spec: StateSpec, height: int, width: int) -> PairState | None:
+        if self.frames == 1:
+            return None
+        return PairState(spec.window(self.in_dim, 1, height, width))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The shortcut of complete frame groups ``x`` (``[B, in_dim, frames * k, H, W]``)."""
+        if self.identity:
+            return x
+        b, c, t, h, w = x.shape
+        ft, fs = self.frames, self.pixels
+        spread = x.reshape(b, c, t // ft, ft, h // fs, fs, w // fs, fs).permute(
+            0, 1, 3, 5, 7, 2, 4, 6
+        )
+        grouped = spread.reshape(b, self.out_dim, self.group, t // ft, h // fs, w // fs)
+        return grouped.mean(dim=2)
+
+    def step(self, x: torch.Tensor, state: PairState | None) -> torch.Tensor | None:
+        """The shortcut frames this step completes, or ``None`` when it completes none."""
+        if state is None:
+            return self.pool(x)
+        count = x.shape[2]
+        window = state.window
+        window.slots(state.held, count).copy_(x)
+        available = state.held + count
+        pairs = available // 2
+        out = self.pool(window.slots(0, 2 * pairs)) if pairs else None
+        keep = available - 2 * pairs
+        window.shift_to_front(2 * pairs, keep)
+        state.held = keep
+        return out
+
+
+class StageState:
+    """The states of one Wan 2.2 stage: its residual blocks', its downsample's, its shortcut's."""
+
+    def __init__(
+        self,
+        resnets: list[ResidualState],
+        down: TimeDownState | None,
+        shortcut: PairState | None,
+    ) -> None:
+        self.resnets = resnets
+        self.down = down
+        self.shortcut = shortcut
+
+    def parts(self) -> list[ResidualState | TimeDownState | PairState]:
+        """The leaf states, in the order the stage steps them."""
+        parts: list[ResidualState | TimeDownState | PairState] = list(self.resnets)
+        parts += [s for s in (self.down, self.shortcut) if s is not None]
+        return parts
+
+    def reset(self) -> None:
+        for part in self.parts():
+            part.reset()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts())
+
+
+class ResidualStage(nn.Module):
+    """A Wan 2.2 stage: residual blocks, an optional downsample, plus the average-pool shortcut
+    of the stage's input (names as in diffusers' ``WanResidualDownBlock``)."""
+
+    def __init__(
+        self, in_dim: int, out_dim: int, num_res_blocks: int, *, spatial: bool, temporal: bool
+    ) -> None:
+        super().__init__()
+        dims = [in_dim] + [out_dim] * num_res_blocks
+        self.resnets = nn.ModuleList(ResidualBlock(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.downsampler = Downsample(out_dim, temporal=temporal) if spatial else None
+        self.avg_shortcut = AvgShortcut(
+            in_dim, out_dim, frames=2 if temporal else 1, pixels=2 if spatial else 1
+        )
+
+    @property
+    def halves_space(self) -> bool:
+        return self.downsampler is not None
+
+    def new_state(self, spec: StateSpec, height: int, width: int) -> StageState:
+        resnets = [resnet.new_state(spec, height, width) for resnet in self.resnets]
+        down = None if self.downsampler is None else self.downsampler.new_state(spec, height, width)
+        return StageState(resnets, down, self.avg_shortcut.new_state(spec, height, width))
+
+    def step(self, x: torch.Tensor, state: StageState) -> torch.Tensor | None:
+        # Before the blocks: the pair state copies x, or the pooled result is a new tensor.
+        shortcut = self.avg_shortcut.step(x, state.shortcut)
+        h: torch.Tensor | None = x
+        for resnet, resnet_state in zip(self.resnets, state.resnets):
+            h = resnet.step(h, resnet_state)
+        if self.downsampler is not None:
+            h = self.downsampler.step(h, state.down)
+        if h is None or shortcut is None:
+            assert h is None and shortcut is None, "main path and shortcut out of step"
+            return None
+        return h.add_(shortcut)
 
 
 class Attention(nn.Module):

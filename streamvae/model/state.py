@@ -2,7 +2,8 @@
 
 Each causal layer of the encoder owns one of these per stream. A state is sized once, when the
 frame size is known, and never grows: it holds the frames the layer must remember (two for a
-3x3x3 causal conv, up to two for a temporal downsample) plus ``capacity`` slots that the new
+3x3x3 causal conv, up to two for a temporal downsample, one for Wan 2.2's average-pool shortcut
+across time) plus ``capacity`` slots that the new
 frames of one step are written into, so the layer's convolution reads one contiguous window
 ``[remembered, new]`` and no per-step concatenation or cache reallocation happens.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ConvState", "FrameWindow", "TimeDownState"]
+__all__ = ["ConvState", "FrameWindow", "PairState", "TimeDownState"]
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,33 @@ class TimeDownState:
         self.window.frames.zero_()
         self.held = 0
         self.started = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.window.nbytes
+
+
+class PairState:
+    """State of an average-pool shortcut across time (Wan 2.2): its pending unpaired frame.
+
+    The shortcut averages frame pairs ``(0, s0), (s1, s2), (s3, s4), ...`` of its input (the
+    reference pads each chunk at the front to an even length, and its chunks are 1, 4, 4, ...
+    frames, so chunk 0 pairs frame 0 with a zero frame). The window holds ``held`` frames at
+    its front: before frame 0 that is the zero frame (``held == 1``), then 0 or 1 pending
+    frame; a step writes its new frames after them and averages the complete pairs.
+    """
+
+    def __init__(self, window: FrameWindow) -> None:
+        self.window = window
+        self.held = 1
+
+    @property
+    def capacity(self) -> int:
+        return self.window.length - 1
+
+    def reset(self) -> None:
+        self.window.frames.zero_()
+        self.held = 1
 
     @property
     def nbytes(self) -> int:
