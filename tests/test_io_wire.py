@@ -184,3 +184,14 @@ def test_mangled_payloads_raise_only_wire_error(cut: int, flips: list[tuple[int,
     except WireError:
         return
     assert latent.data.shape == (16, 2, 3)  # a flip in the tensor data or a harmless place
+
+
+def test_approximate_flag_round_trips_and_is_absent_otherwise():
+    from streamvae import Latent
+    from streamvae.io.wire import decode_latent, encode_latent
+
+    exact = Latent(torch.zeros(16, 2, 2), index=3, frames=range(9, 13))
+    payload = encode_latent(exact)
+    assert b"approximate" not in payload[:2000] and not decode_latent(payload).approximate
+    flagged = decode_latent(encode_latent(Latent(exact.data, 3, exact.frames, approximate=True)))
+    assert flagged.approximate and "approximate" not in flagged.meta

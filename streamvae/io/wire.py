@@ -11,6 +11,8 @@ string metadata:
 ``ready_time``            when the latent was ready (seconds since the epoch)
 ``padded`` / ``gap``      as in :class:`streamvae.Latent` (``"0"``, ``"true"``/``"false"``)
 ``dtype``                 the storage dtype (``float32``, ``float16``, ``bfloat16``)
+``approximate``           ``"true"`` only on a latent of a stream resumed from fewer frames
+                          than the receptive field (absent otherwise)
 labels                    added by the sinks: ``stream``, ``run``, ``model``, ``config``,
                           ``normalization`` (``wan2.1`` or ``none``), ``meaningless``
                           (``"true"`` for random weights)
@@ -66,6 +68,7 @@ _BY_CODE = {code: (name, size) for name, (_, code, size) in STORAGE_DTYPES.items
 _RESERVED = frozenset(
     {"format", "index", "frames", "timestamps", "ready_time", "padded", "gap", "dtype"}
 )
+_OPTIONAL = frozenset({"approximate"})
 _MAX_CHANNELS = 1024
 _MAX_TIMESTAMPS = 64
 
@@ -85,7 +88,7 @@ def encode_latent(
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     extra = {**latent.meta, **(labels or {})}
-    clash = _RESERVED & set(extra)
+    clash = (_RESERVED | _OPTIONAL) & set(extra)
     if clash:
         raise ValueError(f"labels may not use the wire format's own keys {sorted(clash)}")
     for key, value in extra.items():
@@ -100,6 +103,7 @@ def encode_latent(
         "padded": str(latent.padded),
         "gap": "true" if latent.gap else "false",
         "dtype": dtype,
+        **({"approximate": "true"} if latent.approximate else {}),
         **extra,
     }
     data = latent.data.detach().to("cpu", STORAGE_DTYPES[dtype][0]).contiguous()
@@ -217,7 +221,7 @@ def _latent_from(data: torch.Tensor, metadata: dict[str, str]) -> Latent:
         raise WireError("timestamps must be a JSON list of numbers or nulls")
     if metadata["gap"] not in ("true", "false"):
         raise WireError(f"gap must be 'true' or 'false', got {metadata['gap']!r}")
-    labels = {key: value for key, value in metadata.items() if key not in _RESERVED}
+    labels = {key: value for key, value in metadata.items() if key not in _RESERVED | _OPTIONAL}
     return Latent(
         data=data,
         index=index,
@@ -227,4 +231,5 @@ def _latent_from(data: torch.Tensor, metadata: dict[str, str]) -> Latent:
         padded=padded,
         gap=metadata["gap"] == "true",
         meta=labels,
+        approximate=metadata.get("approximate") == "true",
     )
