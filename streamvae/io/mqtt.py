@@ -261,6 +261,8 @@ class MqttSink:
     - ``qos``: 0, 1 (default) or 2; ``dtype``: the storage dtype of the tensor.
     - ``buffer_messages``: latents held while the broker is unreachable.
     - ``message_expiry``: seconds after which the broker may drop an undelivered latent (MQTT 5).
+    - ``run``: a fixed ``run`` label (e.g. a fleet's run id, which survives a takeover) instead
+      of the count of gaps; may be changed between latents.
     """
 
     def __init__(
@@ -275,6 +277,7 @@ class MqttSink:
         backoff: Backoff | None = None,
         drain_timeout: float = 5.0,
         message_expiry: int | None = None,
+        run: str | None = None,
     ) -> None:
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
@@ -298,6 +301,7 @@ class MqttSink:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._run_number = 0
+        self.run = run  # a fixed run label (a fleet's run id) instead of the gap counter
         self._identifier = f"streamvae-{stream_id}-{uuid.uuid4().hex[:8]}"
 
     # -- public ----
@@ -331,7 +335,7 @@ class MqttSink:
             raise RuntimeError("the MQTT sink is closed")
         if latent.gap:
             self._run_number += 1
-        run = str(self._run_number)
+        run = str(self._run_number) if self.run is None else self.run
         payload = encode_latent(latent, {**self.labels, "run": run}, dtype=self.dtype)
         properties = Properties(PacketTypes.PUBLISH)
         properties.ContentType = CONTENT_TYPE

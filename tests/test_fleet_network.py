@@ -1,0 +1,210 @@
+"""The fleet on a real nats-server: real ingest and worker processes, a worker killed with
+kill -9, planned moves, bad frames, an outage, credentials. Each test reports its figures on
+stdout (run with -s to see them)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import pytest
+from fleet_fixtures import FleetProcess, NatsServer, read_latents
+
+from streamvae import StreamEncoder, narrow
+from streamvae.fleet.messages import decode_frame, is_end
+from streamvae.weights import random_encoder
+
+pytestmark = [pytest.mark.network]
+
+LEASE_TTL = 2.0
+SIZE = "16x16"
+TOLERANCE = 1e-5
+
+
+def worker_args(url: str, worker_id: str, *extra: str) -> list[str]:
+    return [
+        "worker", "--nats", url, "--capacity", "2", "--random-weights", "--config", "narrow8",
+        "--seed", "0", "--worker-id", worker_id, "--lease-ttl", str(LEASE_TTL), "--json",
+        "--threads", "1", *extra,
+    ]  # fmt: skip
+
+
+def ingest_args(url: str, stream_id: str, frames: int, fps: float, *extra: str) -> list[str]:
+    return [
+        "ingest", f"synthetic://moving?frames={frames}&fps={fps}&size={SIZE}", "--nats", url,
+        "--stream-id", stream_id, "--frame-codec", "png", "--retain", "512", "--json", *extra,
+    ]  # fmt: skip
+
+
+async def _kv_get(url: str, bucket: str, key: str) -> dict | None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        kv = await nc.jetstream().key_value(bucket)
+        try:
+            return json.loads((await kv.get(key)).value)
+        except Exception:
+            return None
+    finally:
+        await nc.close()
+
+
+def wait_progress(url: str, stream_id: str, at_least: int, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with_progress = asyncio.run(_kv_get(url, "svae_progress", stream_id))
+        if with_progress and with_progress.get("last_index", -1) >= at_least:
+            return with_progress
+        time.sleep(0.2)
+    raise AssertionError(f"{stream_id}: progress did not reach latent {at_least} in {timeout} s")
+
+
+async def _frames_of(url: str, stream_id: str) -> list:
+    """The retained frame messages of the stream's (last) run, decoded, in order."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        sub = await nc.jetstream().subscribe(f"svae.frames.{stream_id}", ordered_consumer=True)
+        frames = []
+        while True:
+            try:
+                message = await sub.next_msg(timeout=2.0)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                return frames
+            if is_end(message.headers):
+                continue
+            try:
+                frames.append(decode_frame(message.headers, message.data))
+            except ValueError:
+                frames.append(None)
+    finally:
+        await nc.close()
+
+
+def reference_latents(frames) -> list:
+    """One uninterrupted single-process run over the same frames and weights."""
+    stream = StreamEncoder(random_encoder(narrow(8), seed=0))
+    out = []
+    for frame in frames:
+        out += stream.push(frame.image, timestamp=frame.timestamp)
+    return out
+
+
+def check_against_reference(received, reference) -> dict:
+    """Every reference latent arrives exactly once per (stream, run, index), equal within 1e-5."""
+    keys = [(lat.meta["stream"], lat.meta["run"], lat.index) for _, lat in received]
+    duplicates = len(keys) - len(set(keys))
+    by_index = {}
+    for _, latent in received:
+        by_index.setdefault(latent.index, latent)
+    indices = [lat.index for _, lat in received]
+    assert sorted(set(indices)) == list(range(len(reference))), indices
+    worst = 0.0
+    for ref in reference:
+        got = by_index[ref.index]
+        assert got.frames == ref.frames and got.timestamps == ref.timestamps
+        worst = max(worst, float((got.data - ref.data).abs().max() / ref.data.abs().max()))
+    assert worst <= TOLERANCE
+    return {
+        "latents": len(reference),
+        "lost": 0,
+        "duplicates_received": duplicates,
+        "max_rel_err": worst,
+    }
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = NatsServer(tmp_path / "nats").start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_takeover_after_kill_9_loses_no_latent(server, tmp_path):
+    a = FleetProcess("wA", worker_args(server.url, "wA"), tmp_path).start()
+    b = None
+    ingest = None
+    try:
+        a.wait_event(lambda e: e["event"] == "worker_started", 120)
+        ingest = FleetProcess("ingest", ingest_args(server.url, "cam1", 300, 25), tmp_path).start()
+        a.wait_event(lambda e: e["event"] == "claimed", 60)
+        b = FleetProcess("wB", worker_args(server.url, "wB"), tmp_path).start()
+        b.wait_event(lambda e: e["event"] == "worker_started", 120)
+        progress = wait_progress(server.url, "cam1", 33, 120)
+        os.kill(a.pid, signal.SIGKILL)
+        killed_at = time.time()
+        a.wait(10)
+        done = b.wait_event(lambda e: e["event"] == "takeover_done", 60)
+        ended = b.wait_event(lambda e: e["event"] == "ended", 120)
+        assert ingest.wait(60) == 0
+    finally:
+        for proc in (ingest, b, a):
+            if proc is not None:
+                proc.stop()
+    frames = asyncio.run(_frames_of(server.url, "cam1"))
+    received = asyncio.run(read_latents(server.url, "cam1"))
+    figures = check_against_reference(received, reference_latents(frames))
+    assert done["from_worker"] == "wA" and done["last_index"] >= progress["last_index"]
+    assert done["first_latent"] == done["last_index"] + 1  # nothing skipped, nothing reset
+    figures.update(
+        lease_ttl_s=LEASE_TTL,
+        retain_frames=512,
+        kill_to_claim_s=round(done["claimed_at"] - killed_at, 3),
+        replay_s=round(done["replay_done_at"] - done["claimed_at"], 3),
+        kill_to_first_latent_s=round(done["first_latent_at"] - killed_at, 3),
+        frames_replayed=done["frames_replayed"],
+        replay_from_frame=done["replay_from_frame"],
+        last_index_before_kill=done["last_index"],
+        suppressed_by_b=ended["suppressed"],
+        duplicates_dropped_by_broker=ended["duplicates"],
+    )
+    print("\nTAKEOVER", json.dumps(figures))
+    assert figures["duplicates_received"] == 0
+    assert done["frames_replayed"] >= 113
+
+
+def test_planned_move_hands_over_at_a_group_boundary_without_duplicate(server, tmp_path):
+    a = FleetProcess("wA", worker_args(server.url, "wA"), tmp_path).start()
+    b = ingest = None
+    try:
+        a.wait_event(lambda e: e["event"] == "worker_started", 120)
+        ingest = FleetProcess("ingest", ingest_args(server.url, "cam2", 240, 25), tmp_path).start()
+        a.wait_event(lambda e: e["event"] == "claimed", 60)
+        b = FleetProcess("wB", worker_args(server.url, "wB"), tmp_path).start()
+        b.wait_event(lambda e: e["event"] == "worker_started", 120)
+        wait_progress(server.url, "cam2", 31, 120)
+        move = FleetProcess(
+            "move", ["move", "cam2", "--nats", server.url, "--to", "wB", "--json"], tmp_path
+        ).start()
+        assert move.wait(60) == 0
+        released = a.wait_event(lambda e: e["event"] == "released", 60)
+        done = b.wait_event(lambda e: e["event"] == "takeover_done", 60)
+        ended = b.wait_event(lambda e: e["event"] == "ended", 120)
+        assert ingest.wait(60) == 0
+    finally:
+        for proc in (ingest, b, a):
+            if proc is not None:
+                proc.stop()
+    frames = asyncio.run(_frames_of(server.url, "cam2"))
+    received = asyncio.run(read_latents(server.url, "cam2"))
+    figures = check_against_reference(received, reference_latents(frames))
+    assert done["first_latent"] == done["last_index"] + 1
+    assert ended["duplicates"] == 0 and figures["duplicates_received"] == 0
+    assert released["latents"] == done["last_index"] + 1  # A published 0..L, B starts at L+1
+    print(
+        "\nMOVE",
+        json.dumps(
+            {
+                **figures,
+                "frames_replayed": done["frames_replayed"],
+                "handover_at": done["last_index"],
+            }
+        ),
+    )
