@@ -9,9 +9,10 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
-from fleet_fixtures import FleetProcess, NatsServer, read_latents
+from fleet_fixtures import FleetProcess, NatsServer, fleet_env, read_latents
 
 from streamvae import StreamEncoder, narrow
 from streamvae.fleet.messages import decode_frame, is_end
@@ -208,3 +209,164 @@ def test_planned_move_hands_over_at_a_group_boundary_without_duplicate(server, t
             }
         ),
     )
+
+
+async def _publish_frames(url: str, stream_id: str, items: list) -> str:
+    """Publish (payload, headers) items as an ingest would, registering the stream first."""
+    import nats
+
+    from streamvae.fleet.broker import ensure_frames_stream, open_bucket
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await ensure_frames_stream(js, 512)
+        streams = await open_bucket(js, "svae_streams")
+        first = None
+        for payload, headers in items:
+            ack = await js.publish(f"svae.frames.{stream_id}", payload, headers=headers)
+            if first is None:
+                first = ack.seq
+                entry = {
+                    "run": headers["Svae-Run"],
+                    "size": SIZE,
+                    "codec": "png",
+                    "start_seq": first,
+                    "state": "live",
+                }
+                await streams.put(stream_id, json.dumps(entry).encode())
+        return headers["Svae-Run"]
+    finally:
+        await nc.close()
+
+
+def test_bad_frames_are_refused_counted_logged_and_the_stream_goes_on_with_a_gap(server, tmp_path):
+    import numpy as np
+
+    from streamvae.fleet.messages import encode_frame, end_headers
+    from streamvae.io.sources import synthetic_frame
+
+    run = "r-bad"
+    images = [synthetic_frame(i, 16, 16) for i in range(24)]
+
+    def good(i):
+        return encode_frame(
+            images[i], index=i, run=run, timestamp=100.0 + i, codec="png", stream_id="camb"
+        )
+
+    items = [good(i) for i in range(9)]
+    payload, headers = good(9)
+    items.append((b"\x89PNG not really", headers))  # does not decode
+    wrong = np.zeros((8, 16, 3), np.uint8)
+    items.append(
+        encode_frame(wrong, index=10, run=run, timestamp=110.0, codec="raw", stream_id="camb")
+    )
+    payload, headers = good(11)
+    items.append((payload, {**headers, "Svae-Codec": "webp"}))  # unknown codec
+    items += [good(i) for i in range(12, 24)]
+    items.append((b"", end_headers(run=run, frames=24, stream_id="camb")))
+    asyncio.run(_publish_frames(server.url, "camb", items))
+
+    a = FleetProcess("wA", worker_args(server.url, "wA"), tmp_path).start()
+    try:
+        ended = a.wait_event(lambda e: e["event"] == "ended", 120)
+    finally:
+        a.stop()
+    assert ended["bad_frames"] == 3 and ended["gaps"] == 1
+    log = a.stderr_path.read_text()
+    assert log.count("stream camb: refused frame message") == 3
+    for reason in ("does not decode", "8x16", "unknown frame codec 'webp'"):
+        assert reason in log
+    received = asyncio.run(read_latents(server.url, "camb"))
+    runs = [(lat.meta["run"], lat.index, lat.gap) for _, lat in received]
+    # Frames 0..8 -> latents 0..2; frames 12..23 are a new segment: latents 0..2 again, the
+    # first with gap=True, under the run label r-bad~1 (the de-dup key stays unique).
+    assert runs == [(run, 0, False), (run, 1, False), (run, 2, False),
+                    (f"{run}~1", 0, True), (f"{run}~1", 1, False), (f"{run}~1", 2, False)]  # fmt: skip
+    stream = StreamEncoder(random_encoder(narrow(8), seed=0))
+    expected = []
+    for i in range(12, 24):
+        expected += stream.push(images[i])
+    assert len(expected) == 3
+    for (_, got), ref in zip(received[3:], expected):
+        assert float((got.data - ref.data).abs().max() / ref.data.abs().max()) <= TOLERANCE
+
+
+def test_nats_outage_the_worker_keeps_its_state_and_goes_on(server, tmp_path):
+    a = FleetProcess("wA", worker_args(server.url, "wA"), tmp_path).start()
+    ingest = None
+    try:
+        a.wait_event(lambda e: e["event"] == "worker_started", 120)
+        ingest = FleetProcess("ingest", ingest_args(server.url, "camo", 200, 25), tmp_path).start()
+        a.wait_event(lambda e: e["event"] == "claimed", 60)
+        wait_progress(server.url, "camo", 12, 120)
+        server.stop()  # the broker goes away for about a second (less than the lease TTL)
+        time.sleep(1.0)
+        server.start()
+        ended = a.wait_event(lambda e: e["event"] == "ended", 120)
+        assert ingest.wait(60) == 0
+    finally:
+        for proc in (ingest, a):
+            if proc is not None:
+                proc.stop()
+    assert [e["event"] for e in a.events()].count("claimed") == 1  # never lost, never replayed
+    assert ended["takeovers"] == [] and ended["suppressed"] == 0
+    frames = asyncio.run(_frames_of(server.url, "camo"))
+    received = asyncio.run(read_latents(server.url, "camo"))
+    figures = check_against_reference(received, reference_latents(frames))
+    assert "reconnected" in a.stderr_path.read_text()
+    print("\nOUTAGE", json.dumps({**figures, "frames": len(frames)}))
+
+
+def test_credentials_come_from_the_environment_or_a_file_and_are_never_shown(tmp_path):
+    secret = "s3cret-Pa55"
+    srv = NatsServer(
+        tmp_path / "nats", config=f'authorization {{ user: fleet, password: "{secret}" }}\n'
+    ).start()
+    url = f"nats://fleet@127.0.0.1:{srv.port}"
+    password_file = tmp_path / "password"
+    password_file.write_text(secret + "\n")
+    try:
+        a = FleetProcess(
+            "wA",
+            worker_args(url, "wA"),
+            tmp_path,
+            env=fleet_env(STREAMVAE_NATS_PASSWORD=secret),
+        ).start()
+        a.wait_event(lambda e: e["event"] == "worker_started", 120)
+        ingest = FleetProcess(
+            "ingest",
+            ingest_args(url, "camc", 9, 50, "--nats-password-file", str(password_file)),
+            tmp_path,
+        ).start()
+        assert ingest.wait(60) == 0
+        a.wait_event(lambda e: e["event"] == "ended", 60)
+        cmdline = Path(f"/proc/{a.pid}/cmdline").read_bytes().decode()
+        a.stop()
+        refused = FleetProcess(
+            "bad",
+            [
+                "ingest",
+                "synthetic://moving?frames=1",
+                "--nats",
+                f"nats://fleet:{secret}@127.0.0.1:{srv.port}",
+                "--stream-id",
+                "x",
+            ],
+            tmp_path,
+        ).start()
+        assert refused.wait(60) != 0
+        wrong = FleetProcess(
+            "wrong",
+            ingest_args(url, "camw", 1, 50),
+            tmp_path,
+            env=fleet_env(STREAMVAE_NATS_PASSWORD="nope"),
+        ).start()
+        assert wrong.wait(60) != 0
+    finally:
+        srv.stop()
+    assert "refusing a password inside the NATS URL" in refused.stderr_path.read_text()
+    assert "refused the credentials" in wrong.stderr_path.read_text()
+    for proc in (a, ingest, refused, wrong):
+        assert secret not in proc.stdout_path.read_text() + proc.stderr_path.read_text()
+    assert secret not in cmdline

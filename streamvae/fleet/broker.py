@@ -154,8 +154,6 @@ async def connect(settings: NatsSettings, *, name: str, backoff: Backoff | None 
     options: dict[str, Any] = {
         "servers": list(settings.servers),
         "name": name,
-        "allow_reconnect": True,
-        "max_reconnect_attempts": -1,
         "reconnect_time_wait": settings.reconnect_wait,
         "connect_timeout": settings.connect_timeout,
         "error_cb": on_error,
@@ -167,9 +165,15 @@ async def connect(settings: NatsSettings, *, name: str, backoff: Backoff | None 
         options["password"] = settings.password or ""
     if settings.creds_file is not None:
         options["user_credentials"] = settings.creds_file
+    # The first connection is tried once per attempt here (so refused credentials end it);
+    # once connected, nats-py reconnects forever by itself.
+    options["allow_reconnect"] = False
     while True:
         try:
-            return await nats.connect(**options)
+            nc = await nats.connect(**options)
+            nc.options["allow_reconnect"] = True
+            nc.options["max_reconnect_attempts"] = -1
+            return nc
         except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
             delay = backoff.next_delay()
             message = settings.redact(str(exc) or type(exc).__name__)
