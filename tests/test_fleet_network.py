@@ -326,47 +326,66 @@ def test_credentials_come_from_the_environment_or_a_file_and_are_never_shown(tmp
     url = f"nats://fleet@127.0.0.1:{srv.port}"
     password_file = tmp_path / "password"
     password_file.write_text(secret + "\n")
-    try:
-        a = FleetProcess(
-            "wA",
-            worker_args(url, "wA"),
-            tmp_path,
-            env=fleet_env(STREAMVAE_NATS_PASSWORD=secret),
-        ).start()
-        a.wait_event(lambda e: e["event"] == "worker_started", 120)
-        ingest = FleetProcess(
+    in_url = f"nats://fleet:{secret}@127.0.0.1:{srv.port}"
+    procs = {
+        "wA": FleetProcess(
+            "wA", worker_args(url, "wA"), tmp_path, env=fleet_env(STREAMVAE_NATS_PASSWORD=secret)
+        ),
+        "ingest": FleetProcess(
             "ingest",
             ingest_args(url, "camc", 9, 50, "--nats-password-file", str(password_file)),
             tmp_path,
-        ).start()
-        assert ingest.wait(60) == 0
-        a.wait_event(lambda e: e["event"] == "ended", 60)
-        cmdline = Path(f"/proc/{a.pid}/cmdline").read_bytes().decode()
-        a.stop()
-        refused = FleetProcess(
-            "bad",
-            [
-                "ingest",
-                "synthetic://moving?frames=1",
-                "--nats",
-                f"nats://fleet:{secret}@127.0.0.1:{srv.port}",
-                "--stream-id",
-                "x",
-            ],
+        ),
+        "in_url": FleetProcess(
+            "in_url",
+            ["ingest", "synthetic://moving?frames=1", "--nats", in_url, "--stream-id", "x"],
             tmp_path,
-        ).start()
-        assert refused.wait(60) != 0
-        wrong = FleetProcess(
+        ),
+        "wrong": FleetProcess(
             "wrong",
             ingest_args(url, "camw", 1, 50),
             tmp_path,
             env=fleet_env(STREAMVAE_NATS_PASSWORD="nope"),
-        ).start()
-        assert wrong.wait(60) != 0
+        ),
+    }
+    try:
+        a = procs["wA"].start()
+        a.wait_event(lambda e: e["event"] == "worker_started", 120)
+        assert procs["ingest"].start().wait(60) == 0
+        a.wait_event(lambda e: e["event"] == "ended", 60)
+        cmdline = Path(f"/proc/{a.pid}/cmdline").read_bytes().decode()
+        assert procs["in_url"].start().wait(60) != 0
+        assert procs["wrong"].start().wait(60) != 0
     finally:
+        for proc in procs.values():
+            if proc.process is not None:
+                proc.stop()
         srv.stop()
-    assert "refusing a password inside the NATS URL" in refused.stderr_path.read_text()
-    assert "refused the credentials" in wrong.stderr_path.read_text()
-    for proc in (a, ingest, refused, wrong):
+    assert "refusing a password inside the NATS URL" in procs["in_url"].stderr_path.read_text()
+    assert "refused the credentials" in procs["wrong"].stderr_path.read_text()
+    for proc in procs.values():
         assert secret not in proc.stdout_path.read_text() + proc.stderr_path.read_text()
     assert secret not in cmdline
+
+
+def test_a_new_stream_goes_to_the_least_loaded_worker(server, tmp_path):
+    a = FleetProcess("wA", worker_args(server.url, "wA"), tmp_path).start()
+    b = first = second = None
+    try:
+        a.wait_event(lambda e: e["event"] == "worker_started", 120)
+        first = FleetProcess("ingest1", ingest_args(server.url, "cam1", 600, 25), tmp_path).start()
+        a.wait_event(lambda e: e["event"] == "claimed" and e["stream"] == "cam1", 60)
+        b = FleetProcess("wB", worker_args(server.url, "wB"), tmp_path).start()
+        b.wait_event(lambda e: e["event"] == "worker_started", 120)
+        time.sleep(2 * LEASE_TTL / 3)  # B's load record is written on its first renewal
+        second = FleetProcess("ingest2", ingest_args(server.url, "cam2", 40, 25), tmp_path).start()
+        b.wait_event(lambda e: e["event"] == "claimed" and e["stream"] == "cam2", 60)
+        b.wait_event(lambda e: e["event"] == "ended" and e["stream"] == "cam2", 60)
+        assert second.wait(60) == 0
+    finally:
+        for proc in (first, second, b, a):
+            if proc is not None:
+                proc.stop()
+    assert not any(e["event"] == "claimed" and e["stream"] == "cam2" for e in a.events())
+    received = asyncio.run(read_latents(server.url, "cam2"))
+    assert [lat.index for _, lat in received] == list(range(10))
