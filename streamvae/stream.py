@@ -302,7 +302,7 @@ class StreamEncoder:
         self._ensure_state(first.height, first.width)
         self._size = (first.height, first.width)
         assert self._state is not None
-        self._run_on_lane(self._state.start_mid_stream)
+        self._run_on_lane(self._state.start_mid_stream, first_index)
         self._frames = first_index
         self._latents = (first_index - 1) // group + 1
         # The first latent whose window [last - R + 1, last] starts at or after first_index.

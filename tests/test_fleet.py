@@ -109,3 +109,19 @@ def test_worker_options_are_checked():
 async def test_ingest_refuses_a_retention_below_r_plus_8():
     with pytest.raises(ValueError, match="at least R \\+ 8 = 121"):
         await ingest([], NatsSettings.from_url("nats://127.0.0.1:1"), stream_id="c", retain=100)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "streamvae.fleet.broker",
+        "streamvae.fleet.messages",
+        "streamvae.fleet.worker",
+        "streamvae.fleet.names",
+    ],
+)
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    assert doctest.testmod(importlib.import_module(name)).failed == 0

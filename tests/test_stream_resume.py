@@ -203,3 +203,70 @@ def test_restore_is_refused_for_another_model_size_dtype_or_mode(narrow_encoder,
 def test_snapshot_before_any_frame_is_refused(narrow_encoder):
     with pytest.raises(ValueError, match="no frame yet"):
         StreamEncoder(narrow_encoder).snapshot()
+
+
+# -- ring windows (the CUDA default), run on the CPU; and another device ----
+
+
+@pytest.fixture
+def ring_on_cpu(monkeypatch):
+    from streamvae.model import encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "RING_DEVICES", frozenset({"cpu"}))
+    return monkeypatch
+
+
+def rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_resume_with_ring_windows_is_bit_identical(ring_on_cpu, narrow_encoder, clip):
+    reference = push_all(StreamEncoder(narrow_encoder), clip)
+    stream = StreamEncoder(narrow_encoder)
+    first = group_start(4 * 35 - stream.receptive_field + 1)
+    replayed = stream.resume(
+        [f.numpy() for f in clip[first:150]],
+        first_index=first,
+        timestamps=[1000.0 + i for i in range(first, 150)],
+    )
+    assert stream._state is not None and stream._state.conv_in.ring
+    assert_same(replayed + push_all(stream, clip[150:], start=150), reference)
+
+
+def test_snapshot_of_a_ring_state_restores_into_a_shifted_one(ring_on_cpu, narrow_encoder, clip):
+    from streamvae.model import encoder as encoder_module
+
+    ring = StreamEncoder(narrow_encoder)
+    push_all(ring, clip[:43])  # ring heads at an odd rotation
+    assert ring._state.conv_in.ring and ring._state.conv_in.head != 2
+    data = ring.snapshot()
+    ring_on_cpu.setattr(encoder_module, "RING_DEVICES", frozenset())
+    shifted = StreamEncoder(narrow_encoder)
+    shifted.restore(data)
+    assert not shifted._state.conv_in.ring
+    a = push_all(ring, clip[43:80], start=43)
+    b = push_all(shifted, clip[43:80], start=43)
+    assert [x.index for x in a] == [y.index for y in b] and a
+    assert max(rel(x.data, y.data) for x, y in zip(a, b)) <= 1e-5
+
+
+@pytest.mark.cuda
+def test_snapshot_on_the_cpu_continues_on_cuda(clip):
+    cpu_encoder = random_encoder(narrow(8), seed=1)
+    cuda_encoder = random_encoder(narrow(8), seed=1).cuda()
+    reference = push_all(StreamEncoder(cpu_encoder), clip[:80])
+    source = StreamEncoder(cpu_encoder)
+    push_all(source, clip[:41])
+    moved = StreamEncoder(cuda_encoder)
+    moved.restore(source.snapshot())
+    later = push_all(moved, clip[41:80], start=41)
+    by_index = {lat.index: lat for lat in reference}
+    assert later and max(rel(lat.data, by_index[lat.index].data) for lat in later) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["streamvae.receptive", "streamvae.snapshot", "streamvae.stream"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    assert doctest.testmod(importlib.import_module(name)).failed == 0

@@ -99,21 +99,38 @@ class EncoderState:
         for part in self._parts():
             part.reset()
 
-    def start_mid_stream(self) -> None:
+    def start_mid_stream(self, frames: int = 0) -> None:
         """Zeros as every causal layer's memory, counted as real, at a group boundary.
 
-        The state of a stream that has run for long on inputs whose activations were all zero,
-        just after a latent: every causal conv remembers two (zero) frames, every temporal
-        downsample has passed its first frame and holds one (zero) frame. Frames pushed from
-        here on, from a group's first frame, give exactly the latents of the real stream once
-        the receptive field is full (see :mod:`streamvae.receptive`).
+        The state of a stream that has run through ``frames`` frames whose activations were all
+        zero, just after a latent: every causal conv remembers two (zero) frames (a ring window
+        at the rotation ``frames`` steps give it), every temporal downsample has passed its
+        first frame and holds one (zero) frame. Frames pushed from here on, from a group's
+        first frame, give exactly the latents of the real stream once the receptive field is
+        full (see :mod:`streamvae.receptive`).
         """
         self.reset()
-        for conv in self._convs:
+        size = ConvState.KEEP + 1
+
+        def place(conv: ConvState, steps: int) -> None:
             conv.history = ConvState.KEEP
-        for down in self._time_downs:
-            down.held = 1
-            down.started = True
+            if conv.ring:
+                conv.head = (ConvState.KEEP + steps) % size
+
+        steps = frames  # how many frames each layer has stepped over at its own rate
+        place(self.conv_in, steps)
+        for part in self.blocks:
+            if isinstance(part, ResidualState):
+                place(part.conv1, steps)
+                place(part.conv2, steps)
+            elif isinstance(part, TimeDownState):
+                part.held = 1
+                part.started = True
+                steps = 0 if steps == 0 else 1 + (steps - 1) // 2
+        for part in self.mid:
+            place(part.conv1, steps)
+            place(part.conv2, steps)
+        place(self.conv_out, steps)
 
     def memory(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """What the state remembers, layout- and device-independent, for a snapshot.
