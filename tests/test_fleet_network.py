@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -211,7 +212,7 @@ def test_planned_move_hands_over_at_a_group_boundary_without_duplicate(server, t
     )
 
 
-async def _publish_frames(url: str, stream_id: str, items: list) -> str:
+async def _publish_frames(url: str, stream_id: str, items: list, pace: float = 0.0) -> str:
     """Publish (payload, headers) items as an ingest would, registering the stream first."""
     import nats
 
@@ -225,6 +226,8 @@ async def _publish_frames(url: str, stream_id: str, items: list) -> str:
         first = None
         for payload, headers in items:
             ack = await js.publish(f"svae.frames.{stream_id}", payload, headers=headers)
+            if pace:
+                await asyncio.sleep(pace)
             if first is None:
                 first = ack.seq
                 entry = {
@@ -389,3 +392,67 @@ def test_a_new_stream_goes_to_the_least_loaded_worker(server, tmp_path):
     assert not any(e["event"] == "claimed" and e["stream"] == "cam2" for e in a.events())
     received = asyncio.run(read_latents(server.url, "cam2"))
     assert [lat.index for _, lat in received] == list(range(10))
+
+
+def test_takeover_within_a_later_segment_keeps_its_label_and_indices(server, tmp_path):
+    """A bad frame made segment 1; the worker dies inside it; the taker continues segment 1."""
+    from streamvae.fleet.messages import encode_frame, end_headers
+    from streamvae.io.sources import synthetic_frame
+
+    run = "r-seg"
+    images = [synthetic_frame(i, 16, 16) for i in range(400)]
+
+    def good(i):
+        return encode_frame(
+            images[i], index=i, run=run, timestamp=100.0 + i, codec="png", stream_id="cams"
+        )
+
+    a = FleetProcess("wA", worker_args(server.url, "wA"), tmp_path).start()
+    b = None
+    try:
+        a.wait_event(lambda e: e["event"] == "worker_started", 120)
+        b = FleetProcess("wB", worker_args(server.url, "wB"), tmp_path).start()
+        b.wait_event(lambda e: e["event"] == "worker_started", 120)
+        _, headers = good(5)
+        items = [good(i) for i in range(5)] + [(b"broken", headers)]
+        items += [good(i) for i in range(6, 400)]
+        items.append((b"", end_headers(run=run, frames=400, stream_id="cams")))
+        publisher = threading.Thread(
+            target=asyncio.run, args=(_publish_frames(server.url, "cams", items, pace=0.02),)
+        )
+        publisher.start()
+        deadline = time.monotonic() + 60
+        while not any(e["event"] == "claimed" for p in (a, b) for e in p.events()):
+            assert time.monotonic() < deadline, "nobody claimed the stream"
+            time.sleep(0.1)
+        owner, other = (a, b) if any(e["event"] == "claimed" for e in a.events()) else (b, a)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            progress = asyncio.run(_kv_get(server.url, "svae_progress", "cams"))
+            if progress and progress["segment"] == 1 and progress["last_index"] >= 33:
+                break
+            time.sleep(0.1)
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(10)
+        done = other.wait_event(lambda e: e["event"] == "takeover_done", 60)
+        other.wait_event(lambda e: e["event"] == "ended", 120)
+        publisher.join(60)
+    finally:
+        for proc in (a, b):
+            if proc is not None:
+                proc.stop()
+    assert done["first_latent"] == done["last_index"] + 1
+    received = asyncio.run(read_latents(server.url, "cams"))
+    labels = [(lat.meta["run"], lat.index) for _, lat in received]
+    expected = [(run, 0), (run, 1)] + [(f"{run}~1", k) for k in range(1 + (394 - 1) // 4)]
+    assert sorted(set(labels), key=labels.index) == expected
+    stream = StreamEncoder(random_encoder(narrow(8), seed=0))
+    reference = []
+    for i in range(6, 400):
+        reference += stream.push(images[i], timestamp=100.0 + i)
+    got = {lat.index: lat for _, lat in received if lat.meta["run"] == f"{run}~1"}
+    assert (
+        max(float((got[r.index].data - r.data).abs().max() / r.data.abs().max()) for r in reference)
+        <= TOLERANCE
+    )
+    assert got[0].gap and not any(lat.gap for i, lat in got.items() if i > 0)

@@ -197,10 +197,6 @@ class EncoderSlot:
         await asyncio.to_thread(self.encoder.reset)
 
 
-class _Released(Exception):
-    pass
-
-
 class _StreamTask:
     """One owned stream: read its frames from JetStream, encode, publish, record progress."""
 
@@ -221,7 +217,8 @@ class _StreamTask:
         self.segment_seq = 0
         self.expected = 0
         self.size: tuple[int, int] | None = None
-        self.gap_next = False
+        self.gap_next = False  # the next good frame starts a new segment
+        self.push_gap = False  # the next push is a segment's first frame (gap=True)
         self.replay: list[FrameMessage] | None = None
         self.replay_first = 0
         self.suppress_upto = -1
@@ -264,7 +261,7 @@ class _StreamTask:
             }
             if last < 0:
                 self.expected = self.segment_start
-                self.gap_next = self.segment > 0
+                self.push_gap = self.segment > 0
                 return self.segment_seq
             first = group_start(4 * last - self.r + 1)
             self.suppress_upto = last
@@ -274,10 +271,11 @@ class _StreamTask:
             if first > 0:
                 self.replay, self.replay_first = [], first
             else:
-                self.gap_next = self.segment > 0
+                self.push_gap = self.segment > 0
             return int(progress["replay_seq"])
         self.run = registry["run"]
-        return int(registry["start_seq"])
+        self.segment_seq = int(registry["start_seq"])
+        return self.segment_seq
 
     # -- the loop ----
 
@@ -364,7 +362,7 @@ class _StreamTask:
                 return True
             return False
         if run is not None and run != self.run:
-            await self.new_run(run)
+            await self.new_run(run, seq)
         try:
             frame = decode_frame(headers, message.data, size=self.size)
         except FrameMessageError as exc:
@@ -386,10 +384,9 @@ class _StreamTask:
                 frame.index - 1,
             )
             self.gap_next = True
-        gap = False
         if self.gap_next:
             await self.new_segment(frame.index, seq)
-            gap = True
+        gap, self.push_gap = self.push_gap, False
         self.expected = frame.index + 1
         self.stats.frames += 1
         self.seqs[frame.index] = seq
@@ -411,15 +408,17 @@ class _StreamTask:
             await self.publish(latent)
         return False
 
-    async def new_run(self, run: str) -> None:
+    async def new_run(self, run: str, seq: int) -> None:
         self.run = run
         self.size = None
         self.segment = 0
         self.segment_start = 0
+        self.segment_seq = seq
         self.expected = 0
         self.replay = None
         self.suppress_upto = -1
         self.gap_next = False
+        self.push_gap = False
         await self.slot.reset()
         self.worker.event("run_started", stream=self.sid, run=run)
 
@@ -430,6 +429,7 @@ class _StreamTask:
         self.replay = None
         self.suppress_upto = -1
         self.gap_next = False
+        self.push_gap = True
         self.stats.gaps += 1
         await self.slot.reset()
 
