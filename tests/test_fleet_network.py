@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from fleet_fixtures import FleetProcess, NatsServer, fleet_env, read_latents
 
 from streamvae import StreamEncoder, narrow
@@ -456,3 +457,35 @@ def test_takeover_within_a_later_segment_keeps_its_label_and_indices(server, tmp
         <= TOLERANCE
     )
     assert got[0].gap and not any(lat.gap for i, lat in got.items() if i > 0)
+
+
+def test_a_latent_published_twice_is_stored_once_by_its_msg_id(server):
+    """The de-dup rule on the JetStream side: a second publish of (stream, run, index) is a no-op."""
+    import nats
+
+    from streamvae import Latent
+    from streamvae.fleet.broker import ensure_latents_stream
+    from streamvae.io.wire import encode_latent
+
+    async def main():
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream()
+            await ensure_latents_stream(js)
+            latent = Latent(torch.zeros(16, 2, 2), index=7, frames=range(25, 29))
+            headers = {"Nats-Msg-Id": "camd:r1:7"}
+            acks = []
+            for ready in (1.0, 2.0):  # the copy differs only in ready_time
+                payload = encode_latent(
+                    Latent(latent.data, 7, latent.frames, ready_time=ready),
+                    {"stream": "camd", "run": "r1"},
+                )
+                acks.append(await js.publish("svae.latents.camd", payload, headers=headers))
+            return acks
+        finally:
+            await nc.close()
+
+    first, second = asyncio.run(main())
+    assert not first.duplicate and second.duplicate and second.seq == first.seq
+    received = asyncio.run(read_latents(server.url, "camd"))
+    assert [(lat.meta["run"], lat.index, lat.ready_time) for _, lat in received] == [("r1", 7, 1.0)]
