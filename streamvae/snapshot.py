@@ -43,7 +43,14 @@ import torch
 
 from streamvae.model import WanEncoder
 
-__all__ = ["SNAPSHOT_FORMAT", "SnapshotError", "pack", "unpack", "weights_fingerprint"]
+__all__ = [
+    "SNAPSHOT_FORMAT",
+    "SnapshotError",
+    "dtype_name",
+    "pack",
+    "unpack",
+    "weights_fingerprint",
+]
 
 SNAPSHOT_FORMAT = "streamvae.stream-state/1"
 MAX_HEADER_BYTES = 1 << 20
