@@ -663,6 +663,8 @@ class FleetWorker:
             await asyncio.sleep(self.options.renew_every)
 
     async def _claim_some(self) -> None:
+        if self._stopping:
+            return
         for sid, (_, future) in list(self.tasks.items()):
             if future.done():
                 del self.tasks[sid]
