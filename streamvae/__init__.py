@@ -29,6 +29,8 @@ from streamvae.io import (
     read_latents,
 )
 from streamvae.model import EncoderState, WanEncoder, state_nbytes
+from streamvae.receptive import latent_dependencies, receptive_field
+from streamvae.snapshot import SnapshotError
 from streamvae.stream import Latent, LatentStream, StreamBroken, StreamEncoder
 from streamvae.weights import CheckpointError, load_encoder, random_encoder
 
@@ -52,6 +54,7 @@ __all__ = [
     "MqttSink",
     "PipelineStats",
     "ReceivedLatent",
+    "SnapshotError",
     "SourceError",
     "SourceFrame",
     "SourceStats",
@@ -64,11 +67,13 @@ __all__ = [
     "encode_latent",
     "encode_to_sinks",
     "iter_latents",
+    "latent_dependencies",
     "load_encoder",
     "narrow",
     "open_source",
     "random_encoder",
     "read_latents",
+    "receptive_field",
     "state_nbytes",
 ]
 

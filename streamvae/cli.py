@@ -1,4 +1,4 @@
-"""The ``streamvae`` command: ``encode`` | ``live`` | ``bench``.
+"""The ``streamvae`` command: ``encode`` | ``live`` | ``bench`` | ``fleet``.
 
 Run ``streamvae COMMAND --help`` for each command's options.
 """
@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     io_commands.add_encode_command(commands)
     io_commands.add_live_command(commands)
+    try:
+        fleet = importlib.import_module("streamvae.fleet.commands")
+    except ModuleNotFoundError as exc:  # nats-py missing: no fleet commands
+        if exc.name not in ("nats", "streamvae.fleet.commands"):
+            raise
+    else:
+        fleet.add_fleet_command(commands)
     try:
         bench = importlib.import_module("streamvae.bench")
     except ModuleNotFoundError as exc:  # a checkout without the benchmark module

@@ -21,6 +21,7 @@ Asynchronously, over any sync or async iterable of frames (the model runs in a w
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections import deque
@@ -66,6 +67,10 @@ class Latent:
     ``captured`` is the ``time.monotonic()`` capture time of the last frame and
     ``ready_monotonic`` the ``time.monotonic()`` time the latent was ready: latencies within
     this process are ``ready_monotonic - captured`` (neither is sent over the wire).
+
+    ``approximate`` is true for a latent of a stream resumed from fewer frames than the
+    receptive field (see :meth:`StreamEncoder.resume`): its window reached back before the
+    replayed frames.
     """
 
     data: torch.Tensor
@@ -80,6 +85,7 @@ class Latent:
     dropped_before: int = 0
     captured: float | None = None
     ready_monotonic: float | None = None
+    approximate: bool = False
 
 
 class StreamBroken(RuntimeError):
@@ -151,6 +157,7 @@ class StreamEncoder:
         self.dropped_frames = 0
         # Latents computed for a consumer of stream() that was cancelled before receiving them.
         self._pending: deque[Latent] = deque()
+        self._receptive_field: int | None = None
         self._begin_run()
 
     # -- public state ----
@@ -187,6 +194,7 @@ class StreamEncoder:
         self._last_number: int | None = None  # the source number of the last frame emitted
         self._size: tuple[int, int] | None = None
         self._gap_pending = False
+        self._exact_from = 0  # latents before this index are approximate (see resume)
 
     @property
     def pending_latents(self) -> tuple[Latent, ...]:
@@ -260,6 +268,217 @@ class StreamEncoder:
         self.reset()
         return latents
 
+    # -- resuming and moving ----
+
+    @property
+    def receptive_field(self) -> int:
+        """``R``: the frames a latent depends on, ending at its last (see :mod:`streamvae.receptive`)."""
+        if self._receptive_field is None:
+            from streamvae.receptive import receptive_field
+
+            self._receptive_field = receptive_field(self.encoder)
+        return self._receptive_field
+
+    def resume(
+        self,
+        frames: Iterable[FrameLike],
+        *,
+        first_index: int,
+        timestamps: Iterable[float | None] | None = None,
+        approximate: bool = False,
+    ) -> list[Latent]:
+        """Rebuild the stream from source frames ``first_index .. m-1`` (a replay after a takeover).
+
+        ``first_index`` is 0 or the first frame of a group (1, 5, 9, ...). Afterwards the stream
+        behaves exactly as if frames ``0 .. m-1`` had been pushed: the next latents have the
+        same index, frames, timestamps and data (bit-identical on the CPU in float32), because
+        a latent depends only on its last :attr:`receptive_field` frames. Any earlier state is
+        discarded (as by :meth:`reset`).
+
+        With ``first_index > 0`` at least ``R`` frames are needed, else ``ValueError``;
+        ``approximate=True`` accepts fewer, and the latents whose window reaches back before
+        ``first_index`` come out with ``approximate=True``.
+
+        Returns the latents that the replayed frames complete and that are exact (with
+        ``approximate=True`` also the approximate ones, flagged); a caller that already has
+        some of them (a takeover) drops those by index.
+
+        >>> import numpy as np
+        >>> from streamvae import WanEncoder, narrow
+        >>> stream = StreamEncoder(WanEncoder(narrow(8)).eval())
+        >>> frames = [np.full((16, 16, 3), i, np.uint8) for i in range(121, 240)]
+        >>> [latent.index for latent in stream.resume(frames, first_index=121)]
+        [59]
+        >>> stream.frames_pushed, stream.latents_emitted
+        (240, 60)
+        """
+        frames = list(frames)
+        stamps = [None] * len(frames) if timestamps is None else list(timestamps)
+        if len(stamps) != len(frames):
+            raise ValueError(f"got {len(frames)} frames but {len(stamps)} timestamps")
+        group = self.group_size
+        if (
+            isinstance(first_index, bool)
+            or not isinstance(first_index, int)
+            or first_index < 0
+            or (first_index > 0 and (first_index - 1) % group)
+        ):
+            raise ValueError(
+                f"first_index must be 0 or the first frame of a group (1, {1 + group}, "
+                f"{1 + 2 * group}, ...), got {first_index!r}"
+            )
+        if not frames:
+            raise ValueError("resume needs at least one frame (it fixes the frame size)")
+        needed = self.receptive_field
+        if first_index > 0 and len(frames) < needed and not approximate:
+            raise ValueError(
+                f"resuming at frame {first_index} needs the last {needed} frames (the receptive "
+                f"field), got {len(frames)}; pass approximate=True to accept latents flagged "
+                "approximate until the window is full"
+            )
+        checked = self._check_all(frames, stamps, fresh=True)
+        if any(item.gap for item in checked[1:]):
+            raise FrameError("a replay is one run of frames: only its first frame may be a gap")
+        self.reset()
+        if first_index == 0:
+            return self._process(checked)
+        first = checked[0]
+        self._ensure_state(first.height, first.width)
+        self._size = (first.height, first.width)
+        assert self._state is not None
+        self._run_on_lane(self._state.start_mid_stream, first_index)
+        self._frames = first_index
+        self._latents = (first_index - 1) // group + 1
+        # The first latent whose window [last - R + 1, last] starts at or after first_index.
+        self._exact_from = -(-(first_index + needed - 1) // group)
+        latents = self._process(checked)
+        return latents if approximate else [lat for lat in latents if not lat.approximate]
+
+    def snapshot(self) -> bytes:
+        """This stream's state and counters as safetensors bytes, for :meth:`restore` elsewhere.
+
+        Carries a fingerprint of the model's weights, the frame size, dtype and mode, so that a
+        restore into another model, size or dtype is refused. Exact: a stream restored from it
+        (in another process, or on another device) continues as this one would. Nothing here is
+        a pickle; the weights are not included.
+        """
+        from streamvae.snapshot import dtype_name, pack, weights_fingerprint
+
+        self._check_usable()
+        if self._state is None or self._size is None or self._group is None:
+            raise ValueError("nothing to snapshot: this stream has no frame yet")
+        with self._lane():
+            tensors, counters = self._state.memory()
+            tensors["group"] = self._group.clone()
+        if self._cuda is not None:
+            self._cuda.stream.synchronize()
+        last = -1
+        if self._last is not None:
+            last = (self._last.data_ptr() - self._group.data_ptr()) // (
+                self._group.stride(2) * self._group.element_size()
+            )
+        state = {
+            "frames": self._frames,
+            "latents": self._latents,
+            "timestamps": list(self._timestamps),
+            "numbers": list(self._numbers),
+            "last_number": self._last_number,
+            "gap_pending": self._gap_pending,
+            "exact_from": self._exact_from,
+            "dropped_frames": self.dropped_frames,
+            "last_slot": last,
+            "layers": counters,
+        }
+        return pack(
+            tensors,
+            {
+                "model": weights_fingerprint(self.encoder),
+                "config": self.encoder.config.name,
+                "dtype": dtype_name(self.encoder.dtype),
+                "size": f"{self._size[0]}x{self._size[1]}",
+                "mode": self.mode,
+                "state": json.dumps(state),
+            },
+        )
+
+    def restore(self, data: bytes) -> None:
+        """Continue from a :meth:`snapshot`, replacing this stream's state.
+
+        Refused with :class:`streamvae.snapshot.SnapshotError` (a ``ValueError``), the stream
+        left as it was, when the snapshot is of another model (weights), dtype or mode, or of
+        another frame size than this stream's frames so far.
+        """
+        from streamvae.snapshot import SnapshotError, dtype_name, unpack, weights_fingerprint
+
+        tensors, meta = unpack(data)
+        mine = {
+            "dtype": dtype_name(self.encoder.dtype),
+            "mode": self.mode,
+            "model": weights_fingerprint(self.encoder),
+        }
+        for key, value in mine.items():
+            if meta.get(key) != value:
+                what = "model (other weights)" if key == "model" else key
+                raise SnapshotError(
+                    f"snapshot of another {what}: it has {key}={meta.get(key)!r} (config "
+                    f"{meta.get('config')!r}), this stream {value!r}"
+                )
+        try:
+            height, width = (int(v) for v in meta["size"].split("x"))
+            state = json.loads(meta["state"])
+            counters = {str(k): int(v) for k, v in state["layers"].items()}
+            frames, latents = int(state["frames"]), int(state["latents"])
+            stamps = [None if t is None else float(t) for t in state["timestamps"]]
+            numbers = [
+                None if n is None else int(n) for n in state.get("numbers", [None] * len(stamps))
+            ]
+            last_number = state.get("last_number")
+            last_number = None if last_number is None else int(last_number)
+            if len(numbers) != len(stamps):
+                raise ValueError(f"{len(numbers)} frame numbers for {len(stamps)} timestamps")
+            last_slot = int(state["last_slot"])
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise SnapshotError(f"malformed snapshot metadata: {exc!r}") from None
+        if self._size is not None and self._frames > 0 and self._size != (height, width):
+            raise SnapshotError(
+                f"snapshot of {height}x{width} frames; this stream's frames are "
+                f"{self._size[0]}x{self._size[1]} (reset() first to take another size)"
+            )
+        group = tensors.pop("group", None)
+        # Check everything against a state of that size before anything is changed.
+        if self._state is not None and (self._state.height, self._state.width) == (height, width):
+            target, target_group = self._state, self._group
+        else:
+            target, target_group = self._allocate(height, width)
+        assert target_group is not None
+        try:
+            target.check_memory(tensors, counters)
+        except ValueError as exc:
+            raise SnapshotError(f"snapshot does not fit this encoder: {exc}") from None
+        if group is None or group.shape != target_group.shape or group.dtype != target_group.dtype:
+            raise SnapshotError("snapshot's pending frames do not fit this stream's mode and size")
+        if not (frames >= 0 and latents >= 0 and -1 <= last_slot < target_group.shape[2]):
+            raise SnapshotError("snapshot counters are out of range")
+        with self._lane():
+            target.load_memory(tensors, counters)
+            target_group.copy_(group)
+        if self._cuda is not None:
+            self._cuda.stream.synchronize()
+        self._state, self._group = target, target_group
+        self._broken = False
+        self._begin_run()
+        self._frames, self._latents = frames, latents
+        self._pending.clear()
+        self._timestamps.extend(stamps)
+        self._numbers.extend(numbers)
+        self._captured.extend([None] * len(stamps))  # monotonic times mean nothing elsewhere
+        self._last_number = last_number
+        self._size = (height, width)
+        self._gap_pending = bool(state.get("gap_pending", False))
+        self._exact_from = int(state.get("exact_from", 0))
+        self.dropped_frames = int(state.get("dropped_frames", 0))
+        self._last = None if last_slot < 0 else target_group[:, :, last_slot : last_slot + 1]
+
     # -- async ----
 
     def stream(
@@ -301,8 +520,10 @@ class StreamEncoder:
             self._pending.extendleft(reversed(taken))
             raise
 
-    def _check_all(self, frames: list[Any], stamps: list[float | None]) -> list[CheckedFrame]:
-        size = self._size
+    def _check_all(
+        self, frames: list[Any], stamps: list[float | None], *, fresh: bool = False
+    ) -> list[CheckedFrame]:
+        size = None if fresh else self._size
         checked = []
         for frame, stamp in zip(frames, stamps):
             item = check_frame(frame, self._device, stamp)
@@ -325,11 +546,15 @@ class StreamEncoder:
 
     def _ensure_state(self, height: int, width: int) -> None:
         state = self._state
-        capacity = self.group_size if self.mode == "group" else 1
         if state is not None and (state.height, state.width) == (height, width):
             return
         self._state = None  # free the old buffers before allocating new ones
         self._group = self._last = None
+        self._state, self._group = self._allocate(height, width)
+
+    def _allocate(self, height: int, width: int) -> tuple[EncoderState, torch.Tensor]:
+        """A new state and group buffer for ``height x width`` (not yet this stream's)."""
+        capacity = self.group_size if self.mode == "group" else 1
 
         def allocate() -> tuple[EncoderState, torch.Tensor]:
             state = self.encoder.new_state(
@@ -342,7 +567,7 @@ class StreamEncoder:
             shape = (1, 3, capacity, height, width)
             return state, torch.zeros(shape, dtype=self.encoder.dtype, device=self._device)
 
-        self._state, self._group = self._run_on_lane(allocate)
+        return self._run_on_lane(allocate)
 
     def _process(self, items: list[CheckedFrame]) -> list[Latent]:
         latents: list[Latent] = []
@@ -438,6 +663,7 @@ class StreamEncoder:
                     dropped_before=self._count_dropped(numbers),
                     captured=captured,
                     ready_monotonic=ready_monotonic,
+                    approximate=index < self._exact_from,
                 )
             )
             self._gap_pending = False

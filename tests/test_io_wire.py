@@ -267,3 +267,14 @@ def test_non_finite_latents_are_never_sent_nor_accepted(dtype: str):
     raw[3, 2, 1] = float("inf")
     with pytest.raises(WireError, match="NaN or infinite"):
         decode_latent(_payload_with_header(header, raw.numpy().tobytes()))
+
+
+def test_approximate_flag_round_trips_and_is_absent_otherwise():
+    from streamvae import Latent
+    from streamvae.io.wire import decode_latent, encode_latent
+
+    exact = Latent(torch.zeros(16, 2, 2), index=3, frames=range(9, 13))
+    payload = encode_latent(exact)
+    assert b"approximate" not in payload[:2000] and not decode_latent(payload).approximate
+    flagged = decode_latent(encode_latent(Latent(exact.data, 3, exact.frames, approximate=True)))
+    assert flagged.approximate and "approximate" not in flagged.meta

@@ -299,6 +299,8 @@ class MqttSink:
     - ``max_in_flight``: publishes awaiting their acknowledgement at once (QoS 1/2; default
       16), in order. One at a time, a 256-latent backlog at a 50 ms round trip would take
       12.8 s to drain, past the 5 s default ``drain_timeout``; 16 take 0.8 s.
+    - ``run``: a fixed ``run`` label (e.g. a fleet's run id, which survives a takeover) instead
+      of the count of gaps; may be changed between latents.
     """
 
     def __init__(
@@ -314,6 +316,7 @@ class MqttSink:
         drain_timeout: float = 5.0,
         message_expiry: int | None = None,
         max_in_flight: int = 16,
+        run: str | None = None,
     ) -> None:
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
@@ -341,6 +344,7 @@ class MqttSink:
         self._abandon = asyncio.Event()  # the drain timed out: stop publishing, say offline
         self._task: asyncio.Task[None] | None = None
         self._run_number = 0
+        self.run = run  # a fixed run label (a fleet's run id) instead of the gap counter
         self._identifier = f"streamvae-{stream_id}-{uuid.uuid4().hex[:8]}"
 
     # -- public ----
@@ -382,7 +386,7 @@ class MqttSink:
             raise RuntimeError("the MQTT sink is closed")
         if latent.gap:
             self._run_number += 1
-        run = str(self._run_number)
+        run = str(self._run_number) if self.run is None else self.run
         payload = encode_latent(latent, {**self.labels, "run": run}, dtype=self.dtype)
         properties = Properties(PacketTypes.PUBLISH)
         properties.ContentType = CONTENT_TYPE

@@ -18,6 +18,8 @@ labels                    added by the sinks: ``stream``, ``run``, ``model``, ``
                           (``wan2.1``, ``wan2.2``, ...), ``z_dim``, ``stride`` (``4x16x16``),
                           ``normalization`` (``wan2.1``, ``wan2.2`` or ``none``),
                           ``meaningless`` (``"true"`` for random weights)
+``approximate``           ``"true"`` only on a latent of a stream resumed from fewer frames
+                          than the receptive field (absent otherwise)
 ========================  ===================================================================
 
 >>> import torch
@@ -73,7 +75,7 @@ _BY_CODE = {code: (name, size) for name, (_, code, size) in STORAGE_DTYPES.items
 _REQUIRED = frozenset(
     {"format", "index", "frames", "timestamps", "ready_time", "padded", "gap", "dtype"}
 )
-_OPTIONAL = frozenset({"source_frames", "dropped_before"})
+_OPTIONAL = frozenset({"source_frames", "dropped_before", "approximate"})
 _RESERVED = _REQUIRED | _OPTIONAL
 _MAX_CHANNELS = 1024
 _MAX_TIMESTAMPS = 64
@@ -96,7 +98,7 @@ def encode_latent(
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     extra = {**latent.meta, **(labels or {})}
-    clash = _RESERVED & set(extra)
+    clash = (_RESERVED | _OPTIONAL) & set(extra)
     if clash:
         raise ValueError(f"labels may not use the wire format's own keys {sorted(clash)}")
     for key, value in extra.items():
@@ -113,6 +115,7 @@ def encode_latent(
         "source_frames": json.dumps(list(latent.source_frames)),
         "dropped_before": str(latent.dropped_before),
         "dtype": dtype,
+        **({"approximate": "true"} if latent.approximate else {}),
         **extra,
     }
     data = latent.data.detach().to("cpu", STORAGE_DTYPES[dtype][0]).contiguous()
@@ -275,7 +278,7 @@ def _latent_from(data: torch.Tensor, metadata: dict[str, str]) -> Latent:
         )
     if metadata["gap"] not in ("true", "false"):
         raise WireError(f"gap must be 'true' or 'false', got {metadata['gap']!r}")
-    labels = {key: value for key, value in metadata.items() if key not in _RESERVED}
+    labels = {key: value for key, value in metadata.items() if key not in _RESERVED | _OPTIONAL}
     return Latent(
         data=data,
         index=index,
@@ -287,4 +290,5 @@ def _latent_from(data: torch.Tensor, metadata: dict[str, str]) -> Latent:
         meta=labels,
         source_frames=tuple(numbers),
         dropped_before=dropped,
+        approximate=metadata.get("approximate") == "true",
     )

@@ -125,6 +125,118 @@ class EncoderState:
         for part in self._parts():
             part.reset()
 
+    def start_mid_stream(self, frames: int = 0) -> None:
+        """Zeros as every causal layer's memory, counted as real, at a group boundary.
+
+        The state of a stream that has run through ``frames`` frames whose activations were all
+        zero, just after a latent: every causal conv remembers two (zero) frames (a ring window
+        at the rotation ``frames`` steps give it), every temporal downsample has passed its
+        first frame and holds one (zero) frame. Frames pushed from here on, from a group's
+        first frame, give exactly the latents of the real stream once the receptive field is
+        full (see :mod:`streamvae.receptive`).
+        """
+        self.reset()
+        size = ConvState.KEEP + 1
+
+        def place(conv: ConvState, steps: int) -> None:
+            conv.history = ConvState.KEEP
+            if conv.ring:
+                conv.head = (ConvState.KEEP + steps) % size
+
+        steps = frames  # how many frames each layer has stepped over at its own rate
+        place(self.conv_in, steps)
+        for part in self.blocks:
+            if isinstance(part, ResidualState):
+                place(part.conv1, steps)
+                place(part.conv2, steps)
+            elif isinstance(part, TimeDownState):
+                part.held = 1
+                part.started = True
+                steps = 0 if steps == 0 else 1 + (steps - 1) // 2
+        for part in self.mid:
+            place(part.conv1, steps)
+            place(part.conv2, steps)
+        place(self.conv_out, steps)
+
+    def memory(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """What the state remembers, layout- and device-independent, for a snapshot.
+
+        Tensors: ``conv.N`` the two remembered frames of causal conv ``N`` in time order (a ring
+        window is unrotated), ``down.N`` the two front frames of temporal downsample ``N``;
+        counters: ``conv.N.history``, ``down.N.held``, ``down.N.started``. Copies, contiguous.
+        """
+        keep = ConvState.KEEP
+        tensors: dict[str, torch.Tensor] = {}
+        counters: dict[str, int] = {}
+        for i, conv in enumerate(self._convs):
+            frames = conv.window.frames
+            if conv.ring:
+                order = [(conv.head + 1 + k) % (keep + 1) for k in range(keep)]
+                remembered = frames[:, :, order]
+            else:
+                remembered = frames[:, :, :keep]
+            tensors[f"conv.{i}"] = remembered.contiguous().clone()
+            counters[f"conv.{i}.history"] = conv.history
+        for i, down in enumerate(self._time_downs):
+            tensors[f"down.{i}"] = down.window.frames[:, :, :2].contiguous().clone()
+            counters[f"down.{i}.held"] = down.held
+            counters[f"down.{i}.started"] = int(down.started)
+        return tensors, counters
+
+    def check_memory(self, tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> None:
+        """Raise ``ValueError`` unless :meth:`load_memory` can take these exactly as they are."""
+        expected, expected_counters = self.memory_layout()
+        if set(tensors) != set(expected) or set(counters) != set(expected_counters):
+            missing = sorted(set(expected) - set(tensors))
+            extra = sorted(set(tensors) - set(expected))
+            raise ValueError(
+                f"state tensors do not match this encoder: missing {missing[:4]}, "
+                f"unexpected {extra[:4]} (of {len(expected)} expected)"
+            )
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(
+                    f"state tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
+                )
+            if tensors[name].dtype != self.spec.dtype:
+                raise ValueError(
+                    f"state tensor {name} is {tensors[name].dtype}, expected {self.spec.dtype}"
+                )
+        for name, (low, high) in expected_counters.items():
+            if not low <= counters[name] <= high:
+                raise ValueError(f"state counter {name}={counters[name]} is outside {low}..{high}")
+
+    def memory_layout(self) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, int]]]:
+        """Shapes of :meth:`memory`'s tensors and the allowed range of each counter."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        ranges: dict[str, tuple[int, int]] = {}
+        for i, conv in enumerate(self._convs):
+            b, c, _, h, w = conv.window.frames.shape
+            shapes[f"conv.{i}"] = (b, c, ConvState.KEEP, h, w)
+            ranges[f"conv.{i}.history"] = (0, ConvState.KEEP)
+        for i, down in enumerate(self._time_downs):
+            b, c, _, h, w = down.window.frames.shape
+            shapes[f"down.{i}"] = (b, c, 2, h, w)
+            ranges[f"down.{i}.held"] = (0, 2)
+            ranges[f"down.{i}.started"] = (0, 1)
+        return shapes, ranges
+
+    def load_memory(self, tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> None:
+        """Set the state to what :meth:`memory` returned (checked first: nothing is written
+        unless everything fits)."""
+        self.check_memory(tensors, counters)
+        keep = ConvState.KEEP
+        for i, conv in enumerate(self._convs):
+            conv.window.frames[:, :, :keep].copy_(tensors[f"conv.{i}"])
+            conv.window.frames[:, :, keep:].zero_()
+            conv.history = counters[f"conv.{i}.history"]
+            conv.head = keep
+        for i, down in enumerate(self._time_downs):
+            down.window.frames[:, :, :2].copy_(tensors[f"down.{i}"])
+            down.window.frames[:, :, 2:].zero_()
+            down.held = counters[f"down.{i}.held"]
+            down.started = bool(counters[f"down.{i}.started"])
+
     @property
     def nbytes(self) -> int:
         return sum(part.nbytes for part in self._parts())

@@ -1,0 +1,164 @@
+"""Frame messages on ``svae.frames.<stream-id>``: one frame, its index, run and capture time.
+
+Payload: the frame as ``raw`` RGB bytes (``H * W * 3``), ``png`` (lossless) or ``jpeg``;
+headers ``Svae-Index`` (frame number in the run, from 0), ``Svae-Run`` (the run id: a new one
+each time the ingest restarts or its source reconnects), ``Svae-Time`` (capture time, seconds
+since the epoch), ``Svae-Codec`` and ``Svae-Size`` (``HxW``), and ``Nats-Msg-Id``
+``<stream>:<run>:<index>`` so a publish retried after a lost acknowledgement is stored once.
+The end of a run is a message with ``Svae-End: 1`` and no payload.
+
+>>> import numpy as np
+>>> image = np.zeros((16, 24, 3), np.uint8)
+>>> payload, headers = encode_frame(
+...     image, index=5, run="r1", timestamp=12.5, codec="png", stream_id="cam1"
+... )
+>>> decoded = decode_frame(headers, payload)
+>>> decoded.index, decoded.run, decoded.timestamp, decoded.image.shape
+(5, 'r1', 12.5, (16, 24, 3))
+>>> decode_frame({**headers, "Svae-Codec": "webp"}, payload)
+Traceback (most recent call last):
+...
+streamvae.fleet.messages.FrameMessageError: unknown frame codec 'webp' (expected raw, png, jpeg)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from streamvae.fleet.names import (
+    HEADER_CODEC,
+    HEADER_END,
+    HEADER_INDEX,
+    HEADER_RUN,
+    HEADER_SIZE,
+    HEADER_TIME,
+)
+
+__all__ = [
+    "CODECS",
+    "FrameMessage",
+    "FrameMessageError",
+    "decode_frame",
+    "encode_frame",
+    "end_headers",
+    "is_end",
+]
+
+CODECS = ("raw", "png", "jpeg")
+MAX_SIDE = 8192
+
+
+class FrameMessageError(ValueError):
+    """A frame message was refused; the message says why."""
+
+
+@dataclass(frozen=True)
+class FrameMessage:
+    """A decoded frame message: RGB uint8 ``[H, W, 3]`` plus where it belongs."""
+
+    image: np.ndarray
+    index: int
+    run: str
+    timestamp: float | None
+
+
+def encode_frame(
+    image: np.ndarray,
+    *,
+    index: int,
+    run: str,
+    timestamp: float | None,
+    codec: str,
+    stream_id: str,
+    jpeg_quality: int = 90,
+) -> tuple[bytes, dict[str, str]]:
+    """``(payload, headers)`` of one RGB uint8 ``[H, W, 3]`` frame."""
+    if codec not in CODECS:
+        raise ValueError(f"frame codec must be one of {', '.join(CODECS)}, got {codec!r}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"frames are RGB uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    height, width = image.shape[:2]
+    if codec == "raw":
+        payload = np.ascontiguousarray(image).tobytes()
+    else:
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if codec == "jpeg" else []
+        ok, buffer = cv2.imencode(".png" if codec == "png" else ".jpg", bgr, params)
+        if not ok:
+            raise ValueError(f"OpenCV could not encode a {height}x{width} frame as {codec}")
+        payload = buffer.tobytes()
+    headers = {
+        HEADER_INDEX: str(index),
+        HEADER_RUN: run,
+        HEADER_CODEC: codec,
+        HEADER_SIZE: f"{height}x{width}",
+        "Nats-Msg-Id": f"{stream_id}:{run}:{index}",
+    }
+    if timestamp is not None:
+        headers[HEADER_TIME] = repr(float(timestamp))
+    return payload, headers
+
+
+def end_headers(*, run: str, frames: int, stream_id: str) -> dict[str, str]:
+    """Headers of the message that ends run ``run`` after ``frames`` frames."""
+    return {
+        HEADER_END: "1",
+        HEADER_RUN: run,
+        HEADER_INDEX: str(frames),
+        "Nats-Msg-Id": f"{stream_id}:{run}:end",
+    }
+
+
+def is_end(headers: Mapping[str, str] | None) -> bool:
+    return bool(headers) and headers.get(HEADER_END) == "1"
+
+
+def decode_frame(
+    headers: Mapping[str, str] | None, payload: bytes, *, size: tuple[int, int] | None = None
+) -> FrameMessage:
+    """The frame of a message; :class:`FrameMessageError` if it does not decode, is not of
+    ``size`` (when given), or names an unknown codec."""
+    headers = headers or {}
+    try:
+        index = int(headers[HEADER_INDEX])
+        run = headers[HEADER_RUN]
+        codec = headers[HEADER_CODEC]
+        height, width = (int(v) for v in headers[HEADER_SIZE].split("x"))
+        stamp = float(headers[HEADER_TIME]) if HEADER_TIME in headers else None
+    except KeyError as exc:
+        raise FrameMessageError(f"frame message lacks the header {exc.args[0]}") from None
+    except ValueError as exc:
+        raise FrameMessageError(f"malformed frame header: {exc}") from None
+    if index < 0 or not run or (stamp is not None and not math.isfinite(stamp)):
+        raise FrameMessageError(f"frame header out of range: index={index}, run={run!r}")
+    if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE):
+        raise FrameMessageError(f"frame size {height}x{width} is out of range")
+    if size is not None and (height, width) != size:
+        raise FrameMessageError(
+            f"frame {index} is {height}x{width}, this stream's frames are {size[0]}x{size[1]}"
+        )
+    if codec not in CODECS:
+        raise FrameMessageError(f"unknown frame codec {codec!r} (expected {', '.join(CODECS)})")
+    if codec == "raw":
+        if len(payload) != height * width * 3:
+            raise FrameMessageError(
+                f"raw frame {index} has {len(payload)} bytes, a {height}x{width} RGB frame "
+                f"{height * width * 3}"
+            )
+        image = np.frombuffer(payload, np.uint8).reshape(height, width, 3).copy()
+    else:
+        bgr = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise FrameMessageError(f"{codec} frame {index} does not decode")
+        if bgr.shape[:2] != (height, width):
+            raise FrameMessageError(
+                f"{codec} frame {index} decodes to {bgr.shape[0]}x{bgr.shape[1]}, its header "
+                f"says {height}x{width}"
+            )
+        image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return FrameMessage(image, index, run, stamp)
