@@ -171,6 +171,29 @@ def test_snapshot_keeps_the_pending_frames_for_padding(narrow_encoder, clip):
     )
 
 
+def test_snapshot_keeps_source_frame_numbers_and_drops(narrow_encoder, clip):
+    """A mid-group snapshot carries the pending frames' source numbers and the last number
+    emitted, so the restored stream labels its next latents (``source_frames``,
+    ``dropped_before``) as the original does."""
+    from streamvae import Frame
+
+    def numbered(i: int) -> Frame:
+        # Source numbers with a hole of 4 (a dropped group) between frames 8 and 9.
+        return Frame(clip[i].numpy(), number=i if i <= 8 else i + 4)
+
+    original = StreamEncoder(narrow_encoder)
+    for i in range(11):
+        original.push(numbered(i))
+    moved = StreamEncoder(narrow_encoder)
+    moved.restore(original.snapshot())
+    a = [lat for i in range(11, 17) for lat in original.push(numbered(i))]
+    b = [lat for i in range(11, 17) for lat in moved.push(numbered(i))]
+    assert [lat.source_frames for lat in a] == [lat.source_frames for lat in b]
+    assert [lat.source_frames for lat in b] == [(13, 14, 15, 16), (17, 18, 19, 20)]
+    assert [lat.dropped_before for lat in b] == [4, 0]
+    assert all(torch.equal(x.data, y.data) for x, y in zip(a, b))
+
+
 def test_restore_is_refused_for_another_model_size_dtype_or_mode(narrow_encoder, clip, reference):
     source = StreamEncoder(narrow_encoder)
     push_all(source, clip[:20])
