@@ -10,6 +10,7 @@ torch.Size([1, 16, 3, 4, 4])
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Iterator
 from typing import Any
 
@@ -18,7 +19,12 @@ from torch import nn
 
 from streamvae.config import WAN21, WanConfig
 from streamvae.model.graphs import Signature, StepGraphs
-from streamvae.model.kernels import PackedConv, onednn_available
+from streamvae.model.kernels import (
+    PackedConv,
+    SlowPathWarning,
+    cpu_slow_path_reason,
+    onednn_available,
+)
 from streamvae.model.layers import (
     CausalConv3d,
     Downsample,
@@ -174,6 +180,9 @@ class WanEncoder(nn.Module):
             memory_format = default_memory_format(self.device, self.dtype)
         if ring is None:
             ring = capacity == 1 and self.device.type in RING_DEVICES
+        reason = cpu_slow_path_reason(self.device, self.dtype, memory_format)
+        if reason is not None and self.device.type != "meta":
+            warnings.warn(f"streamvae: slow path: {reason}", SlowPathWarning, stacklevel=2)
         spec = StateSpec(batch, capacity, self.dtype, self.device, memory_format, ring=ring)
         h, w = height, width
         conv_in = self.conv_in.new_state(spec, h, w)
