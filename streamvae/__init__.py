@@ -29,11 +29,13 @@ from streamvae.io import (
     read_latents,
 )
 from streamvae.model import EncoderState, WanEncoder, state_nbytes
+from streamvae.pool import AdmissionError, PoolSourceError, PoolStepError, StreamPool
 from streamvae.stream import Latent, LatentStream, StreamBroken, StreamEncoder
 from streamvae.weights import CheckpointError, load_encoder, random_encoder
 
 __all__ = [
     "WAN21",
+    "AdmissionError",
     "CheckpointError",
     "EncoderState",
     "FileSink",
@@ -47,12 +49,15 @@ __all__ = [
     "MqttSettings",
     "MqttSink",
     "PipelineStats",
+    "PoolSourceError",
+    "PoolStepError",
     "ReceivedLatent",
     "SourceError",
     "SourceFrame",
     "SourceStats",
     "StreamBroken",
     "StreamEncoder",
+    "StreamPool",
     "WanConfig",
     "WanEncoder",
     "WireError",

@@ -34,7 +34,7 @@ from streamvae.model.layers import (
     RMSNorm,
     StateSpec,
 )
-from streamvae.model.state import ConvState, TimeDownState
+from streamvae.model.state import ConvState, FrameWindow, TimeDownState
 
 __all__ = ["EncoderState", "WanEncoder", "default_memory_format", "state_nbytes"]
 
@@ -104,6 +104,57 @@ class EncoderState:
         """Back to the state before frame 0, in place (no reallocation)."""
         for part in self._parts():
             part.reset()
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every state tensor (``[B, ...]``), in one fixed order for states of one layout."""
+        return [
+            window.frames
+            for part in self._parts()
+            for window in (
+                (part.conv1.window, part.conv2.window)
+                if isinstance(part, ResidualState)
+                else (part.window,)
+            )
+        ]
+
+    def batch_view(self, start: int, stop: int) -> EncoderState:
+        """Streams ``start:stop`` of this batched state, as a state of their own (views, no copy).
+
+        Stepping the view steps those streams in the shared buffers. Its Python-side state
+        (the :meth:`signature`) starts as this state's and is the view's own from then on.
+
+        >>> from streamvae import WanEncoder, narrow
+        >>> state = WanEncoder(narrow(8)).new_state(16, 16, batch=4)
+        >>> view = state.batch_view(1, 3)
+        >>> view.spec.batch, view.conv_in.window.frames.data_ptr() > state.conv_in.window.frames.data_ptr()
+        (2, True)
+        """
+        if not 0 <= start < stop <= self.spec.batch:
+            raise ValueError(f"batch view {start}:{stop} outside a state of {self.spec.batch}")
+        old = self.spec
+        spec = StateSpec(
+            stop - start, old.capacity, old.dtype, old.device, old.memory_format, ring=old.ring
+        )
+
+        def conv(state: ConvState) -> ConvState:
+            view = ConvState(FrameWindow(state.window.frames[start:stop]), ring=state.ring)
+            view.history, view.head = state.history, state.head
+            return view
+
+        def part(state: BlockState) -> BlockState:
+            if isinstance(state, ResidualState):
+                return ResidualState(conv(state.conv1), conv(state.conv2))
+            if isinstance(state, TimeDownState):
+                view = TimeDownState(FrameWindow(state.window.frames[start:stop]))
+                view.held, view.started = state.held, state.started
+                return view
+            return None
+
+        mid = [ResidualState(conv(m.conv1), conv(m.conv2)) for m in self.mid]
+        blocks = [part(b) for b in self.blocks]
+        return EncoderState(
+            spec, self.height, self.width, conv(self.conv_in), blocks, mid, conv(self.conv_out)
+        )
 
     @property
     def nbytes(self) -> int:
