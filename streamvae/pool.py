@@ -660,6 +660,9 @@ class PoolStream(AsyncIterator[tuple[str, Latent]]):
         await self.aclose()
 
 
+_END = object()
+
+
 @dataclass(frozen=True)
 class _Ended:
     error: BaseException | None = None
@@ -676,8 +679,9 @@ async def _read_source(
             async for frame in source:
                 await queue.put(frame)
                 arrived.set()
-        else:
-            for frame in source:
+        else:  # read in a thread: a sync source may block (a file, a camera)
+            iterator = iter(source)
+            while (frame := await asyncio.to_thread(next, iterator, _END)) is not _END:
                 await queue.put(frame)
                 arrived.set()
         end = _Ended()
