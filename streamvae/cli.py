@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     io_commands.add_encode_command(commands)
     io_commands.add_live_command(commands)
+    from streamvae.io import serve
+
+    serve.add_serve_command(commands)
     try:
         bench = importlib.import_module("streamvae.bench")
     except ModuleNotFoundError as exc:  # a checkout without the benchmark module

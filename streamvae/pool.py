@@ -265,6 +265,11 @@ class StreamPool:
         self._streams: dict[str, _PooledStream] = {}
         self._banks: dict[tuple[int, int], _Bank] = {}
         self._slot_bytes: dict[tuple[int, int], int] = {}
+        # Stragglers: a cohort whose slots are not contiguous is stepped in its contiguous runs
+        # (default), or, with ``gather``, as one batch copied into a scratch state and back.
+        # Measured on the CPU (benchmarks/RESULTS.md, "Many streams"): see the README.
+        self.gather = False
+        self._scratches: dict[tuple[tuple[int, int], int], EncoderState] = {}
         self.stats = TickStats()
 
     # -- streams ----
@@ -412,7 +417,10 @@ class StreamPool:
             assert stream._state is not None and stream.bank is not None
             key = (stream.bank.size, count, stream._state.signature())
             cohorts.setdefault(key, []).append(stream)
-        runs = [run for members in cohorts.values() for run in _contiguous_runs(members)]
+        runs: list[list[_PooledStream]] = []
+        for members in cohorts.values():
+            split = _contiguous_runs(members)
+            runs += [sorted(members, key=_slot_of)] if self.gather and len(split) > 1 else split
         for done, run in enumerate(runs):
             try:
                 latents_by_stream = self._step_run(run, checked)
@@ -456,14 +464,26 @@ class StreamPool:
             assert step_input is not None
             inputs.append(step_input)
         signature = first._state.signature()
+        contiguous = run[-1].slot == first.slot + len(run) - 1
         if len(run) == 1:
             view = first._state
-        else:
+        elif contiguous:
             view = first.bank.view(first.slot, first.slot + len(run))
-            view.restore(signature)
+        else:  # gather: the streams' slots copied into a scratch batch, and back after
+            view = self._scratch(first.bank.size, len(run))
+            for i, stream in enumerate(run):
+                assert stream._state is not None
+                for into, slot in zip(view.buffers(), stream._state.buffers()):
+                    into[i : i + 1].copy_(slot)
+        view.restore(signature)
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=0)
         mean = self.encoder.step(x, view)
         after = view.signature()
+        if len(run) > 1 and not contiguous:
+            for i, stream in enumerate(run):
+                assert stream._state is not None
+                for scratch, slot in zip(view.buffers(), stream._state.buffers()):
+                    slot.copy_(scratch[i : i + 1])
         self.stats.steps += 1
         self.stats.stepped_streams += len(run)
         self.stats.batches[len(run)] = self.stats.batches.get(len(run), 0) + 1
@@ -599,6 +619,12 @@ class StreamPool:
             ring=False,
         )
 
+    def _scratch(self, size: tuple[int, int], batch: int) -> EncoderState:
+        state = self._scratches.get((size, batch))
+        if state is None:
+            state = self._scratches[(size, batch)] = self._new_state(size, batch)
+        return state
+
     def _get(self, stream_id: str) -> _PooledStream:
         try:
             return self._streams[stream_id]
@@ -642,7 +668,12 @@ class PoolStream(AsyncIterator[tuple[str, Latent]]):
         deadline: float,
         flush: bool,
     ) -> None:
-        self._gen = _pool_latents(pool, dict(sources), deadline=deadline, flush=flush)
+        self.dropped_frames: dict[str, int] = {}
+        """Per stream whose source has ended: the frames its encoder dropped in all (partial
+        groups at gaps and at the end)."""
+        self._gen = _pool_latents(
+            pool, dict(sources), deadline=deadline, flush=flush, dropped=self.dropped_frames
+        )
 
     def __aiter__(self) -> PoolStream:
         return self
@@ -699,6 +730,7 @@ async def _pool_latents(
     *,
     deadline: float,
     flush: bool,
+    dropped: dict[str, int],
 ) -> AsyncIterator[tuple[str, Latent]]:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamvae-pool")
     added = [sid for sid in sources if sid not in pool]
@@ -746,12 +778,10 @@ async def _pool_latents(
                         yield sid, latent
             for sid in ended:
                 live.discard(sid)
-                if flush and sid in pool:
-                    tail = await _in_worker(executor, pool.remove, sid)
+                if sid in pool:
+                    tail = await _in_worker(executor, _finish, pool, sid, flush, dropped)
                     for latent in tail:
                         yield sid, latent
-                elif sid in pool:
-                    await _in_worker(executor, pool.remove, sid, pad=False)
         if errors:
             raise PoolSourceError(errors) from next(iter(errors.values()))
     finally:
@@ -763,6 +793,15 @@ async def _pool_latents(
         for sid in added:  # cancelled or failed part of the way: drop what we added
             if sid in pool:
                 pool.remove(sid, flush=False)
+
+
+def _finish(pool: StreamPool, sid: str, flush: bool, dropped: dict[str, int]) -> list[Latent]:
+    """Flush (or not) and remove a stream whose source ended; record its dropped frames."""
+    stream = pool._get(sid)
+    tail = stream.flush() if flush and not stream._broken else []
+    dropped[sid] = stream.dropped_frames
+    pool.remove(sid, flush=False)
+    return tail
 
 
 def _check_size(stream_id: str, size: Any) -> tuple[int, int]:
@@ -778,9 +817,13 @@ def _check_size(stream_id: str, size: Any) -> tuple[int, int]:
     return (int(size[0]), int(size[1]))
 
 
+def _slot_of(stream: _PooledStream) -> int:
+    return -1 if stream.slot is None else stream.slot
+
+
 def _contiguous_runs(members: list[_PooledStream]) -> list[list[_PooledStream]]:
     """A cohort's streams split where their slots are not consecutive."""
-    ordered = sorted(members, key=lambda s: s.slot if s.slot is not None else -1)
+    ordered = sorted(members, key=_slot_of)
     runs: list[list[_PooledStream]] = []
     for stream in ordered:
         if runs and runs[-1][-1].slot is not None and stream.slot == runs[-1][-1].slot + 1:

@@ -93,8 +93,10 @@ def test_streams_in_phase_step_as_one_batch_and_equal_their_own_encoders(narrow_
     assert stats.steps == (13 if mode == "frame" else 4)
 
 
-def test_skipped_stream_is_untouched_and_falls_out_of_phase(narrow_encoder):
+@pytest.mark.parametrize("gather", [False, True])
+def test_skipped_stream_is_untouched_and_falls_out_of_phase(narrow_encoder, gather):
     mirror = Mirror(narrow_encoder)
+    mirror.pool.gather = gather
     for sid in "abc":
         mirror.add(sid, size=(16, 16))
     clip = frames_of(1, 10, 16, 16)
@@ -112,6 +114,8 @@ def test_skipped_stream_is_untouched_and_falls_out_of_phase(narrow_encoder):
     mirror.check()
     # a and c (slots 0 and 2) share a phase but not adjacent slots; b is a phase of its own.
     assert mirror.pool.stats.batches.get(3, 0) == 1  # only the first tick took all three
+    # Split, a and c step alone; gathered, they step as one batch of two.
+    assert mirror.pool.stats.batches.get(2, 0) == (9 if gather else 0)
 
 
 def test_several_sizes_and_a_gap_that_changes_size(narrow_encoder):
@@ -303,9 +307,11 @@ ACTIONS = st.sampled_from(["frame", "frame", "frame", "skip", "gap", "leave"])
     schedule=st.lists(st.lists(ACTIONS, min_size=3, max_size=3), min_size=1, max_size=14),
     mode=st.sampled_from(["frame", "group"]),
     pad=st.booleans(),
+    gather=st.booleans(),
 )
-def test_any_schedule_equals_each_streams_own_encoder(narrow_encoder, schedule, mode, pad):
+def test_any_schedule_equals_each_streams_own_encoder(narrow_encoder, schedule, mode, pad, gather):
     mirror = Mirror(narrow_encoder, mode=mode, pad_tail=pad)
+    mirror.pool.gather = gather
     sizes = [(8, 8), (8, 16), (8, 8)]
     clips = [frames_of(20 + i, 16, *size) for i, size in enumerate(sizes)]
     joined = [0, 0, 0]  # runs per stream id slot, so a re-joined stream has a new id
@@ -427,3 +433,12 @@ def test_full_config_pool_equals_own_encoders(wan21_encoder):
         mirror.push({sid: clips[sid][t] for sid in "ab"})
     mirror.check()
     assert mirror.pool.stats.batches == {2: 5}
+
+
+@pytest.mark.parametrize("name", ["streamvae.pool", "streamvae.bench_pool"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0

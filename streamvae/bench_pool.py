@@ -1,0 +1,324 @@
+"""Benchmarks of many streams: ``streamvae bench --streams 1,2,4,8`` and ``--sweep``.
+
+Streams (``--streams``): N streams of ``--size`` frames, one frame each per tick, through one
+:class:`~streamvae.StreamPool` and through N separate :class:`~streamvae.StreamEncoder`\\ s on
+the same encoder, interleaved repeats in one run (pool, separate, pool, ...; best of
+``--repeats``). After warm-up ticks (every stream past its first frames), ``--ticks`` timed
+ticks: aggregate frames/s and GFLOP/s (FLOPs counted on the meta device), per-stream latency
+(a tick's frames arrive together; a stream's latency is from the tick's start to its latent:
+for the pool the whole push, for separate encoders stepped in turn the pushes up to its own),
+and the pool's mean batch. Phase schedules (``--phases``): ``aligned`` (all streams start
+together: one cohort), ``staggered`` (four start ticks, streams of one start in adjacent slots:
+four contiguous cohorts), ``interleaved`` (start tick ``i % 4``: cohorts in non-adjacent slots,
+stepped split into runs or, ``gather``, copied into one batch).
+
+Sweep (``--sweep 32x32,64x64,...``): one stream per size, GFLOP/s of a steady-state group.
+
+    streamvae bench --random-weights --device cpu --streams 1,2,4,8 --size 64x64 --json out.json
+    streamvae bench --random-weights --device cpu --sweep 32x32,64x64,128x128,240x416
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamvae.bench import (
+    Clock,
+    parse_size,
+    percentiles_ms,
+    streamvae_flops,
+    synthetic_frames,
+)
+from streamvae.model import WanEncoder
+from streamvae.pool import StreamPool
+from streamvae.stream import StreamEncoder
+
+__all__ = [
+    "PHASES",
+    "StreamsResult",
+    "SweepResult",
+    "bench_streams",
+    "bench_sweep",
+    "pool_bench_command",
+    "start_ticks",
+]
+
+PHASES = ("aligned", "staggered", "interleaved", "interleaved-gather")
+WARMUP_TICKS = 8
+
+
+def start_ticks(streams: int, phases: str) -> list[int]:
+    """The tick at which each stream's first frame comes, by phase schedule.
+
+    >>> start_ticks(8, "aligned"), start_ticks(8, "staggered"), start_ticks(8, "interleaved")
+    ([0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 2, 2, 3, 3], [0, 1, 2, 3, 0, 1, 2, 3])
+    """
+    if phases == "aligned":
+        return [0] * streams
+    if phases == "staggered":
+        return [i * 4 // streams for i in range(streams)]
+    if phases.startswith("interleaved"):
+        return [i % 4 for i in range(streams)]
+    raise ValueError(f"phases must be one of {PHASES}, got {phases!r}")
+
+
+@dataclass
+class TickRun:
+    seconds: float  # the timed ticks, end to end
+    frames: int
+    latencies: list[float] = field(default_factory=list)
+    mean_batch: float = 1.0
+
+
+def _clips(streams: int, ticks: int, size: tuple[int, int]) -> list[list[np.ndarray]]:
+    base = synthetic_frames(ticks + 4, *size)
+    return [base[i % 4 : i % 4 + ticks] for i in range(streams)]
+
+
+def run_ticks(
+    encoder: WanEncoder,
+    size: tuple[int, int],
+    starts: Sequence[int],
+    ticks: int,
+    *,
+    pooled: bool,
+    gather: bool = False,
+    clock: Clock | None = None,
+) -> TickRun:
+    """``WARMUP_TICKS + ticks`` ticks of len(starts) streams; times the last ``ticks``."""
+    clock = clock or Clock(encoder.device)
+    ids = [f"s{i}" for i in range(len(starts))]
+    clips = _clips(len(ids), WARMUP_TICKS + ticks, size)
+    pool = StreamPool(encoder) if pooled else None
+    alone = {sid: StreamEncoder(encoder) for sid in ids} if not pooled else {}
+    if pool is not None:
+        pool.gather = gather
+        for sid in ids:
+            pool.add(sid, size=size)
+    run = TickRun(0.0, 0)
+    stepped_before = steps_before = 0
+    for tick in range(WARMUP_TICKS + ticks):
+        timed = tick >= WARMUP_TICKS
+        if timed and tick == WARMUP_TICKS and pool is not None:
+            stepped_before, steps_before = pool.stats.stepped_streams, pool.stats.steps
+        frames = {sid: clips[i][tick - starts[i]] for i, sid in enumerate(ids) if tick >= starts[i]}
+        start = clock.now()
+        if pool is not None:
+            out = pool.push(frames)
+            done = clock.now()
+            got = [sid for sid, latents in out.items() if latents]
+            run.latencies += [done - start] * len(got)
+        else:
+            for sid, frame in frames.items():
+                latents = alone[sid].push(frame)
+                if latents:
+                    run.latencies.append(clock.now() - start)
+            done = clock.now()
+        if timed:
+            run.seconds += done - start
+            run.frames += len(frames)
+    if pool is not None:
+        steps = pool.stats.steps - steps_before
+        run.mean_batch = (pool.stats.stepped_streams - stepped_before) / max(steps, 1)
+    return run
+
+
+def _flops(encoder: WanEncoder, size: tuple[int, int], starts: Sequence[int], ticks: int) -> int:
+    """FLOPs of the timed ticks (each stream's frames in them), counted on the meta device."""
+    cache: dict[int, int] = {}
+
+    def upto(frames: int) -> int:
+        if frames <= 0:
+            return 0
+        if frames not in cache:
+            cache[frames] = streamvae_flops(encoder, frames, *size)
+        return cache[frames]
+
+    end = WARMUP_TICKS + ticks
+    return sum(upto(end - s) - upto(WARMUP_TICKS - s) for s in starts)
+
+
+@dataclass
+class StreamsResult:
+    """One (streams, phases) row: the pool against the same streams stepped alone."""
+
+    streams: int
+    phases: str
+    size: tuple[int, int]
+    pool_fps: float
+    alone_fps: float
+    pool_gflops: float
+    alone_gflops: float
+    pool_latency_ms: dict[str, float | None]
+    alone_latency_ms: dict[str, float | None]
+    mean_batch: float
+
+    @property
+    def speedup(self) -> float:
+        return self.pool_fps / self.alone_fps
+
+    def pixels_per_s(self) -> float:
+        return self.pool_fps * self.size[0] * self.size[1]
+
+
+def bench_streams(
+    encoder: WanEncoder,
+    size: tuple[int, int],
+    counts: Sequence[int],
+    *,
+    phases: Sequence[str] = ("aligned",),
+    ticks: int = 8,
+    repeats: int = 3,
+) -> list[StreamsResult]:
+    """Pool vs separate encoders for each stream count and phase schedule (interleaved repeats)."""
+    results = []
+    clock = Clock(encoder.device)
+    for count in counts:
+        for phase in phases:
+            starts = start_ticks(count, phase)
+            gather = phase.endswith("gather")
+            flops = _flops(encoder, size, starts, ticks)
+            pool_runs, alone_runs = [], []
+            for _ in range(repeats):
+                pool_runs.append(
+                    run_ticks(encoder, size, starts, ticks, pooled=True, gather=gather, clock=clock)
+                )
+                alone_runs.append(
+                    run_ticks(encoder, size, starts, ticks, pooled=False, clock=clock)
+                )
+            pool = min(pool_runs, key=lambda r: r.seconds)
+            alone = min(alone_runs, key=lambda r: r.seconds)
+            results.append(
+                StreamsResult(
+                    streams=count,
+                    phases=phase,
+                    size=size,
+                    pool_fps=pool.frames / pool.seconds,
+                    alone_fps=alone.frames / alone.seconds,
+                    pool_gflops=flops / pool.seconds / 1e9,
+                    alone_gflops=flops / alone.seconds / 1e9,
+                    pool_latency_ms=percentiles_ms(pool.latencies),
+                    alone_latency_ms=percentiles_ms(alone.latencies),
+                    mean_batch=pool.mean_batch,
+                )
+            )
+    return results
+
+
+@dataclass
+class SweepResult:
+    size: tuple[int, int]
+    ms_per_frame: float
+    gflops: float
+
+
+def bench_sweep(
+    encoder: WanEncoder, sizes: Sequence[tuple[int, int]], *, repeats: int = 3
+) -> list[SweepResult]:
+    """One stream per size: a steady-state group's frames (5-8), best of ``repeats``."""
+    clock = Clock(encoder.device)
+    out = []
+    for size in sizes:
+        flops = streamvae_flops(encoder, 9, *size) - streamvae_flops(encoder, 5, *size)
+        frames = synthetic_frames(9, *size)
+        best = float("inf")
+        for _ in range(repeats):
+            stream = StreamEncoder(encoder)
+            for frame in frames[:5]:
+                stream.push(frame)
+            start = clock.now()
+            for frame in frames[5:]:
+                stream.push(frame)
+            best = min(best, clock.now() - start)
+        out.append(SweepResult(size, best * 1000 / 4, flops / best / 1e9))
+    return out
+
+
+def _ms(values: dict[str, float | None], key: str) -> str:
+    value = values.get(key)
+    return "-" if value is None else f"{value:.1f}"
+
+
+def format_streams(results: Sequence[StreamsResult]) -> str:
+    lines = [
+        "| streams | size | phases | mean batch | pool fps | alone fps | pool / alone "
+        "| pool GFLOP/s | alone GFLOP/s | pool p50 / p99 ms | alone p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.streams} | {r.size[0]}x{r.size[1]} | {r.phases} | {r.mean_batch:.2f} "
+            f"| {r.pool_fps:.2f} | {r.alone_fps:.2f} | **{r.speedup:.2f}x** "
+            f"| {r.pool_gflops:.0f} | {r.alone_gflops:.0f} "
+            f"| {_ms(r.pool_latency_ms, 'p50')} / {_ms(r.pool_latency_ms, 'p99')} "
+            f"| {_ms(r.alone_latency_ms, 'p50')} / {_ms(r.alone_latency_ms, 'p99')} |"
+        )
+    return "\n".join(lines)
+
+
+def format_sweep(results: Sequence[SweepResult]) -> str:
+    lines = ["| size | ms / frame | GFLOP/s |", "|---|---|---|"]
+    lines += [
+        f"| {r.size[0]}x{r.size[1]} | {r.ms_per_frame:.1f} | {r.gflops:.0f} |" for r in results
+    ]
+    return "\n".join(lines)
+
+
+def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--streams``, ``--phases``, ``--ticks``, ``--sweep`` of ``streamvae bench``."""
+    parser.add_argument(
+        "--streams",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=None,
+        help="many streams: stream counts, comma-separated (1,2,4,8): pool vs separate encoders",
+    )
+    parser.add_argument(
+        "--phases",
+        default="aligned",
+        help=f"with --streams: phase schedules, comma-separated, of {', '.join(PHASES)}",
+    )
+    parser.add_argument("--ticks", type=int, default=8, help="with --streams: timed ticks (8)")
+    parser.add_argument(
+        "--sweep",
+        type=lambda text: [parse_size(v) for v in text.split(",")],
+        default=None,
+        help="single-stream GFLOP/s at these sizes, comma-separated (32x32,64x64,...)",
+    )
+
+
+def pool_bench_command(args: argparse.Namespace, encoder: WanEncoder) -> int:
+    """Run ``--streams`` and/or ``--sweep``; print markdown tables; ``--json`` writes them."""
+    repeats = args.repeats or 3
+    report: dict[str, Any] = {
+        "device": str(encoder.device),
+        "dtype": str(encoder.dtype).removeprefix("torch."),
+        "config": encoder.config.name,
+        "threads": torch.get_num_threads(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if args.streams:
+        phases = [p for p in args.phases.split(",") if p]
+        for phase in phases:
+            start_ticks(1, phase)  # checks the name
+        results = bench_streams(
+            encoder, args.size, args.streams, phases=phases, ticks=args.ticks, repeats=repeats
+        )
+        print(format_streams(results), flush=True)
+        report["streams"] = [asdict(r) | {"speedup": r.speedup} for r in results]
+    if args.sweep:
+        sweep = bench_sweep(encoder, args.sweep, repeats=repeats)
+        print(format_sweep(sweep), flush=True)
+        report["sweep"] = [asdict(r) for r in sweep]
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
