@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: CUDA tests, `streamvae bench` for the targets (480x832 bfloat16), a kernel
-# profile, the bench variants that decide the GPU defaults, float32, then 720x1280 if time is
+# The GPU check: CUDA tests, `streamvae bench` for the targets (480x832 bfloat16), many
+# streams through one pool, a kernel profile, the bench variants that decide the GPU defaults, float32, then 720x1280 if time is
 # left. Under 8 minutes on one H100. Everything lands in OUTDIR: logs, JSON, PNG, summary.md.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [BUNDLE.tar.gz]
@@ -18,9 +18,10 @@
 #   GPU_CHECK_BUDGET_S  seconds for all steps together (default 450; a step that would start
 #                       with less than its own limit left is skipped and listed as skipped)
 #   PYTHON              interpreter (default python3)
-#   DEVICE, SIZE, SIZE_LARGE, CONFIG
-#                       cuda, 480x832, 720x1280, wan2.1 by default; a smoke test of this
-#                       script without a GPU: DEVICE=cpu SIZE=32x32 SIZE_LARGE=32x48 CONFIG=narrow8
+#   DEVICE, SIZE, SIZE_LARGE, CONFIG, POOL_SIZES
+#                       cuda, 480x832, 720x1280, wan2.1, "240x416,SIZE" by default; a smoke
+#                       test of this script without a GPU: DEVICE=cpu SIZE=32x32
+#                       SIZE_LARGE=32x48 CONFIG=narrow8 POOL_SIZES=32x32
 set -u -o pipefail
 
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR [BUNDLE.tar.gz]}
@@ -32,6 +33,7 @@ DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-480x832}
 SIZE_LARGE=${SIZE_LARGE:-720x1280}
 CONFIG=${CONFIG:-wan2.1}
+POOL_SIZES=${POOL_SIZES:-240x416,$SIZE}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$REPO" || exit 1
@@ -146,6 +148,13 @@ fi
 #    33 frames (8 groups) per clip so that steady-state steps are measured; everything
 #    (peers, live mode, memory against stream length in fresh processes).
 bench bench_${SIZE}_bf16 200 --dtype bfloat16 --size "$SIZE" --frames 33
+
+# 2b. Many streams through one StreamPool against as many separate StreamEncoders: 1, 2, 4, 8
+#     aligned streams at 240x416 and 480x832, bfloat16, CUDA graphs (one replay per batch),
+#     with the device time of each stage at each batch (streamvae/bench_pool.py).
+step pool_bf16 60 "$PYTHON" -m streamvae.cli bench "${MODEL[@]}" --device "$DEVICE" \
+    --dtype bfloat16 --streams 1,2,4,8 --pool-sizes "$POOL_SIZES" --ticks 8 --repeats 2 \
+    --stage-times --json "$OUT/pool_bf16.json"
 
 # 3. Where the step time goes: device time by kernel over two groups, and the widest layer's
 #    norm (fused / eager), window shift and conv per layout (benchmarks/gpu_profile.py).

@@ -49,6 +49,7 @@ __all__ = [
     "bench_streams",
     "bench_sweep",
     "pool_bench_command",
+    "stage_times",
     "start_ticks",
 ]
 
@@ -92,14 +93,15 @@ def run_ticks(
     *,
     pooled: bool,
     gather: bool = False,
+    cuda_graphs: bool = False,
     clock: Clock | None = None,
 ) -> TickRun:
     """``WARMUP_TICKS + ticks`` ticks of len(starts) streams; times the last ``ticks``."""
     clock = clock or Clock(encoder.device)
     ids = [f"s{i}" for i in range(len(starts))]
     clips = _clips(len(ids), WARMUP_TICKS + ticks, size)
-    pool = StreamPool(encoder) if pooled else None
-    alone = {sid: StreamEncoder(encoder) for sid in ids} if not pooled else {}
+    pool = StreamPool(encoder, cuda_graphs=cuda_graphs) if pooled else None
+    alone = {} if pooled else {sid: StreamEncoder(encoder, cuda_graphs=cuda_graphs) for sid in ids}
     if pool is not None:
         pool.gather = gather
         for sid in ids:
@@ -178,6 +180,7 @@ def bench_streams(
     phases: Sequence[str] = ("aligned",),
     ticks: int = 8,
     repeats: int = 3,
+    cuda_graphs: bool = False,
 ) -> list[StreamsResult]:
     """Pool vs separate encoders for each stream count and phase schedule (interleaved repeats)."""
     results = []
@@ -188,13 +191,12 @@ def bench_streams(
             gather = phase.endswith("gather")
             flops = _flops(encoder, size, starts, ticks)
             pool_runs, alone_runs = [], []
+            common = {"cuda_graphs": cuda_graphs, "clock": clock}
             for _ in range(repeats):
                 pool_runs.append(
-                    run_ticks(encoder, size, starts, ticks, pooled=True, gather=gather, clock=clock)
+                    run_ticks(encoder, size, starts, ticks, pooled=True, gather=gather, **common)
                 )
-                alone_runs.append(
-                    run_ticks(encoder, size, starts, ticks, pooled=False, clock=clock)
-                )
+                alone_runs.append(run_ticks(encoder, size, starts, ticks, pooled=False, **common))
             pool = min(pool_runs, key=lambda r: r.seconds)
             alone = min(alone_runs, key=lambda r: r.seconds)
             results.append(
@@ -212,6 +214,77 @@ def bench_streams(
                 )
             )
     return results
+
+
+def stage_times(
+    encoder: WanEncoder, size: tuple[int, int], streams: int, *, ticks: int = 8
+) -> dict[str, float]:
+    """Milliseconds per tick spent in each stage of the encoder, ``streams`` aligned streams.
+
+    Stages: ``stage0`` (``conv_in`` and the blocks before the first downsample, the downsample
+    included), ``stage1``..``stage3``, ``mid``, ``head`` (``conv_out``). On CUDA, device time
+    between CUDA events around each stage (no synchronisation inside a tick); elsewhere wall
+    time. Over ``ticks`` ticks after the warm-up.
+    """
+    cuda = encoder.device.type == "cuda"
+    marks: list[tuple[str, Any, Any]] = []
+    timing = [False]
+
+    def timed(name: str, step: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not timing[0]:
+                return step(*args, **kwargs)
+            if cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+                begin.record()
+                out = step(*args, **kwargs)
+                end.record()
+            else:
+                begin = time.perf_counter()
+                out = step(*args, **kwargs)
+                end = time.perf_counter()
+            marks.append((name, begin, end))
+            return out
+
+        return wrapper
+
+    modules: list[tuple[str, Any]] = [("stage0", encoder.conv_in)]
+    stage = 0
+    for block in encoder.down_blocks:
+        modules.append((f"stage{stage}", block))
+        stage += type(block).__name__ == "Downsample"
+    modules += [("mid", encoder.mid_block), ("head", encoder.conv_out)]
+    for name, module in modules:
+        module.step = timed(name, module.step)  # an instance attribute over the method
+    try:
+        pool = StreamPool(encoder)
+        ids = [f"s{i}" for i in range(streams)]
+        for sid in ids:
+            pool.add(sid, size=size)
+        frames = synthetic_frames(WARMUP_TICKS + ticks, *size)
+        for tick, frame in enumerate(frames):
+            timing[0] = tick >= WARMUP_TICKS
+            pool.push(dict.fromkeys(ids, frame))
+        Clock(encoder.device).sync()
+    finally:
+        for _, module in modules:
+            del module.step
+    totals: dict[str, float] = {name: 0.0 for name, _ in modules}
+    for name, begin, end in marks:
+        totals[name] += begin.elapsed_time(end) if cuda else (end - begin) * 1000
+    return {name: total / ticks for name, total in totals.items()}
+
+
+def format_stages(rows: dict[int, dict[str, float]]) -> str:
+    names = list(next(iter(rows.values())))
+    lines = [
+        "| streams | " + " | ".join(f"{n} ms" for n in names) + " | ms per stream |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for streams, times in rows.items():
+        cells = " | ".join(f"{times[n]:.2f}" for n in names)
+        lines.append(f"| {streams} | {cells} | {sum(times.values()) / streams:.2f} |")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -251,16 +324,18 @@ def _ms(values: dict[str, float | None], key: str) -> str:
 def format_streams(results: Sequence[StreamsResult]) -> str:
     lines = [
         "| streams | size | phases | mean batch | pool fps | alone fps | pool / alone "
-        "| pool GFLOP/s | alone GFLOP/s | pool p50 / p99 ms | alone p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pool GFLOP/s | alone GFLOP/s | pool p50 / p99 ms | alone p50 / p99 ms "
+        "| pool Mpixel/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.streams} | {r.size[0]}x{r.size[1]} | {r.phases} | {r.mean_batch:.2f} "
             f"| {r.pool_fps:.2f} | {r.alone_fps:.2f} | **{r.speedup:.2f}x** "
-            f"| {r.pool_gflops:.0f} | {r.alone_gflops:.0f} "
+            f"| {r.pool_gflops:.1f} | {r.alone_gflops:.1f} "
             f"| {_ms(r.pool_latency_ms, 'p50')} / {_ms(r.pool_latency_ms, 'p99')} "
-            f"| {_ms(r.alone_latency_ms, 'p50')} / {_ms(r.alone_latency_ms, 'p99')} |"
+            f"| {_ms(r.alone_latency_ms, 'p50')} / {_ms(r.alone_latency_ms, 'p99')} "
+            f"| {r.pixels_per_s() / 1e6:.3f} |"
         )
     return "\n".join(lines)
 
@@ -288,6 +363,23 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ticks", type=int, default=8, help="with --streams: timed ticks (8)")
     parser.add_argument(
+        "--pool-sizes",
+        type=lambda text: [parse_size(v) for v in text.split(",")],
+        default=None,
+        help="with --streams: frame sizes, comma-separated (default: --size)",
+    )
+    parser.add_argument(
+        "--reference-size",
+        type=parse_size,
+        default=None,
+        help="with --streams: also one stream at this size, for throughput per pixel (128x128)",
+    )
+    parser.add_argument(
+        "--stage-times",
+        action="store_true",
+        help="with --streams: time per stage of the encoder at each stream count (aligned)",
+    )
+    parser.add_argument(
         "--sweep",
         type=lambda text: [parse_size(v) for v in text.split(",")],
         default=None,
@@ -309,11 +401,25 @@ def pool_bench_command(args: argparse.Namespace, encoder: WanEncoder) -> int:
         phases = [p for p in args.phases.split(",") if p]
         for phase in phases:
             start_ticks(1, phase)  # checks the name
-        results = bench_streams(
-            encoder, args.size, args.streams, phases=phases, ticks=args.ticks, repeats=repeats
-        )
+        graphs = encoder.device.type == "cuda" and not getattr(args, "no_cuda_graphs", False)
+        common = {"ticks": args.ticks, "repeats": repeats, "cuda_graphs": graphs}
+        report["cuda_graphs"] = graphs
+        results = []
+        for size in args.pool_sizes or [args.size]:
+            results += bench_streams(encoder, size, args.streams, phases=phases, **common)
+        if args.reference_size:
+            results += bench_streams(encoder, args.reference_size, [1], **common)
         print(format_streams(results), flush=True)
-        report["streams"] = [asdict(r) | {"speedup": r.speedup} for r in results]
+        if args.stage_times:
+            report["stage_times_ms"] = {}
+            for size in args.pool_sizes or [args.size]:
+                rows = {n: stage_times(encoder, size, n, ticks=args.ticks) for n in args.streams}
+                print(f"stage times per tick at {size[0]}x{size[1]}:", flush=True)
+                print(format_stages(rows), flush=True)
+                report["stage_times_ms"][f"{size[0]}x{size[1]}"] = rows
+        report["streams"] = [
+            asdict(r) | {"speedup": r.speedup, "pixels_per_s": r.pixels_per_s()} for r in results
+        ]
     if args.sweep:
         sweep = bench_sweep(encoder, args.sweep, repeats=repeats)
         print(format_sweep(sweep), flush=True)

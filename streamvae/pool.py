@@ -44,6 +44,7 @@ import torch
 
 from streamvae.frames import SPATIAL_MULTIPLE, CheckedFrame, FrameError, FrameLike
 from streamvae.model import EncoderState, WanEncoder, state_nbytes
+from streamvae.model.graphs import StepGraphs
 from streamvae.stream import (
     Latent,
     Mode,
@@ -171,7 +172,7 @@ class _Bank:
     def attach(self, stream: _PooledStream, slot: int) -> None:
         self.members[slot] = stream
         stream.bank, stream.slot = self, slot
-        view = self.state.batch_view(slot, slot + 1)
+        view = self.pool._with_graphs(self.state.batch_view(slot, slot + 1))
         view.reset()
         stream._state = view
 
@@ -189,7 +190,7 @@ class _Bank:
         for slot, stream in self.members.items():
             assert stream._state is not None
             signature = stream._state.signature()
-            view = new.batch_view(slot, slot + 1)
+            view = self.pool._with_graphs(new.batch_view(slot, slot + 1))
             view.restore(signature)
             stream._state = view
         self.state, self.capacity = new, capacity
@@ -198,7 +199,8 @@ class _Bank:
     def view(self, start: int, stop: int) -> EncoderState:
         view = self._views.get((start, stop))
         if view is None:
-            view = self._views[(start, stop)] = self.state.batch_view(start, stop)
+            view = self.pool._with_graphs(self.state.batch_view(start, stop))
+            self._views[(start, stop)] = view
         return view
 
 
@@ -225,6 +227,9 @@ class StreamPool:
       changes then.
     - If the model raises during a tick, :class:`PoolStepError` says which streams advanced,
       which are broken and which did not advance.
+    - ``cuda_graphs`` (CUDA): each batch's step is captured once per signature and batch of
+      slots and replayed (one launch per batch instead of hundreds). All work runs on the
+      caller's current CUDA stream.
 
     Not thread-safe: one caller (or :meth:`stream`'s worker) at a time.
     """
@@ -240,6 +245,7 @@ class StreamPool:
         normalize: bool = True,
         output_device: str | torch.device | None = "cpu",
         memory_format: torch.memory_format | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         if max_streams is not None and max_streams < 1:
             raise ValueError(f"max_streams must be >= 1 or None, got {max_streams}")
@@ -249,6 +255,7 @@ class StreamPool:
         if memory_budget is not None and memory_budget < 0:
             raise ValueError(f"memory_budget must be >= 0 bytes or None, got {memory_budget}")
         self.encoder = encoder
+        self.cuda_graphs = cuda_graphs and encoder.device.type == "cuda"
         self.max_streams = max_streams
         self.memory_budget = memory_budget
         self._options: dict[str, Any] = {
@@ -622,7 +629,15 @@ class StreamPool:
     def _scratch(self, size: tuple[int, int], batch: int) -> EncoderState:
         state = self._scratches.get((size, batch))
         if state is None:
-            state = self._scratches[(size, batch)] = self._new_state(size, batch)
+            state = self._with_graphs(self._new_state(size, batch))
+            self._scratches[(size, batch)] = state
+        return state
+
+    def _with_graphs(self, state: EncoderState) -> EncoderState:
+        """With ``cuda_graphs``: the state's steps captured and replayed (its buffers are fixed:
+        a bank's views live as long as the bank, which is replaced only when it grows)."""
+        if self.cuda_graphs:
+            state.graphs = StepGraphs(self.encoder.device)
         return state
 
     def _get(self, stream_id: str) -> _PooledStream:
