@@ -35,7 +35,6 @@ from streamvae.bench import (
     Clock,
     parse_size,
     percentiles_ms,
-    streamvae_flops,
     synthetic_frames,
 )
 from streamvae.model import WanEncoder
@@ -51,6 +50,7 @@ __all__ = [
     "pool_bench_command",
     "stage_times",
     "start_ticks",
+    "stream_flops",
 ]
 
 PHASES = ("aligned", "staggered", "interleaved", "interleaved-gather")
@@ -134,19 +134,40 @@ def run_ticks(
     return run
 
 
+_FLOPS: dict[tuple[Any, ...], list[int]] = {}
+
+
+def stream_flops(encoder: WanEncoder, size: tuple[int, int], frames: int) -> list[int]:
+    """FLOPs of one stream's first ``k`` frames, for k = 0..frames, pushed one step each.
+
+    Counted once per (config, dtype, size) on the meta device in one pass
+    (:class:`torch.utils.flop_counter.FlopCounterMode`), as the pool steps them (shifted
+    windows: a stream's first frames skip the time taps over the zeros before it).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    key = (encoder.config, encoder.dtype, size)
+    known = _FLOPS.get(key, [0])
+    if len(known) > frames:
+        return known[: frames + 1]
+    with torch.device("meta"):
+        meta = WanEncoder(encoder.config).to(encoder.dtype)
+    state = meta.new_state(*size, ring=False)
+    frame = torch.zeros(1, 3, 1, *size, dtype=encoder.dtype, device="meta")
+    counts = [0]
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(frames):
+            meta.step(frame, state)
+            counts.append(int(counter.get_total_flops()))
+    _FLOPS[key] = counts
+    return counts
+
+
 def _flops(encoder: WanEncoder, size: tuple[int, int], starts: Sequence[int], ticks: int) -> int:
-    """FLOPs of the timed ticks (each stream's frames in them), counted on the meta device."""
-    cache: dict[int, int] = {}
-
-    def upto(frames: int) -> int:
-        if frames <= 0:
-            return 0
-        if frames not in cache:
-            cache[frames] = streamvae_flops(encoder, frames, *size)
-        return cache[frames]
-
+    """FLOPs of the timed ticks (each stream's frames in them)."""
     end = WARMUP_TICKS + ticks
-    return sum(upto(end - s) - upto(WARMUP_TICKS - s) for s in starts)
+    upto = stream_flops(encoder, size, end)
+    return sum(upto[end - s] - upto[max(WARMUP_TICKS - s, 0)] for s in starts)
 
 
 @dataclass
@@ -301,7 +322,8 @@ def bench_sweep(
     clock = Clock(encoder.device)
     out = []
     for size in sizes:
-        flops = streamvae_flops(encoder, 9, *size) - streamvae_flops(encoder, 5, *size)
+        upto = stream_flops(encoder, size, 9)
+        flops = upto[9] - upto[5]
         frames = synthetic_frames(9, *size)
         best = float("inf")
         for _ in range(repeats):

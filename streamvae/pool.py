@@ -439,6 +439,8 @@ class StreamPool:
                 for sid in waiting:
                     out.pop(sid, None)
                 broken = frozenset(s.stream_id for s in run)
+                if not isinstance(error, Exception):  # KeyboardInterrupt, cancellation: as is
+                    raise
                 raise PoolStepError(
                     f"the model raised while stepping streams {sorted(broken)!r} "
                     f"({type(error).__name__}: {error}); they are broken until reset(); "
