@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check: CUDA tests, `streamvae bench` for the targets (480x832 bfloat16), a kernel
-# profile, the bench variants that decide the GPU defaults, Wan 2.2 at 704x1280 bfloat16,
-# float32, then 720x1280 if time is left. Under 8 minutes on one H100. Everything lands in
-# OUTDIR: logs, JSON, PNG, summary.md.
+# The GPU check: CUDA tests, `streamvae bench` for the targets (480x832 bfloat16), many
+# streams through one pool, a kernel profile, the bench variants that decide the GPU defaults,
+# Wan 2.2 at 704x1280 bfloat16, float32, then 720x1280 if time is left. Under 8 minutes on one
+# H100. Everything lands in OUTDIR: logs, JSON, PNG, summary.md.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [BUNDLE.tar.gz]
 #
@@ -20,11 +20,11 @@
 #                       with less than its own limit left is skipped and listed as skipped)
 #   PYTHON              interpreter (default python3)
 #   WEIGHTS22=path      real Wan 2.2 VAE weights for the Wan 2.2 step (default: random)
-#   DEVICE, SIZE, SIZE_LARGE, CONFIG, SIZE22, CONFIG22
-#                       cuda, 480x832, 720x1280, wan2.1, 704x1280 (TI2V-5B's 720p), wan2.2 by
-#                       default; a smoke test of this script without a GPU: DEVICE=cpu
-#                       SIZE=32x32 SIZE_LARGE=32x48 CONFIG=narrow8 SIZE22=32x32
-#                       CONFIG22=wan2.2-narrow8
+#   DEVICE, SIZE, SIZE_LARGE, CONFIG, SIZE22, CONFIG22, POOL_SIZES
+#                       cuda, 480x832, 720x1280, wan2.1, 704x1280 (TI2V-5B's 720p), wan2.2,
+#                       "240x416,SIZE" by default; a smoke test of this script without a GPU:
+#                       DEVICE=cpu SIZE=32x32 SIZE_LARGE=32x48 CONFIG=narrow8 SIZE22=32x32
+#                       CONFIG22=wan2.2-narrow8 POOL_SIZES=32x32
 set -u -o pipefail
 
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR [BUNDLE.tar.gz]}
@@ -38,6 +38,7 @@ SIZE_LARGE=${SIZE_LARGE:-720x1280}
 CONFIG=${CONFIG:-wan2.1}
 SIZE22=${SIZE22:-704x1280}
 CONFIG22=${CONFIG22:-wan2.2}
+POOL_SIZES=${POOL_SIZES:-240x416,$SIZE}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$REPO" || exit 1
@@ -165,6 +166,13 @@ fi
 #    33 frames (8 groups) per clip so that steady-state steps are measured; everything
 #    (peers, live mode, memory against stream length in fresh processes).
 bench bench_${SIZE}_bf16 200 --dtype bfloat16 --size "$SIZE" --frames 33
+
+# 2b. Many streams through one StreamPool against as many separate StreamEncoders: 1, 2, 4, 8
+#     aligned streams at 240x416 and 480x832, bfloat16, CUDA graphs (one replay per batch),
+#     with the device time of each stage at each batch (streamvae/bench_pool.py).
+step pool_bf16 90 "$PYTHON" -m streamvae.cli bench "${MODEL[@]}" --device "$DEVICE" \
+    --dtype bfloat16 --streams 1,2,4,8 --pool-sizes "$POOL_SIZES" --ticks 8 --repeats 2 \
+    --stage-times --json "$OUT/pool_bf16.json"
 
 # 3. Where the step time goes: device time by kernel over two groups, and the widest layer's
 #    norm (fused / eager), window shift and conv per layout (benchmarks/gpu_profile.py).

@@ -29,6 +29,7 @@ from streamvae.io import (
     read_latents,
 )
 from streamvae.model import EncoderState, WanEncoder, state_nbytes
+from streamvae.pool import AdmissionError, PoolSourceError, PoolStepError, StreamPool
 from streamvae.receptive import latent_dependencies, receptive_field
 from streamvae.snapshot import SnapshotError
 from streamvae.stream import Latent, LatentStream, StreamBroken, StreamEncoder
@@ -40,6 +41,7 @@ __all__ = [
     "QWEN_IMAGE",
     "WAN21",
     "WAN22",
+    "AdmissionError",
     "CheckpointError",
     "EncoderState",
     "FileSink",
@@ -53,6 +55,8 @@ __all__ = [
     "MqttSettings",
     "MqttSink",
     "PipelineStats",
+    "PoolSourceError",
+    "PoolStepError",
     "ReceivedLatent",
     "SnapshotError",
     "SourceError",
@@ -60,6 +64,7 @@ __all__ = [
     "SourceStats",
     "StreamBroken",
     "StreamEncoder",
+    "StreamPool",
     "WanConfig",
     "WanEncoder",
     "WireError",

@@ -1325,6 +1325,9 @@ def add_bench_command(subparsers: Any) -> None:
     )
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--plot", type=Path, help="write the PNG here")
+    from streamvae.bench_pool import add_pool_arguments
+
+    add_pool_arguments(parser)  # --streams, --phases, --ticks, --sweep
     parser.set_defaults(run=bench_command)
 
 
@@ -1341,6 +1344,10 @@ def bench_command(args: argparse.Namespace) -> int:
     if dtype != torch.float32:
         reference = encoder
         encoder = copy.deepcopy(reference).to(dtype)
+    if getattr(args, "streams", None) or getattr(args, "sweep", None):
+        from streamvae.bench_pool import pool_bench_command
+
+        return pool_bench_command(args, encoder)
     cuda = encoder.device.type == "cuda"
     options = BenchOptions(
         size=args.size,

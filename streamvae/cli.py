@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     io_commands.add_encode_command(commands)
     io_commands.add_live_command(commands)
+    from streamvae.io import serve
+
+    serve.add_serve_command(commands)
     try:
         fleet = importlib.import_module("streamvae.fleet.commands")
     except ModuleNotFoundError as exc:  # nats-py missing: no fleet commands

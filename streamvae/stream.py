@@ -579,30 +579,50 @@ class StreamEncoder:
         return latents
 
     def _advance(self, item: CheckedFrame) -> list[Latent]:
-        assert self._state is not None and self._group is not None
+        assert self._state is not None
+        try:
+            step_input = self._stage(item)
+            with self._lane():
+                out = None if step_input is None else self.encoder.step(step_input, self._state)
+            return self._commit(item, out)
+        except BaseException:
+            # The state may have advanced part of the way: only a reset makes it defined again.
+            self._broken = True
+            raise
+
+    def _stage(self, item: CheckedFrame) -> torch.Tensor | None:
+        """Write the frame into this stream's input buffer; the step's input (``[1, 3, n, H, W]``)
+        when this frame completes one (every frame in frame mode), else ``None``.
+
+        Together with :meth:`_commit` the two halves of :meth:`_advance` around the model's
+        step, so that :class:`streamvae.StreamPool` can step many streams' inputs as one batch.
+        """
+        assert self._group is not None
         index = self._frames
         if self._cuda is not None:
             x = self._cuda.upload(item.tensor)
         else:
             x = item.tensor.to(self._device)
-        slot = 0 if self.mode == "frame" or index == 0 else (index - 1) % self.group_size
-        try:
-            with self._lane(), torch.no_grad():
-                self._group[0, :, slot].copy_(to_model_input(x, self.encoder.dtype))
-                if self.mode == "frame" or index == 0 or slot == self.group_size - 1:
-                    out = self.encoder.step(self._group[:, :, : slot + 1], self._state)
-                else:
-                    out = None
-            self._frames += 1
-            self._last = self._group[:, :, slot : slot + 1]
-            self._timestamps.append(item.timestamp)
-            self._numbers.append(item.number)
-            self._captured.append(item.captured)
-            return [] if out is None else self._emit(out)
-        except BaseException:
-            # The state may have advanced part of the way: only a reset makes it defined again.
-            self._broken = True
-            raise
+        slot = self._slot(index)
+        with self._lane(), torch.no_grad():
+            self._group[0, :, slot].copy_(to_model_input(x, self.encoder.dtype))
+        if self.mode == "frame" or index == 0 or slot == self.group_size - 1:
+            return self._group[:, :, : slot + 1]
+        return None
+
+    def _slot(self, index: int) -> int:
+        return 0 if self.mode == "frame" or index == 0 else (index - 1) % self.group_size
+
+    def _commit(self, item: CheckedFrame, out: torch.Tensor | None) -> list[Latent]:
+        """After the step (if any) of the frame :meth:`_stage` took: count it, emit the latents."""
+        assert self._group is not None
+        slot = self._slot(self._frames)
+        self._frames += 1
+        self._last = self._group[:, :, slot : slot + 1]
+        self._timestamps.append(item.timestamp)
+        self._numbers.append(item.number)
+        self._captured.append(item.captured)
+        return [] if out is None else self._emit(out)
 
     def _end_run(self, pad: bool = False) -> list[Latent]:
         """Finish the current run: pad or drop a partial group. Leaves counters for the caller."""

@@ -4,7 +4,9 @@ fused norm) against diffusers, in float32 and bfloat16; their caches under weigh
 from __future__ import annotations
 
 import copy
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from streamvae.model import encoder as encoder_module
 from streamvae.model import kernels
 from streamvae.model.kernels import PackedConv, onednn_available, rms_silu_into
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 CHANNELS_LAST = torch.channels_last_3d
 TOLERANCE = 1e-5
 
@@ -331,3 +334,92 @@ def test_cuda_graphs_dropped_when_the_weights_move():
     first = [streamed(stream, video) for _ in range(3)][-1]
     gpu.to(torch.float64).to(torch.float32)  # new parameter tensors, new addresses
     assert rel_err(streamed(stream, video), first) <= TOLERANCE
+
+
+# -- every public way to get an encoder takes the oneDNN path (issue 11, item 3) ----
+
+
+def conv_ops_of_a_group(encoder: WanEncoder) -> dict[str, int]:
+    """Profiler op names (and counts) of the convolutions of a stream's first five pushes."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from direct_encoder import conv_ops
+
+    return conv_ops(encoder, (16, 24))
+
+
+def saved_and_loaded(encoder: WanEncoder, tmp_path) -> WanEncoder:
+    from safetensors.torch import save_file
+
+    from streamvae import load_encoder
+    from streamvae.weights import streamvae_to_wan_name
+
+    path = tmp_path / "narrow.safetensors"
+    save_file(
+        {streamvae_to_wan_name(k): v.contiguous() for k, v in encoder.state_dict().items()}, path
+    )
+    return load_encoder(path)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN ops")
+@pytest.mark.parametrize("how", ["direct", "direct_bfloat16", "deepcopy", "random", "loaded"])
+def test_every_public_encoder_runs_the_onednn_convs(how, tmp_path):
+    import streamvae
+
+    direct = WanEncoder(narrow(8))  # parameters require grad, as every new nn.Module's
+    assert direct.conv_in.weight.requires_grad
+    encoder = {
+        "direct": lambda: direct,
+        "direct_bfloat16": lambda: WanEncoder(narrow(8)).to(torch.bfloat16),
+        "deepcopy": lambda: copy.deepcopy(direct).eval(),
+        "random": lambda: streamvae.random_encoder(narrow(8)),
+        "loaded": lambda: saved_and_loaded(direct, tmp_path),
+    }[how]()
+    ops = conv_ops_of_a_group(encoder)
+    slow = {name: n for name, n in ops.items() if "slow_conv3d" in name}
+    assert not slow, f"im2col 3D convolutions ran: {slow} (all conv ops: {ops})"
+    # Every conv of the 5 steps on packed weights (plus first frames' sliced taps).
+    assert ops.get("mkldnn::_convolution_pointwise", 0) >= 20, ops
+    # The same kernels as an encoder frozen by hand (the attention's 1x1 Conv2d included).
+    frozen = copy.deepcopy(encoder).requires_grad_(False)
+    assert conv_ops_of_a_group(frozen) == ops
+
+
+def test_the_direct_encoders_fast_path_equals_the_frozen_one():
+    direct = WanEncoder(narrow(8))
+    frozen = copy.deepcopy(direct).requires_grad_(False)
+    video = random_video(9, 16, 24, seed=22)
+    a = streamed(StreamEncoder(direct, normalize=False), video)
+    b = streamed(StreamEncoder(frozen, normalize=False), video)
+    assert torch.equal(a, b)
+
+
+def test_packed_conv_leaves_recorded_calls_to_autograd():
+    conv = PackedConv(stride=(1, 1, 1), padding=(0, 1, 1))
+    weight = torch.randn(4, 3, 3, 3, 3, requires_grad=True)
+    x = torch.randn(1, 3, 3, 8, 8).to(memory_format=CHANNELS_LAST)
+    assert not conv.applies(x, weight)  # grad mode on: the graph needs F.conv3d's backward
+    conv(x, weight, None).sum().backward()
+    assert weight.grad is not None
+    with torch.inference_mode():
+        assert conv.applies(x, weight) == onednn_available()
+    with torch.no_grad():
+        assert conv.applies(x, weight) == onednn_available()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "memory_format", "says"),
+    [
+        (torch.float16, None, "float16 on the CPU"),
+        (torch.float32, torch.contiguous_format, "contiguous_format state on the CPU"),
+    ],
+)
+def test_a_slow_path_is_named_with_its_reason(dtype, memory_format, says):
+    encoder = random_encoder(narrow(8), dtype=dtype)
+    stream = StreamEncoder(encoder, memory_format=memory_format)
+    with pytest.warns(kernels.SlowPathWarning, match=says):
+        stream.push(random_video(1, 16, 16)[0, 0].numpy())
+
+
+def test_the_fast_path_warns_nothing(recwarn):
+    StreamEncoder(WanEncoder(narrow(8))).push(random_video(1, 16, 16)[0, 0].numpy())
+    assert not [w for w in recwarn if issubclass(w.category, kernels.SlowPathWarning)]

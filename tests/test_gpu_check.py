@@ -49,6 +49,7 @@ def test_gpu_check_runs_every_step_and_bundles_its_results(tmp_path):
         CONFIG="narrow8",
         SIZE22="32x32",
         CONFIG22="wan2.2-narrow8",
+        POOL_SIZES="16x16",
         GPU_CHECK_BUDGET_S="400",
     )
     done = subprocess.run(
@@ -62,7 +63,7 @@ def test_gpu_check_runs_every_step_and_bundles_its_results(tmp_path):
 
     status = (out / "status.txt").read_text().splitlines()
     steps = {line.split(":")[0]: line for line in status if ": rc=" in line}
-    assert set(steps) == {"pytest_cuda", "profile_16x16_bf16", *BENCH_STEPS}, status
+    assert set(steps) == {"pytest_cuda", "profile_16x16_bf16", "pool_bf16", *BENCH_STEPS}, status
     assert all(": rc=0 " in line for line in steps.values()), status
     for name in BENCH_STEPS:
         report = json.loads((out / f"{name}.json").read_text())
@@ -72,10 +73,15 @@ def test_gpu_check_runs_every_step_and_bundles_its_results(tmp_path):
     profile = json.loads((out / "profile_16x16_bf16.json").read_text())
     assert profile["profile"]["time_per_frame_ms"] > 0 and profile["micro"]
 
+    pool = json.loads((out / "pool_bf16.json").read_text())
+    assert [row["streams"] for row in pool["streams"]] == [1, 2, 4, 8]
+    assert all(row["speedup"] > 0 for row in pool["streams"])
+    assert set(pool["stage_times_ms"]["16x16"]) == {"1", "2", "4", "8"}
+
     summary = (out / "summary.md").read_text()
     assert sum(line.startswith("| bench_") for line in summary.splitlines()) == len(BENCH_STEPS)
     with tarfile.open(bundle) as archive:
         names = set(archive.getnames())
     assert {"gpu/summary.md", "gpu/status.txt", "gpu/environment.txt"} <= names
     assert {f"gpu/{name}.json" for name in BENCH_STEPS} <= names
-    assert "gpu/profile_16x16_bf16.json" in names
+    assert {"gpu/profile_16x16_bf16.json", "gpu/pool_bf16.json"} <= names

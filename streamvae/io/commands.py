@@ -64,7 +64,14 @@ from streamvae.stream import StreamEncoder
 if TYPE_CHECKING:
     from streamvae.io.mqtt import MqttSettings, MqttSink
 
-__all__ = ["add_encode_command", "add_live_command", "default_stream_id", "model_labels"]
+__all__ = [
+    "add_encode_command",
+    "add_live_command",
+    "default_stream_id",
+    "model_labels",
+    "mqtt_settings",
+    "mqtt_sink",
+]
 
 
 def add_encode_command(commands: Any) -> argparse.ArgumentParser:
@@ -105,6 +112,20 @@ def add_live_command(commands: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("-o", "--output", help="also append the latents to this .latents file")
     parser.add_argument("--stream-id", help="topic level for this stream (default: from SOURCE)")
+    _add_mqtt_arguments(parser)
+    _add_source_arguments(parser)
+    _add_encoder_arguments(parser)
+    _add_cli_model_arguments(parser)
+    parser.add_argument(
+        "--stats-interval", type=float, default=2.0, help="seconds between stats lines (0: none)"
+    )
+    _add_output_arguments(parser)
+    parser.set_defaults(run=run_live)
+    return parser
+
+
+def _add_mqtt_arguments(parser: argparse.ArgumentParser) -> None:
+    """The MQTT options of ``live`` and ``serve`` (the broker URL itself is ``--mqtt``)."""
     mqtt = parser.add_argument_group("MQTT")
     mqtt.add_argument("--qos", type=int, choices=(0, 1, 2), default=1)
     mqtt.add_argument(
@@ -133,15 +154,6 @@ def add_live_command(commands: Any) -> argparse.ArgumentParser:
         default=5.0,
         help="seconds to publish buffered latents at exit",
     )
-    _add_source_arguments(parser)
-    _add_encoder_arguments(parser)
-    _add_cli_model_arguments(parser)
-    parser.add_argument(
-        "--stats-interval", type=float, default=2.0, help="seconds between stats lines (0: none)"
-    )
-    _add_output_arguments(parser)
-    parser.set_defaults(run=run_live)
-    return parser
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -264,6 +276,42 @@ def _statistics_name(config: WanConfig) -> str:
     return config.name
 
 
+def mqtt_settings(args: argparse.Namespace) -> MqttSettings | None:
+    """The broker from ``--mqtt`` and the TLS/password options; ``None`` without ``--mqtt``."""
+    if not args.mqtt:
+        return None
+    from streamvae.io.mqtt import MqttSettings
+
+    settings = MqttSettings.from_url(
+        args.mqtt,
+        password_file=args.mqtt_password_file,
+        ca_file=args.mqtt_ca_file,
+        cert_file=args.mqtt_cert_file,
+        key_file=args.mqtt_key_file,
+        tls_insecure=args.mqtt_tls_insecure,
+    )
+    settings.tls_context()  # a missing CA file or a bad key: refused before streaming
+    return settings
+
+
+def mqtt_sink(
+    args: argparse.Namespace, settings: MqttSettings, stream_id: str, labels: dict[str, str]
+) -> MqttSink:
+    """One stream's MQTT sink with the command's QoS, dtype, buffer and reconnect options."""
+    from streamvae.io.mqtt import MqttSink
+
+    return MqttSink(
+        settings,
+        stream_id=stream_id,
+        labels=labels,
+        qos=args.qos,
+        dtype=args.latent_dtype,
+        buffer_messages=args.buffer_messages,
+        backoff=Backoff(initial=0.2, maximum=args.reconnect_max),
+        drain_timeout=args.drain_timeout,
+    )
+
+
 def _ffmpeg_options(pairs: list[str]) -> dict[str, str]:
     options = {}
     for pair in pairs:
@@ -305,7 +353,8 @@ def _open_source_from_args(uri: str, args: argparse.Namespace) -> FrameSource:
         raise SystemExit(f"streamvae: {exc}") from None
 
 
-def _stream_encoder(args: argparse.Namespace) -> tuple[Any, StreamEncoder]:
+def _model_choice(args: argparse.Namespace) -> Any:
+    """The encoder of ``--weights`` / ``--random-weights`` (saying so on stderr if random)."""
     from streamvae.cli import model_from_args
 
     choice = model_from_args(args)
@@ -324,6 +373,12 @@ def _stream_encoder(args: argparse.Namespace) -> tuple[Any, StreamEncoder]:
         torch.backends.cudnn.benchmark = options["cudnn_benchmark"]
         torch.backends.cudnn.allow_tf32 = options["tf32"]
         torch.backends.cuda.matmul.allow_tf32 = options["tf32"]
+    return choice
+
+
+def _stream_encoder(args: argparse.Namespace) -> tuple[Any, StreamEncoder]:
+    choice = _model_choice(args)
+    options = cuda_options(args, choice.encoder.device)
     encoder = StreamEncoder(
         choice.encoder,
         mode=args.mode,
@@ -511,25 +566,10 @@ def run_live(args: argparse.Namespace) -> int:
     """The ``live`` command (see :func:`add_live_command`)."""
     if not args.mqtt and not args.output:
         raise SystemExit("streamvae live: give --mqtt URL and/or --output FILE")
-    from streamvae.io.mqtt import MqttSettings
-
     _setup_logging(args)
     try:
         stream_id = validate_stream_id(args.stream_id or default_stream_id(args.source))
-        settings = (
-            MqttSettings.from_url(
-                args.mqtt,
-                password_file=args.mqtt_password_file,
-                ca_file=args.mqtt_ca_file,
-                cert_file=args.mqtt_cert_file,
-                key_file=args.mqtt_key_file,
-                tls_insecure=args.mqtt_tls_insecure,
-            )
-            if args.mqtt
-            else None
-        )
-        if settings is not None:
-            settings.tls_context()  # a missing CA file or a bad key: refused before streaming
+        settings = mqtt_settings(args)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"streamvae: {exc}") from None
     source = _open_source_from_args(args.source, args)
@@ -552,18 +592,7 @@ async def _live(
     async with contextlib.AsyncExitStack() as stack:
         mqtt: MqttSink | None = None
         if settings is not None:
-            from streamvae.io.mqtt import MqttSink
-
-            mqtt = MqttSink(
-                settings,
-                stream_id=stream_id,
-                labels=labels,
-                qos=args.qos,
-                dtype=args.latent_dtype,
-                buffer_messages=args.buffer_messages,
-                backoff=Backoff(initial=0.2, maximum=args.reconnect_max),
-                drain_timeout=args.drain_timeout,
-            )
+            mqtt = mqtt_sink(args, settings, stream_id, labels)
             await stack.enter_async_context(mqtt)
             sinks.append(mqtt)
             print(f"streamvae: publishing {stream_id} to {settings.display}", file=sys.stderr)

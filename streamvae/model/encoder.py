@@ -14,6 +14,7 @@ others (:class:`~streamvae.model.layers.Patchify`, :class:`~streamvae.model.laye
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Iterator
 from typing import Any
 
@@ -22,7 +23,12 @@ from torch import nn
 
 from streamvae.config import WAN21, WanConfig
 from streamvae.model.graphs import Signature, StepGraphs
-from streamvae.model.kernels import PackedConv, onednn_available
+from streamvae.model.kernels import (
+    PackedConv,
+    SlowPathWarning,
+    cpu_slow_path_reason,
+    onednn_available,
+)
 from streamvae.model.layers import (
     CausalConv3d,
     Downsample,
@@ -157,13 +163,19 @@ class EncoderState:
             place(part.conv1, steps)
             place(part.conv2, steps)
         place(self.conv_out, steps)
+        for pair in self._pairs:
+            # A shortcut that halves time has paired every frame at a group boundary: its
+            # input has run through an odd count (1 + 4k, then 1 + 2k frames), frame 0 with the
+            # zero frame in front of it.
+            pair.held = 0
 
     def memory(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """What the state remembers, layout- and device-independent, for a snapshot.
 
         Tensors: ``conv.N`` the two remembered frames of causal conv ``N`` in time order (a ring
         window is unrotated), ``down.N`` the two front frames of temporal downsample ``N``;
-        counters: ``conv.N.history``, ``down.N.held``, ``down.N.started``. Copies, contiguous.
+        counters: ``conv.N.history``, ``down.N.held``, ``down.N.started``; ``pair.N`` the pending
+        frame of average-pool shortcut ``N`` (Wan 2.2) and ``pair.N.held``. Copies, contiguous.
         """
         keep = ConvState.KEEP
         tensors: dict[str, torch.Tensor] = {}
@@ -181,6 +193,9 @@ class EncoderState:
             tensors[f"down.{i}"] = down.window.frames[:, :, :2].contiguous().clone()
             counters[f"down.{i}.held"] = down.held
             counters[f"down.{i}.started"] = int(down.started)
+        for i, pair in enumerate(self._pairs):
+            tensors[f"pair.{i}"] = pair.window.frames[:, :, :1].contiguous().clone()
+            counters[f"pair.{i}.held"] = pair.held
         return tensors, counters
 
     def check_memory(self, tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> None:
@@ -219,6 +234,10 @@ class EncoderState:
             shapes[f"down.{i}"] = (b, c, 2, h, w)
             ranges[f"down.{i}.held"] = (0, 2)
             ranges[f"down.{i}.started"] = (0, 1)
+        for i, pair in enumerate(self._pairs):
+            b, c, _, h, w = pair.window.frames.shape
+            shapes[f"pair.{i}"] = (b, c, 1, h, w)
+            ranges[f"pair.{i}.held"] = (0, 1)
         return shapes, ranges
 
     def load_memory(self, tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> None:
@@ -236,6 +255,78 @@ class EncoderState:
             down.window.frames[:, :, 2:].zero_()
             down.held = counters[f"down.{i}.held"]
             down.started = bool(counters[f"down.{i}.started"])
+        for i, pair in enumerate(self._pairs):
+            pair.window.frames[:, :, :1].copy_(tensors[f"pair.{i}"])
+            pair.window.frames[:, :, 1:].zero_()
+            pair.held = counters[f"pair.{i}.held"]
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every state tensor (``[B, ...]``), in one fixed order for states of one layout."""
+        return [
+            window.frames
+            for part in self._parts()
+            for window in (
+                (part.conv1.window, part.conv2.window)
+                if isinstance(part, ResidualState)
+                else (part.window,)
+            )
+        ]
+
+    def batch_view(self, start: int, stop: int) -> EncoderState:
+        """Streams ``start:stop`` of this batched state, as a state of their own (views, no copy).
+
+        Stepping the view steps those streams in the shared buffers. Its Python-side state
+        (the :meth:`signature`) starts as this state's and is the view's own from then on.
+
+        >>> from streamvae import WanEncoder, narrow
+        >>> state = WanEncoder(narrow(8)).new_state(16, 16, batch=4)
+        >>> view = state.batch_view(1, 3)
+        >>> view.spec.batch, view.conv_in.window.frames.data_ptr() > state.conv_in.window.frames.data_ptr()
+        (2, True)
+        """
+        if not 0 <= start < stop <= self.spec.batch:
+            raise ValueError(f"batch view {start}:{stop} outside a state of {self.spec.batch}")
+        old = self.spec
+        spec = StateSpec(
+            stop - start, old.capacity, old.dtype, old.device, old.memory_format, ring=old.ring
+        )
+
+        def conv(state: ConvState) -> ConvState:
+            view = ConvState(FrameWindow(state.window.frames[start:stop]), ring=state.ring)
+            view.history, view.head = state.history, state.head
+            return view
+
+        def leaf(state: Part) -> Part:
+            if isinstance(state, ConvState):
+                return conv(state)
+            if isinstance(state, ResidualState):
+                return ResidualState(conv(state.conv1), conv(state.conv2))
+            if isinstance(state, TimeDownState):
+                down = TimeDownState(FrameWindow(state.window.frames[start:stop]))
+                down.held, down.started = state.held, state.started
+                return down
+            if isinstance(state, PairState):
+                pair = PairState(FrameWindow(state.window.frames[start:stop]))
+                pair.held = state.held
+                return pair
+            raise TypeError(f"no batch view of a {type(state).__name__}")
+
+        def part(state: BlockState) -> BlockState:
+            if state is None:
+                return None
+            if isinstance(state, StageState):
+                return StageState(
+                    [leaf(r) for r in state.resnets],  # type: ignore[misc]
+                    None if state.down is None else leaf(state.down),  # type: ignore[arg-type]
+                    None if state.shortcut is None else leaf(state.shortcut),  # type: ignore[arg-type]
+                )
+            return leaf(state)  # type: ignore[return-value]
+
+        mid = [ResidualState(conv(m.conv1), conv(m.conv2)) for m in self.mid]
+        blocks = [part(b) for b in self.blocks]
+        return EncoderState(
+            spec, self.height, self.width, conv(self.conv_in), blocks, mid, conv(self.conv_out)
+        )
 
     @property
     def nbytes(self) -> int:
@@ -327,6 +418,9 @@ class WanEncoder(nn.Module):
             memory_format = default_memory_format(self.device, self.dtype)
         if ring is None:
             ring = capacity == 1 and self.device.type in RING_DEVICES
+        reason = cpu_slow_path_reason(self.device, self.dtype, memory_format)
+        if reason is not None and self.device.type != "meta":
+            warnings.warn(f"streamvae: slow path: {reason}", SlowPathWarning, stacklevel=2)
         spec = StateSpec(batch, capacity, self.dtype, self.device, memory_format, ring=ring)
         patch = self.config.patch_size
         h, w = height // patch, width // patch

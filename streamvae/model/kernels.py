@@ -19,7 +19,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PackedConv", "onednn_available", "rms_silu_into"]
+__all__ = [
+    "PackedConv",
+    "SlowPathWarning",
+    "cpu_slow_path_reason",
+    "onednn_available",
+    "rms_silu_into",
+]
 
 _TINY = torch.finfo(torch.float32).tiny
 # Where rms_silu_into uses the fused norm by default (see its docstring for why not the CPU).
@@ -40,6 +46,44 @@ def onednn_available() -> bool:
 
 
 _ONEDNN = onednn_available()
+
+
+class SlowPathWarning(RuntimeWarning):
+    """A state was allocated that the CPU's fast (oneDNN) convolutions cannot run on."""
+
+
+def cpu_slow_path_reason(
+    device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format
+) -> str | None:
+    """Why a CPU state of this dtype and layout cannot run the oneDNN convolutions, or ``None``.
+
+    ``None`` also off the CPU (CUDA convs go to cuDNN whatever the layout).
+
+    >>> cpu_slow_path_reason(torch.device("cpu"), torch.float32, torch.channels_last_3d) is None
+    True
+    >>> cpu_slow_path_reason(torch.device("cpu"), torch.float16, torch.channels_last_3d).split(":")[0]
+    'float16 on the CPU'
+    """
+    if device.type != "cpu":
+        return None
+    if not _ONEDNN:
+        return (
+            f"this PyTorch build ({torch.__version__}) has no oneDNN convolution ops: the CPU "
+            "runs PyTorch's reference convolutions (im2col, several times slower)"
+        )
+    if dtype not in _PACKABLE:
+        return (
+            f"{str(dtype).removeprefix('torch.')} on the CPU: oneDNN convolutions run in float32 "
+            "and bfloat16 only, so PyTorch's reference convolutions (im2col, several times "
+            "slower) run; cast the encoder to torch.float32 or torch.bfloat16"
+        )
+    if memory_format != torch.channels_last_3d:
+        return (
+            f"a {str(memory_format).removeprefix('torch.')} state on the CPU: oneDNN convolutions "
+            "need channels-last activations, so PyTorch's convolutions (im2col for small "
+            "steps) run; leave memory_format=None (channels-last on the CPU)"
+        )
+    return None
 
 
 class PackedConv:
@@ -68,9 +112,18 @@ class PackedConv:
         self.__init__(state["stride"], state["padding"], state["dilation"])  # type: ignore[misc, arg-type]
 
     def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether this call can run on oneDNN: CPU, float32/bfloat16, channels-last input.
+
+        Parameters that require grad (any new ``nn.Module``'s, e.g. ``WanEncoder(config)``
+        built directly) do not stop it where no graph is recorded (under ``inference_mode`` or
+        ``no_grad``, as every step runs): the oneDNN op has no backward, so only a call that
+        autograd would record must take ``F.conv3d``.
+        """
         if not _ONEDNN or x.device.type != "cpu" or x.dtype not in _PACKABLE:
             return False
-        if weight.dtype != x.dtype or x.requires_grad or weight.requires_grad:
+        if weight.dtype != x.dtype:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return False
         layout = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
         return x.is_contiguous(memory_format=layout)

@@ -1,0 +1,452 @@
+"""Benchmarks of many streams: ``streamvae bench --streams 1,2,4,8`` and ``--sweep``.
+
+Streams (``--streams``): N streams of ``--size`` frames, one frame each per tick, through one
+:class:`~streamvae.StreamPool` and through N separate :class:`~streamvae.StreamEncoder`\\ s on
+the same encoder, interleaved repeats in one run (pool, separate, pool, ...; best of
+``--repeats``). After warm-up ticks (every stream past its first frames), ``--ticks`` timed
+ticks: aggregate frames/s and GFLOP/s (FLOPs counted on the meta device), per-stream latency
+(a tick's frames arrive together; a stream's latency is from the tick's start to its latent:
+for the pool the whole push, for separate encoders stepped in turn the pushes up to its own),
+and the pool's mean batch. Phase schedules (``--phases``): ``aligned`` (all streams start
+together: one cohort), ``staggered`` (four start ticks, streams of one start in adjacent slots:
+four contiguous cohorts), ``interleaved`` (start tick ``i % 4``: cohorts in non-adjacent slots,
+stepped split into runs or, ``gather``, copied into one batch).
+
+Sweep (``--sweep 32x32,64x64,...``): one stream per size, GFLOP/s of a steady-state group.
+
+    streamvae bench --random-weights --device cpu --streams 1,2,4,8 --size 64x64 --json out.json
+    streamvae bench --random-weights --device cpu --sweep 32x32,64x64,128x128,240x416
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamvae.bench import (
+    Clock,
+    parse_size,
+    percentiles_ms,
+    synthetic_frames,
+)
+from streamvae.model import WanEncoder
+from streamvae.pool import StreamPool
+from streamvae.stream import StreamEncoder
+
+__all__ = [
+    "PHASES",
+    "StreamsResult",
+    "SweepResult",
+    "bench_streams",
+    "bench_sweep",
+    "pool_bench_command",
+    "stage_times",
+    "start_ticks",
+    "stream_flops",
+]
+
+PHASES = ("aligned", "staggered", "interleaved", "interleaved-gather")
+WARMUP_TICKS = 8
+
+
+def start_ticks(streams: int, phases: str) -> list[int]:
+    """The tick at which each stream's first frame comes, by phase schedule.
+
+    >>> start_ticks(8, "aligned"), start_ticks(8, "staggered"), start_ticks(8, "interleaved")
+    ([0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 2, 2, 3, 3], [0, 1, 2, 3, 0, 1, 2, 3])
+    """
+    if phases == "aligned":
+        return [0] * streams
+    if phases == "staggered":
+        return [i * 4 // streams for i in range(streams)]
+    if phases.startswith("interleaved"):
+        return [i % 4 for i in range(streams)]
+    raise ValueError(f"phases must be one of {PHASES}, got {phases!r}")
+
+
+@dataclass
+class TickRun:
+    seconds: float  # the timed ticks, end to end
+    frames: int
+    latencies: list[float] = field(default_factory=list)
+    mean_batch: float = 1.0
+
+
+def _clips(streams: int, ticks: int, size: tuple[int, int]) -> list[list[np.ndarray]]:
+    base = synthetic_frames(ticks + 4, *size)
+    return [base[i % 4 : i % 4 + ticks] for i in range(streams)]
+
+
+def run_ticks(
+    encoder: WanEncoder,
+    size: tuple[int, int],
+    starts: Sequence[int],
+    ticks: int,
+    *,
+    pooled: bool,
+    gather: bool = False,
+    cuda_graphs: bool = False,
+    clock: Clock | None = None,
+) -> TickRun:
+    """``WARMUP_TICKS + ticks`` ticks of len(starts) streams; times the last ``ticks``."""
+    clock = clock or Clock(encoder.device)
+    ids = [f"s{i}" for i in range(len(starts))]
+    clips = _clips(len(ids), WARMUP_TICKS + ticks, size)
+    pool = StreamPool(encoder, cuda_graphs=cuda_graphs) if pooled else None
+    alone = {} if pooled else {sid: StreamEncoder(encoder, cuda_graphs=cuda_graphs) for sid in ids}
+    if pool is not None:
+        pool.gather = gather
+        for sid in ids:
+            pool.add(sid, size=size)
+    run = TickRun(0.0, 0)
+    stepped_before = steps_before = 0
+    for tick in range(WARMUP_TICKS + ticks):
+        timed = tick >= WARMUP_TICKS
+        if timed and tick == WARMUP_TICKS and pool is not None:
+            stepped_before, steps_before = pool.stats.stepped_streams, pool.stats.steps
+        frames = {sid: clips[i][tick - starts[i]] for i, sid in enumerate(ids) if tick >= starts[i]}
+        start = clock.now()
+        if pool is not None:
+            out = pool.push(frames)
+            done = clock.now()
+            got = [sid for sid, latents in out.items() if latents]
+            run.latencies += [done - start] * len(got)
+        else:
+            for sid, frame in frames.items():
+                latents = alone[sid].push(frame)
+                if latents:
+                    run.latencies.append(clock.now() - start)
+            done = clock.now()
+        if timed:
+            run.seconds += done - start
+            run.frames += len(frames)
+    if pool is not None:
+        steps = pool.stats.steps - steps_before
+        run.mean_batch = (pool.stats.stepped_streams - stepped_before) / max(steps, 1)
+    return run
+
+
+_FLOPS: dict[tuple[Any, ...], list[int]] = {}
+
+
+def stream_flops(encoder: WanEncoder, size: tuple[int, int], frames: int) -> list[int]:
+    """FLOPs of one stream's first ``k`` frames, for k = 0..frames, pushed one step each.
+
+    Counted once per (config, dtype, size) on the meta device in one pass
+    (:class:`torch.utils.flop_counter.FlopCounterMode`), as the pool steps them (shifted
+    windows: a stream's first frames skip the time taps over the zeros before it).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    key = (encoder.config, encoder.dtype, size)
+    known = _FLOPS.get(key, [0])
+    if len(known) > frames:
+        return known[: frames + 1]
+    with torch.device("meta"):
+        meta = WanEncoder(encoder.config).to(encoder.dtype)
+    state = meta.new_state(*size, ring=False)
+    frame = torch.zeros(1, 3, 1, *size, dtype=encoder.dtype, device="meta")
+    counts = [0]
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(frames):
+            meta.step(frame, state)
+            counts.append(int(counter.get_total_flops()))
+    _FLOPS[key] = counts
+    return counts
+
+
+def _flops(encoder: WanEncoder, size: tuple[int, int], starts: Sequence[int], ticks: int) -> int:
+    """FLOPs of the timed ticks (each stream's frames in them)."""
+    end = WARMUP_TICKS + ticks
+    upto = stream_flops(encoder, size, end)
+    return sum(upto[end - s] - upto[max(WARMUP_TICKS - s, 0)] for s in starts)
+
+
+@dataclass
+class StreamsResult:
+    """One (streams, phases) row: the pool against the same streams stepped alone."""
+
+    streams: int
+    phases: str
+    size: tuple[int, int]
+    pool_fps: float
+    alone_fps: float
+    pool_gflops: float
+    alone_gflops: float
+    pool_latency_ms: dict[str, float | None]
+    alone_latency_ms: dict[str, float | None]
+    mean_batch: float
+
+    @property
+    def speedup(self) -> float:
+        return self.pool_fps / self.alone_fps
+
+    def pixels_per_s(self) -> float:
+        return self.pool_fps * self.size[0] * self.size[1]
+
+
+def bench_streams(
+    encoder: WanEncoder,
+    size: tuple[int, int],
+    counts: Sequence[int],
+    *,
+    phases: Sequence[str] = ("aligned",),
+    ticks: int = 8,
+    repeats: int = 3,
+    cuda_graphs: bool = False,
+) -> list[StreamsResult]:
+    """Pool vs separate encoders for each stream count and phase schedule (interleaved repeats)."""
+    results = []
+    clock = Clock(encoder.device)
+    for count in counts:
+        for phase in phases:
+            starts = start_ticks(count, phase)
+            gather = phase.endswith("gather")
+            flops = _flops(encoder, size, starts, ticks)
+            pool_runs, alone_runs = [], []
+            common = {"cuda_graphs": cuda_graphs, "clock": clock}
+            for _ in range(repeats):
+                pool_runs.append(
+                    run_ticks(encoder, size, starts, ticks, pooled=True, gather=gather, **common)
+                )
+                alone_runs.append(run_ticks(encoder, size, starts, ticks, pooled=False, **common))
+            pool = min(pool_runs, key=lambda r: r.seconds)
+            alone = min(alone_runs, key=lambda r: r.seconds)
+            results.append(
+                StreamsResult(
+                    streams=count,
+                    phases=phase,
+                    size=size,
+                    pool_fps=pool.frames / pool.seconds,
+                    alone_fps=alone.frames / alone.seconds,
+                    pool_gflops=flops / pool.seconds / 1e9,
+                    alone_gflops=flops / alone.seconds / 1e9,
+                    pool_latency_ms=percentiles_ms(pool.latencies),
+                    alone_latency_ms=percentiles_ms(alone.latencies),
+                    mean_batch=pool.mean_batch,
+                )
+            )
+    return results
+
+
+def stage_times(
+    encoder: WanEncoder, size: tuple[int, int], streams: int, *, ticks: int = 8
+) -> dict[str, float]:
+    """Milliseconds per tick spent in each stage of the encoder, ``streams`` aligned streams.
+
+    Stages: ``stage0`` (``conv_in`` and the blocks before the first downsample, the downsample
+    included), ``stage1``..``stage3``, ``mid``, ``head`` (``conv_out``). On CUDA, device time
+    between CUDA events around each stage (no synchronisation inside a tick); elsewhere wall
+    time. Over ``ticks`` ticks after the warm-up.
+    """
+    cuda = encoder.device.type == "cuda"
+    marks: list[tuple[str, Any, Any]] = []
+    timing = [False]
+
+    def timed(name: str, step: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not timing[0]:
+                return step(*args, **kwargs)
+            if cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+                begin.record()
+                out = step(*args, **kwargs)
+                end.record()
+            else:
+                begin = time.perf_counter()
+                out = step(*args, **kwargs)
+                end = time.perf_counter()
+            marks.append((name, begin, end))
+            return out
+
+        return wrapper
+
+    modules: list[tuple[str, Any]] = [("stage0", encoder.conv_in)]
+    stage = 0
+    for block in encoder.down_blocks:
+        modules.append((f"stage{stage}", block))
+        stage += type(block).__name__ == "Downsample"
+    modules += [("mid", encoder.mid_block), ("head", encoder.conv_out)]
+    for name, module in modules:
+        module.step = timed(name, module.step)  # an instance attribute over the method
+    try:
+        pool = StreamPool(encoder)
+        ids = [f"s{i}" for i in range(streams)]
+        for sid in ids:
+            pool.add(sid, size=size)
+        frames = synthetic_frames(WARMUP_TICKS + ticks, *size)
+        for tick, frame in enumerate(frames):
+            timing[0] = tick >= WARMUP_TICKS
+            pool.push(dict.fromkeys(ids, frame))
+        Clock(encoder.device).sync()
+    finally:
+        for _, module in modules:
+            del module.step
+    totals: dict[str, float] = {name: 0.0 for name, _ in modules}
+    for name, begin, end in marks:
+        totals[name] += begin.elapsed_time(end) if cuda else (end - begin) * 1000
+    return {name: total / ticks for name, total in totals.items()}
+
+
+def format_stages(rows: dict[int, dict[str, float]]) -> str:
+    names = list(next(iter(rows.values())))
+    lines = [
+        "| streams | " + " | ".join(f"{n} ms" for n in names) + " | ms per stream |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for streams, times in rows.items():
+        cells = " | ".join(f"{times[n]:.2f}" for n in names)
+        lines.append(f"| {streams} | {cells} | {sum(times.values()) / streams:.2f} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class SweepResult:
+    size: tuple[int, int]
+    ms_per_frame: float
+    gflops: float
+
+
+def bench_sweep(
+    encoder: WanEncoder, sizes: Sequence[tuple[int, int]], *, repeats: int = 3
+) -> list[SweepResult]:
+    """One stream per size: a steady-state group's frames (5-8), best of ``repeats``."""
+    clock = Clock(encoder.device)
+    out = []
+    for size in sizes:
+        upto = stream_flops(encoder, size, 9)
+        flops = upto[9] - upto[5]
+        frames = synthetic_frames(9, *size)
+        best = float("inf")
+        for _ in range(repeats):
+            stream = StreamEncoder(encoder)
+            for frame in frames[:5]:
+                stream.push(frame)
+            start = clock.now()
+            for frame in frames[5:]:
+                stream.push(frame)
+            best = min(best, clock.now() - start)
+        out.append(SweepResult(size, best * 1000 / 4, flops / best / 1e9))
+    return out
+
+
+def _ms(values: dict[str, float | None], key: str) -> str:
+    value = values.get(key)
+    return "-" if value is None else f"{value:.1f}"
+
+
+def format_streams(results: Sequence[StreamsResult]) -> str:
+    lines = [
+        "| streams | size | phases | mean batch | pool fps | alone fps | pool / alone "
+        "| pool GFLOP/s | alone GFLOP/s | pool p50 / p99 ms | alone p50 / p99 ms "
+        "| pool Mpixel/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.streams} | {r.size[0]}x{r.size[1]} | {r.phases} | {r.mean_batch:.2f} "
+            f"| {r.pool_fps:.2f} | {r.alone_fps:.2f} | **{r.speedup:.2f}x** "
+            f"| {r.pool_gflops:.1f} | {r.alone_gflops:.1f} "
+            f"| {_ms(r.pool_latency_ms, 'p50')} / {_ms(r.pool_latency_ms, 'p99')} "
+            f"| {_ms(r.alone_latency_ms, 'p50')} / {_ms(r.alone_latency_ms, 'p99')} "
+            f"| {r.pixels_per_s() / 1e6:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def format_sweep(results: Sequence[SweepResult]) -> str:
+    lines = ["| size | ms / frame | GFLOP/s |", "|---|---|---|"]
+    lines += [
+        f"| {r.size[0]}x{r.size[1]} | {r.ms_per_frame:.1f} | {r.gflops:.0f} |" for r in results
+    ]
+    return "\n".join(lines)
+
+
+def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--streams``, ``--phases``, ``--ticks``, ``--sweep`` of ``streamvae bench``."""
+    parser.add_argument(
+        "--streams",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=None,
+        help="many streams: stream counts, comma-separated (1,2,4,8): pool vs separate encoders",
+    )
+    parser.add_argument(
+        "--phases",
+        default="aligned",
+        help=f"with --streams: phase schedules, comma-separated, of {', '.join(PHASES)}",
+    )
+    parser.add_argument("--ticks", type=int, default=8, help="with --streams: timed ticks (8)")
+    parser.add_argument(
+        "--pool-sizes",
+        type=lambda text: [parse_size(v) for v in text.split(",")],
+        default=None,
+        help="with --streams: frame sizes, comma-separated (default: --size)",
+    )
+    parser.add_argument(
+        "--reference-size",
+        type=parse_size,
+        default=None,
+        help="with --streams: also one stream at this size, for throughput per pixel (128x128)",
+    )
+    parser.add_argument(
+        "--stage-times",
+        action="store_true",
+        help="with --streams: time per stage of the encoder at each stream count (aligned)",
+    )
+    parser.add_argument(
+        "--sweep",
+        type=lambda text: [parse_size(v) for v in text.split(",")],
+        default=None,
+        help="single-stream GFLOP/s at these sizes, comma-separated (32x32,64x64,...)",
+    )
+
+
+def pool_bench_command(args: argparse.Namespace, encoder: WanEncoder) -> int:
+    """Run ``--streams`` and/or ``--sweep``; print markdown tables; ``--json`` writes them."""
+    repeats = args.repeats or 3
+    report: dict[str, Any] = {
+        "device": str(encoder.device),
+        "dtype": str(encoder.dtype).removeprefix("torch."),
+        "config": encoder.config.name,
+        "threads": torch.get_num_threads(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if args.streams:
+        phases = [p for p in args.phases.split(",") if p]
+        for phase in phases:
+            start_ticks(1, phase)  # checks the name
+        graphs = encoder.device.type == "cuda" and not getattr(args, "no_cuda_graphs", False)
+        common = {"ticks": args.ticks, "repeats": repeats, "cuda_graphs": graphs}
+        report["cuda_graphs"] = graphs
+        results = []
+        for size in args.pool_sizes or [args.size]:
+            results += bench_streams(encoder, size, args.streams, phases=phases, **common)
+        if args.reference_size:
+            results += bench_streams(encoder, args.reference_size, [1], **common)
+        print(format_streams(results), flush=True)
+        if args.stage_times:
+            report["stage_times_ms"] = {}
+            for size in args.pool_sizes or [args.size]:
+                rows = {n: stage_times(encoder, size, n, ticks=args.ticks) for n in args.streams}
+                print(f"stage times per tick at {size[0]}x{size[1]}:", flush=True)
+                print(format_stages(rows), flush=True)
+                report["stage_times_ms"][f"{size[0]}x{size[1]}"] = rows
+        report["streams"] = [
+            asdict(r) | {"speedup": r.speedup, "pixels_per_s": r.pixels_per_s()} for r in results
+        ]
+    if args.sweep:
+        sweep = bench_sweep(encoder, args.sweep, repeats=repeats)
+        print(format_sweep(sweep), flush=True)
+        report["sweep"] = [asdict(r) for r in sweep]
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0

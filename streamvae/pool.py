@@ -1,0 +1,850 @@
+"""StreamPool: many live streams through one encoder, stepped together as batches.
+
+>>> import numpy as np
+>>> from streamvae import StreamPool, WanEncoder, narrow
+>>> pool = StreamPool(WanEncoder(narrow(8)))
+>>> pool.add("cam-a"); pool.add("cam-b")
+>>> frame = np.zeros((32, 32, 3), dtype=np.uint8)
+>>> out = pool.push({"cam-a": frame, "cam-b": frame})      # one tick: both stepped as one batch
+>>> {stream: [latent.index for latent in latents] for stream, latents in out.items()}
+{'cam-a': [0], 'cam-b': [0]}
+>>> out = pool.push({"cam-a": frame})                      # cam-b does not advance this tick
+>>> pool.frames_pushed("cam-a"), pool.frames_pushed("cam-b")
+(2, 1)
+>>> pool.remove("cam-a")                                   # flush: a partial group is dropped
+[]
+
+Asynchronously, over a mapping of sources (each tick takes what each source has ready, waiting
+at most ``deadline`` seconds for the others once one has a frame)::
+
+    async with pool.stream({"cam-a": source_a, "cam-b": source_b}) as latents:
+        async for stream_id, latent in latents:
+            ...
+
+How streams are batched (see the README's "Many streams" section for the measurements):
+streams of one frame size share a *bank*, one batched state with a slot per stream; each
+stream's own state object is a view of its slot (allocated when the stream is admitted, never
+growing). A tick groups the streams given a frame into *cohorts* of equal step signature (the
+Python-side state that decides which kernels a step runs: in frame mode the phase of the
+stream within its group, and the warm-up of its first frames) and steps each cohort's runs of
+contiguous slots as one batch, on views of the bank. A stream that skips a tick falls out of
+its cohort's phase and forms its own; nothing is copied to keep cohorts together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from streamvae.frames import SPATIAL_MULTIPLE, CheckedFrame, FrameError, FrameLike
+from streamvae.model import EncoderState, WanEncoder, state_nbytes
+from streamvae.model.graphs import StepGraphs
+from streamvae.stream import (
+    Latent,
+    Mode,
+    StreamBroken,
+    StreamEncoder,
+    _in_worker,
+    _wait_thread_exit,
+)
+
+__all__ = [
+    "AdmissionError",
+    "PoolSourceError",
+    "PoolStepError",
+    "PoolStream",
+    "StreamPool",
+    "TickStats",
+]
+
+
+class AdmissionError(RuntimeError):
+    """A stream was refused (too many streams, or its state would not fit the memory budget).
+
+    Nothing changed: the pool is as it was before the call.
+    """
+
+
+class PoolStepError(RuntimeError):
+    """The model raised during a tick (e.g. out of memory); the original is ``__cause__``.
+
+    The tick's streams are in one of three groups:
+
+    - ``latents``: streams whose frame was used (their batch ran before the failure, or their
+      frame needed no step): their latents of this tick, as :meth:`StreamPool.push` returns;
+    - ``broken``: the streams of the batch that raised: their state is undefined, and their
+      next push raises :class:`~streamvae.StreamBroken` until :meth:`StreamPool.reset` (or
+      :meth:`StreamPool.remove`);
+    - ``not_advanced``: streams whose batch had not run: their frame was not used and their
+      state is unchanged (push that frame again).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        latents: dict[str, list[Latent]],
+        broken: frozenset[str],
+        not_advanced: frozenset[str],
+    ) -> None:
+        super().__init__(message)
+        self.latents = latents
+        self.broken = broken
+        self.not_advanced = not_advanced
+
+
+class PoolSourceError(RuntimeError):
+    """Sources of :meth:`StreamPool.stream` raised; ``errors`` maps each stream to its exception.
+
+    Raised when the iteration ends (every other source had its frames encoded first).
+    """
+
+    def __init__(self, errors: dict[str, BaseException]) -> None:
+        names = ", ".join(f"{sid!r}: {type(e).__name__}: {e}" for sid, e in errors.items())
+        super().__init__(f"{len(errors)} source(s) failed: {names}")
+        self.errors = errors
+
+
+@dataclass
+class TickStats:
+    """What the pool's ticks did, summed since it was made (for benchmarks and stats lines)."""
+
+    ticks: int = 0
+    frames: int = 0
+    steps: int = 0  # batched model steps
+    stepped_streams: int = 0  # stream-steps inside them (so the mean batch is this / steps)
+    batches: dict[int, int] = field(default_factory=dict)  # batch size -> steps
+
+    @property
+    def mean_batch(self) -> float:
+        return self.stepped_streams / self.steps if self.steps else 0.0
+
+
+class _PooledStream(StreamEncoder):
+    """A StreamEncoder whose state is a slot of its pool's bank; the pool steps it in batches."""
+
+    def __init__(
+        self, pool: StreamPool, stream_id: str, options: dict[str, Any], acquire: Callable
+    ) -> None:
+        super().__init__(pool.encoder, **options)
+        self.stream_id = stream_id
+        # All work runs on the caller's (the pool's) current CUDA stream, in one order.
+        self._cuda = None
+        self._acquire = acquire
+        self.slot: int | None = None
+        self.bank: _Bank | None = None
+        self.reserved: tuple[int, int] | None = None
+
+    def _ensure_state(self, height: int, width: int) -> None:
+        state = self._state
+        if state is not None and (state.height, state.width) == (height, width):
+            return
+        self._acquire(self, height, width)
+
+    @property
+    def needs_state(self) -> bool:
+        return self._state is None
+
+
+class _Bank:
+    """The batched state of one frame size: a slot per stream, views for batches of slots."""
+
+    def __init__(self, pool: StreamPool, size: tuple[int, int], capacity: int) -> None:
+        self.pool = pool
+        self.size = size
+        self.state = pool._new_state(size, capacity)
+        self.capacity = capacity
+        self.members: dict[int, _PooledStream] = {}
+        self._views: dict[tuple[int, int], EncoderState] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return self.state.nbytes
+
+    def free_slot(self) -> int | None:
+        return next((i for i in range(self.capacity) if i not in self.members), None)
+
+    def attach(self, stream: _PooledStream, slot: int) -> None:
+        self.members[slot] = stream
+        stream.bank, stream.slot = self, slot
+        view = self.pool._with_graphs(self.state.batch_view(slot, slot + 1))
+        view.reset()
+        stream._state = view
+
+    def detach(self, stream: _PooledStream) -> None:
+        assert stream.slot is not None
+        del self.members[stream.slot]
+        stream.bank = stream.slot = None
+        stream._state = None
+
+    def grow(self, capacity: int) -> None:
+        """More slots: a new batched state, the old slots copied in, members re-pointed."""
+        new = self.pool._new_state(self.size, capacity)
+        for old_buffer, new_buffer in zip(self.state.buffers(), new.buffers()):
+            new_buffer[: self.capacity].copy_(old_buffer)
+        for slot, stream in self.members.items():
+            assert stream._state is not None
+            signature = stream._state.signature()
+            view = self.pool._with_graphs(new.batch_view(slot, slot + 1))
+            view.restore(signature)
+            stream._state = view
+        self.state, self.capacity = new, capacity
+        self._views.clear()
+
+    def view(self, start: int, stop: int) -> EncoderState:
+        view = self._views.get((start, stop))
+        if view is None:
+            view = self.pool._with_graphs(self.state.batch_view(start, stop))
+            self._views[(start, stop)] = view
+        return view
+
+
+class StreamPool:
+    """Many streams over one :class:`~streamvae.WanEncoder`, stepped as batches, exact per stream.
+
+    ``StreamPool(encoder, max_streams=None, memory_budget=None, mode="frame", pad_tail=False,
+    normalize=True, output_device="cpu", memory_format=None)``; the stream options are
+    :class:`~streamvae.StreamEncoder`'s and apply to every stream.
+
+    - :meth:`add` a stream (optionally with its frame ``size``, which admits it and allocates
+      its state at once), :meth:`push` a tick (a mapping ``stream_id -> frame``), get back
+      ``stream_id -> [Latent]`` for the streams given a frame; a stream not given a frame does
+      not advance. :meth:`remove` flushes a stream and returns its last latents.
+    - Each stream's latents (index, frames, timestamps, gap, data) are those of its own
+      StreamEncoder on the same frames (float32: within 1e-5 relative; the batches change only
+      the order of float sums). Streams of several frame sizes may share a pool; frames of one
+      stream keep one size until it is reset or a gap frame restarts it.
+    - Every frame of a tick is checked before any is used: a refused frame raises
+      :class:`~streamvae.FrameError` naming its stream, and no stream advances.
+    - ``max_streams`` and ``memory_budget`` (bytes of state; on CUDA by default 90% of the
+      memory free when the pool is made) refuse a stream that would not fit, with
+      :class:`AdmissionError`, at :meth:`add` (with ``size``) or at its first frame; nothing
+      changes then.
+    - If the model raises during a tick, :class:`PoolStepError` says which streams advanced,
+      which are broken and which did not advance.
+    - ``cuda_graphs`` (CUDA): each batch's step is captured once per signature and batch of
+      slots and replayed (one launch per batch instead of hundreds). All work runs on the
+      caller's current CUDA stream.
+
+    Not thread-safe: one caller (or :meth:`stream`'s worker) at a time.
+    """
+
+    def __init__(
+        self,
+        encoder: WanEncoder,
+        *,
+        max_streams: int | None = None,
+        memory_budget: int | None = None,
+        mode: Mode = "frame",
+        pad_tail: bool = False,
+        normalize: bool = True,
+        output_device: str | torch.device | None = "cpu",
+        memory_format: torch.memory_format | None = None,
+        cuda_graphs: bool = False,
+    ) -> None:
+        if max_streams is not None and max_streams < 1:
+            raise ValueError(f"max_streams must be >= 1 or None, got {max_streams}")
+        if memory_budget is None and encoder.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(encoder.device)
+            memory_budget = int(free * 0.9)
+        if memory_budget is not None and memory_budget < 0:
+            raise ValueError(f"memory_budget must be >= 0 bytes or None, got {memory_budget}")
+        self.encoder = encoder
+        self.cuda_graphs = cuda_graphs and encoder.device.type == "cuda"
+        self.max_streams = max_streams
+        self.memory_budget = memory_budget
+        self._options: dict[str, Any] = {
+            "mode": mode,
+            "pad_tail": pad_tail,
+            "normalize": normalize,
+            "output_device": output_device,
+            "memory_format": memory_format,
+        }
+        # Validates the options once, as a StreamEncoder would.
+        probe = StreamEncoder(encoder, **self._options)
+        self.mode: Mode = probe.mode
+        self._frames_per_step = probe.group_size if mode == "group" else 1
+        self._streams: dict[str, _PooledStream] = {}
+        self._banks: dict[tuple[int, int], _Bank] = {}
+        self._slot_bytes: dict[tuple[int, int], int] = {}
+        # Stragglers: a cohort whose slots are not contiguous is stepped in its contiguous runs
+        # (default), or, with ``gather``, as one batch copied into a scratch state and back.
+        # Measured on the CPU (benchmarks/RESULTS.md, "Many streams"): see the README.
+        self.gather = False
+        self._scratches: dict[tuple[tuple[int, int], int], EncoderState] = {}
+        self.stats = TickStats()
+
+    # -- streams ----
+
+    def add(self, stream_id: str, *, size: tuple[int, int] | None = None) -> None:
+        """Add a stream. With ``size=(H, W)`` it is admitted and its state allocated now;
+        without, at its first frame (whose size it then keeps).
+
+        Raises ``ValueError`` for an id already in the pool or a bad size, and
+        :class:`AdmissionError` when ``max_streams`` or the memory budget refuses it.
+        """
+        if not isinstance(stream_id, str) or not stream_id:
+            raise ValueError(f"a stream id is a non-empty string, got {stream_id!r}")
+        if stream_id in self._streams:
+            raise ValueError(f"stream {stream_id!r} is already in the pool")
+        if self.max_streams is not None and len(self._streams) >= self.max_streams:
+            raise AdmissionError(
+                f"stream {stream_id!r} refused: the pool holds its max_streams={self.max_streams} "
+                "streams; remove one first"
+            )
+        if size is not None:
+            size = _check_size(stream_id, size)
+            self._admit({stream_id: size})
+        stream = _PooledStream(self, stream_id, self._options, self._acquire)
+        self._streams[stream_id] = stream
+        if size is not None:
+            stream.reserved = size
+            stream._ensure_state(*size)
+
+    def remove(
+        self, stream_id: str, *, pad: bool | None = None, flush: bool = True
+    ) -> list[Latent]:
+        """Flush the stream (see :meth:`StreamEncoder.flush`), drop it; return its last latents.
+
+        ``flush=False`` (and a broken stream) drops it with no latents; its slot is freed.
+        """
+        stream = self._get(stream_id)
+        try:
+            tail = stream.flush(pad=pad) if flush and not stream._broken else []
+        finally:
+            self._release(stream)
+            del self._streams[stream_id]
+        return tail
+
+    def _release(self, stream: _PooledStream) -> None:
+        bank = stream.bank
+        if bank is None:
+            return
+        bank.detach(stream)
+        if not bank.members:  # a size no stream uses any more: free its bank
+            del self._banks[bank.size]
+
+    def reset(self, stream_id: str) -> None:
+        """Forget the stream's frames (a broken stream becomes usable); it stays in the pool."""
+        self._get(stream_id).reset()
+
+    def __contains__(self, stream_id: object) -> bool:
+        return stream_id in self._streams
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    @property
+    def stream_ids(self) -> list[str]:
+        return list(self._streams)
+
+    def frames_pushed(self, stream_id: str) -> int:
+        """Frames the stream accepted since it was added or reset."""
+        return self._get(stream_id).frames_pushed
+
+    def latents_emitted(self, stream_id: str) -> int:
+        return self._get(stream_id).latents_emitted
+
+    def dropped_frames(self, stream_id: str) -> int:
+        """Frames of partial groups the stream dropped (at gaps and flushes)."""
+        return self._get(stream_id).dropped_frames
+
+    def frame_size(self, stream_id: str) -> tuple[int, int] | None:
+        stream = self._get(stream_id)
+        return stream.frame_size or stream.reserved
+
+    def state(self, stream_id: str) -> EncoderState | None:
+        """The stream's own state object (a view of its slot), ``None`` before it has one."""
+        return self._get(stream_id)._state
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of state the pool has allocated (every bank's slots, every stream's buffer)."""
+        return self._allocated()
+
+    # -- ticks ----
+
+    def push(
+        self,
+        frames: Mapping[str, FrameLike],
+        *,
+        timestamps: Mapping[str, float | None] | None = None,
+    ) -> dict[str, list[Latent]]:
+        """One tick: one frame for each stream in ``frames``; their latents, by stream id.
+
+        Every frame is checked before any is used; a refused frame raises
+        :class:`~streamvae.FrameError` naming its stream (an unknown stream id raises
+        ``KeyError``, a broken stream :class:`~streamvae.StreamBroken`, a stream that does not
+        fit :class:`AdmissionError`), and then no stream has advanced.
+        """
+        stamps = dict(timestamps or {})
+        unknown = [sid for sid in frames if sid not in self._streams]
+        if unknown:
+            raise KeyError(f"not in the pool: {unknown!r}; add() them first")
+        if set(stamps) - set(frames):
+            raise ValueError(
+                f"timestamps for streams given no frame: {sorted(set(stamps) - set(frames))!r}"
+            )
+        checked = self._check_tick(frames, stamps)
+        self._admit(
+            {
+                sid: (item.height, item.width)
+                for sid, item in checked.items()
+                if self._needs_slot(self._streams[sid], item)
+            }
+        )
+        self.stats.ticks += 1
+        self.stats.frames += len(checked)
+        out: dict[str, list[Latent]] = {}
+        cohorts: dict[Hashable, list[_PooledStream]] = {}
+        for sid, item in checked.items():
+            stream = self._streams[sid]
+            latents: list[Latent] = []
+            if item.gap and stream._frames > 0:
+                latents += stream._end_run()
+                stream.reset()
+                stream._gap_pending = True
+            elif item.gap:
+                stream._gap_pending = True
+            if stream._frames == 0:
+                stream._ensure_state(item.height, item.width)
+                stream._size = (item.height, item.width)
+                stream.reserved = None  # add(size=) holds the size up to the first frame
+            out[sid] = latents
+            count = self._step_frames(stream)
+            if count == 0:  # group mode, mid-group: buffered, no step
+                stream._stage(item)
+                out[sid] += stream._commit(item, None)
+                continue
+            assert stream._state is not None and stream.bank is not None
+            key = (stream.bank.size, count, stream._state.signature())
+            cohorts.setdefault(key, []).append(stream)
+        runs: list[list[_PooledStream]] = []
+        for members in cohorts.values():
+            split = _contiguous_runs(members)
+            runs += [sorted(members, key=_slot_of)] if self.gather and len(split) > 1 else split
+        for done, run in enumerate(runs):
+            try:
+                latents_by_stream = self._step_run(run, checked)
+            except BaseException as error:
+                for stream in run:
+                    stream._broken = True
+                    out.pop(stream.stream_id, None)
+                waiting = frozenset(s.stream_id for later in runs[done + 1 :] for s in later)
+                for sid in waiting:
+                    out.pop(sid, None)
+                broken = frozenset(s.stream_id for s in run)
+                if not isinstance(error, Exception):  # KeyboardInterrupt, cancellation: as is
+                    raise
+                raise PoolStepError(
+                    f"the model raised while stepping streams {sorted(broken)!r} "
+                    f"({type(error).__name__}: {error}); they are broken until reset(); "
+                    f"streams {sorted(waiting)!r} did not advance",
+                    out,
+                    broken,
+                    waiting,
+                ) from error
+            for sid, latents in latents_by_stream.items():
+                out[sid] += latents
+        return out
+
+    def _step_frames(self, stream: _PooledStream) -> int:
+        """Frames the stream's next frame makes the model step (0: buffered, group mode)."""
+        index = stream._frames
+        if self.mode == "frame" or index == 0:
+            return 1
+        slot = stream._slot(index)
+        return slot + 1 if slot == stream.group_size - 1 else 0
+
+    def _step_run(
+        self, run: list[_PooledStream], checked: dict[str, CheckedFrame]
+    ) -> dict[str, list[Latent]]:
+        """Step streams of one cohort in contiguous slots as one batch."""
+        first = run[0]
+        assert first.bank is not None and first.slot is not None and first._state is not None
+        inputs = []
+        for stream in run:
+            step_input = stream._stage(checked[stream.stream_id])
+            assert step_input is not None
+            inputs.append(step_input)
+        signature = first._state.signature()
+        contiguous = run[-1].slot == first.slot + len(run) - 1
+        if len(run) == 1:
+            view = first._state
+        elif contiguous:
+            view = first.bank.view(first.slot, first.slot + len(run))
+        else:  # gather: the streams' slots copied into a scratch batch, and back after
+            view = self._scratch(first.bank.size, len(run))
+            for i, stream in enumerate(run):
+                assert stream._state is not None
+                for into, slot in zip(view.buffers(), stream._state.buffers()):
+                    into[i : i + 1].copy_(slot)
+        view.restore(signature)
+        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=0)
+        mean = self.encoder.step(x, view)
+        after = view.signature()
+        if len(run) > 1 and not contiguous:
+            for i, stream in enumerate(run):
+                assert stream._state is not None
+                for scratch, slot in zip(view.buffers(), stream._state.buffers()):
+                    slot.copy_(scratch[i : i + 1])
+        self.stats.steps += 1
+        self.stats.stepped_streams += len(run)
+        self.stats.batches[len(run)] = self.stats.batches.get(len(run), 0) + 1
+        result = {}
+        for i, stream in enumerate(run):
+            assert stream._state is not None
+            if stream._state is not view:
+                stream._state.restore(after)
+            out = None if mean is None else mean[i : i + 1]
+            result[stream.stream_id] = stream._commit(checked[stream.stream_id], out)
+        return result
+
+    # -- checks and admission ----
+
+    def _check_tick(
+        self, frames: Mapping[str, FrameLike], stamps: Mapping[str, float | None]
+    ) -> dict[str, CheckedFrame]:
+        checked: dict[str, CheckedFrame] = {}
+        for sid, frame in frames.items():
+            stream = self._streams[sid]
+            try:
+                stream._check_usable()
+                (item,) = stream._check_all([frame], [stamps.get(sid)])
+            except StreamBroken as error:
+                raise StreamBroken(f"stream {sid!r}: {error}") from None
+            except FrameError as error:
+                raise FrameError(f"stream {sid!r}: {error}; no stream advanced") from None
+            reserved = stream.reserved
+            if reserved is not None and (item.height, item.width) != reserved:
+                h, w = reserved
+                raise FrameError(
+                    f"stream {sid!r}: got a {item.height}x{item.width} frame, but the stream "
+                    f"was added with size=({h}, {w}); no stream advanced"
+                )
+            checked[sid] = item
+        return checked
+
+    def _needs_slot(self, stream: _PooledStream, item: CheckedFrame) -> bool:
+        state = stream._state
+        starts = stream._frames == 0 or item.gap
+        return starts and (
+            state is None or (state.height, state.width) != (item.height, item.width)
+        )
+
+    def _admit(self, new: dict[str, tuple[int, int]]) -> None:
+        """Refuse (AdmissionError, nothing changed) unless the new streams' state fits the budget.
+
+        Counts what would be allocated: the bank slots beyond the free ones, and each stream's
+        input buffer.
+        """
+        if not new or self.memory_budget is None:
+            return
+        in_use = self._allocated()
+        wanting: dict[tuple[int, int], int] = {}
+        for sid, size in new.items():
+            wanting[size] = wanting.get(size, 0) + 1
+            total = in_use + sum(self._growth_bytes(sz, n) for sz, n in wanting.items())
+            if total > self.memory_budget:
+                raise AdmissionError(
+                    f"stream {sid!r} refused: its state at {size[0]}x{size[1]} needs "
+                    f"{self._need(size):,} bytes; memory_budget is {self.memory_budget:,} "
+                    f"bytes, {in_use:,} in use; nothing changed"
+                )
+
+    def _growth_bytes(self, size: tuple[int, int], streams: int) -> int:
+        """Bytes that ``streams`` more streams of ``size`` add (slots past the free ones, buffers)."""
+        bank = self._banks.get(size)
+        free = 0 if bank is None else bank.capacity - len(bank.members)
+        slots = max(0, streams - free)
+        return slots * self._slot_nbytes(size) + streams * self._buffer_nbytes(size)
+
+    def _need(self, size: tuple[int, int]) -> int:
+        return self._slot_nbytes(size) + self._buffer_nbytes(size)
+
+    def _slot_nbytes(self, size: tuple[int, int]) -> int:
+        if size not in self._slot_bytes:
+            self._slot_bytes[size] = state_nbytes(
+                self.encoder.config,
+                *size,
+                dtype=self.encoder.dtype,
+                capacity=self._frames_per_step,
+            )
+        return self._slot_bytes[size]
+
+    def _buffer_nbytes(self, size: tuple[int, int]) -> int:
+        element = torch.empty((), dtype=self.encoder.dtype).element_size()
+        return 3 * self._frames_per_step * size[0] * size[1] * element
+
+    def _allocated(self) -> int:
+        banks = sum(bank.nbytes for bank in self._banks.values())
+        buffers = sum(
+            stream._group.numel() * stream._group.element_size()
+            for stream in self._streams.values()
+            if stream._group is not None
+        )
+        return banks + buffers
+
+    def _acquire(self, stream: _PooledStream, height: int, width: int) -> None:
+        """Give ``stream`` a slot in the bank of ``height x width`` (admitted before)."""
+        size = (height, width)
+        self._release(stream)
+        stream._group = stream._last = None
+        bank = self._banks.get(size)
+        if bank is None:
+            bank = self._banks[size] = _Bank(self, size, self._bank_capacity(size, 1))
+        slot = bank.free_slot()
+        if slot is None:
+            bank.grow(self._bank_capacity(size, bank.capacity + 1, bank))
+            slot = bank.free_slot()
+            assert slot is not None
+        bank.attach(stream, slot)
+        shape = (1, 3, self._frames_per_step, height, width)
+        stream._group = torch.zeros(shape, dtype=self.encoder.dtype, device=self.encoder.device)
+
+    def _bank_capacity(self, size: tuple[int, int], needed: int, bank: _Bank | None = None) -> int:
+        """Doubling, within ``max_streams`` and the memory budget (at least ``needed``)."""
+        current = 0 if bank is None else bank.capacity
+        capacity = max(needed, 2 * current)
+        if self.max_streams is not None:
+            capacity = min(capacity, self.max_streams)
+        if self.memory_budget is not None:
+            spare = self.memory_budget - self._allocated() - self._buffer_nbytes(size)
+            fits = current + spare // self._slot_nbytes(size)
+            capacity = min(capacity, max(int(fits), needed))
+        return max(capacity, needed)
+
+    def _new_state(self, size: tuple[int, int], capacity: int) -> EncoderState:
+        return self.encoder.new_state(
+            *size,
+            batch=capacity,
+            capacity=self._frames_per_step,
+            memory_format=self._options["memory_format"],
+            ring=False,
+        )
+
+    def _scratch(self, size: tuple[int, int], batch: int) -> EncoderState:
+        state = self._scratches.get((size, batch))
+        if state is None:
+            state = self._with_graphs(self._new_state(size, batch))
+            self._scratches[(size, batch)] = state
+        return state
+
+    def _with_graphs(self, state: EncoderState) -> EncoderState:
+        """With ``cuda_graphs``: the state's steps captured and replayed (its buffers are fixed:
+        a bank's views live as long as the bank, which is replaced only when it grows)."""
+        if self.cuda_graphs:
+            state.graphs = StepGraphs(self.encoder.device)
+        return state
+
+    def _get(self, stream_id: str) -> _PooledStream:
+        try:
+            return self._streams[stream_id]
+        except KeyError:
+            raise KeyError(f"stream {stream_id!r} is not in the pool") from None
+
+    # -- async ----
+
+    def stream(
+        self,
+        sources: Mapping[str, Iterable[FrameLike] | AsyncIterable[FrameLike]],
+        *,
+        deadline: float = 0.025,
+        flush: bool = True,
+    ) -> PoolStream:
+        """Encode many sources at once: an async iterator of ``(stream_id, latent)``.
+
+        Each source (an async or sync iterable of frames) is read by its own task, at most one
+        frame ahead. A tick starts when any source has a frame, waits at most ``deadline``
+        seconds for the other live sources, then pushes what each has (one frame per source):
+        a slow or stalled source never holds the others back, and does not advance while it
+        has nothing. Streams not yet in the pool are added (and removed at the end). A source
+        that ends is flushed (``flush=False``: removed without flushing); a source that raises
+        ends its own stream the same way, and :class:`PoolSourceError` is raised once the
+        others have ended. The model runs in a worker thread; cancelling waits for the tick in
+        flight.
+        """
+        if not (isinstance(deadline, (int, float)) and math.isfinite(deadline) and deadline >= 0):
+            raise ValueError(f"deadline must be a finite number of seconds >= 0, got {deadline!r}")
+        return PoolStream(self, sources, deadline=float(deadline), flush=flush)
+
+
+class PoolStream(AsyncIterator[tuple[str, Latent]]):
+    """The async iterator returned by :meth:`StreamPool.stream`; also an async context manager."""
+
+    def __init__(
+        self,
+        pool: StreamPool,
+        sources: Mapping[str, Iterable[FrameLike] | AsyncIterable[FrameLike]],
+        *,
+        deadline: float,
+        flush: bool,
+    ) -> None:
+        self.dropped_frames: dict[str, int] = {}
+        """Per stream whose source has ended: the frames its encoder dropped in all (partial
+        groups at gaps and at the end)."""
+        self._gen = _pool_latents(
+            pool, dict(sources), deadline=deadline, flush=flush, dropped=self.dropped_frames
+        )
+
+    def __aiter__(self) -> PoolStream:
+        return self
+
+    async def __anext__(self) -> tuple[str, Latent]:
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+
+    async def __aenter__(self) -> PoolStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class _Ended:
+    error: BaseException | None = None
+
+
+async def _read_source(
+    source: Iterable[FrameLike] | AsyncIterable[FrameLike],
+    queue: asyncio.Queue[Any],
+    arrived: asyncio.Event,
+) -> None:
+    """Copy a source's frames into its queue (one ahead), then an :class:`_Ended`."""
+    try:
+        if isinstance(source, AsyncIterable):
+            async for frame in source:
+                await queue.put(frame)
+                arrived.set()
+        else:  # read in a thread: a sync source may block (a file, a camera)
+            iterator = iter(source)
+            while (frame := await asyncio.to_thread(next, iterator, _END)) is not _END:
+                await queue.put(frame)
+                arrived.set()
+        end = _Ended()
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        end = _Ended(error)
+    await queue.put(end)
+    arrived.set()
+
+
+async def _pool_latents(
+    pool: StreamPool,
+    sources: dict[str, Iterable[FrameLike] | AsyncIterable[FrameLike]],
+    *,
+    deadline: float,
+    flush: bool,
+    dropped: dict[str, int],
+) -> AsyncIterator[tuple[str, Latent]]:
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamvae-pool")
+    added = [sid for sid in sources if sid not in pool]
+    for sid in added:
+        pool.add(sid)
+    arrived = asyncio.Event()
+    queues: dict[str, asyncio.Queue[Any]] = {sid: asyncio.Queue(maxsize=1) for sid in sources}
+    readers = [
+        asyncio.create_task(_read_source(src, queues[sid], arrived), name=f"streamvae-{sid}")
+        for sid, src in sources.items()
+    ]
+    live = set(sources)
+    errors: dict[str, BaseException] = {}
+    loop = asyncio.get_running_loop()
+    try:
+        while live:
+            while not any(queues[sid].qsize() for sid in live):
+                arrived.clear()
+                await arrived.wait()
+            closes = loop.time() + deadline
+            while not all(queues[sid].qsize() for sid in live):
+                left = closes - loop.time()
+                if left <= 0:
+                    break
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            frames: dict[str, Any] = {}
+            ended: list[str] = []
+            for sid in sorted(live):
+                if queues[sid].qsize():
+                    item = queues[sid].get_nowait()
+                    if isinstance(item, _Ended):
+                        ended.append(sid)
+                        if item.error is not None:
+                            errors[sid] = item.error
+                    else:
+                        frames[sid] = item
+            if frames:
+                out = await _in_worker(executor, pool.push, frames)
+                for sid, latents in out.items():
+                    for latent in latents:
+                        yield sid, latent
+            for sid in ended:
+                live.discard(sid)
+                if sid in pool:
+                    tail = await _in_worker(executor, _finish, pool, sid, flush, dropped)
+                    for latent in tail:
+                        yield sid, latent
+        if errors:
+            raise PoolSourceError(errors) from next(iter(errors.values()))
+    finally:
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        executor.shutdown(wait=False)
+        await _wait_thread_exit(executor)
+        for sid in added:  # cancelled or failed part of the way: drop what we added
+            if sid in pool:
+                pool.remove(sid, flush=False)
+
+
+def _finish(pool: StreamPool, sid: str, flush: bool, dropped: dict[str, int]) -> list[Latent]:
+    """Flush (or not) and remove a stream whose source ended; record its dropped frames."""
+    stream = pool._get(sid)
+    tail = stream.flush() if flush and not stream._broken else []
+    dropped[sid] = stream.dropped_frames
+    pool.remove(sid, flush=False)
+    return tail
+
+
+def _check_size(stream_id: str, size: Any) -> tuple[int, int]:
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 2
+        or not all(isinstance(v, int) and v > 0 and v % SPATIAL_MULTIPLE == 0 for v in size)
+    ):
+        raise ValueError(
+            f"stream {stream_id!r}: size must be (H, W), positive multiples of "
+            f"{SPATIAL_MULTIPLE}, got {size!r}"
+        )
+    return (int(size[0]), int(size[1]))
+
+
+def _slot_of(stream: _PooledStream) -> int:
+    return -1 if stream.slot is None else stream.slot
+
+
+def _contiguous_runs(members: list[_PooledStream]) -> list[list[_PooledStream]]:
+    """A cohort's streams split where their slots are not consecutive."""
+    ordered = sorted(members, key=_slot_of)
+    runs: list[list[_PooledStream]] = []
+    for stream in ordered:
+        if runs and runs[-1][-1].slot is not None and stream.slot == runs[-1][-1].slot + 1:
+            runs[-1].append(stream)
+        else:
+            runs.append([stream])
+    return runs

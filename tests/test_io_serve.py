@@ -1,0 +1,248 @@
+"""``streamvae serve`` as a user runs it: a real subprocess, a real mosquitto on loopback, a real
+ffmpeg stream that dies and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_io_cli import cli_encoder, direct_latents
+
+import io_fixtures
+from helpers import rel_err
+from io_fixtures import REPO, Broker, StreamServer, cli_env, read_video_frames, streamvae_command
+from streamvae.io import MqttSettings, decode_latent, read_latents
+from streamvae.io.serve import SourceSpec, read_sources
+from streamvae.io.sources import synthetic_frame
+
+broker = io_fixtures.broker  # fixtures
+test_video = io_fixtures.test_video
+stream_server = io_fixtures.stream_server
+
+NARROW = ("--random-weights", "--config", "narrow8")
+_ = cli_encoder  # a fixture
+
+
+class Subscriber:
+    """Every latent on ``<prefix>/+/latents``, by stream, decoded with decode_latent."""
+
+    def __init__(self, settings: MqttSettings) -> None:
+        self.settings = settings
+        self.by_stream: dict[str, list] = {}
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        async with self.settings.client(identifier=f"serve-test-{id(self)}") as client:
+            await client.subscribe(f"{self.settings.prefix}/+/latents", qos=1)
+            self._ready.set()
+            async for message in client.messages:
+                latent = decode_latent(message.payload)
+                self.by_stream.setdefault(latent.meta["stream"], []).append(latent)
+
+    async def __aenter__(self) -> Subscriber:
+        self._task = asyncio.ensure_future(self._run())
+        await asyncio.wait_for(self._ready.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.sleep(0.3)  # the last messages in flight
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def statuses(settings: MqttSettings, streams: list[str]) -> dict[str, dict]:
+    async with settings.client(identifier="serve-status") as client:
+        await client.subscribe(f"{settings.prefix}/+/status", qos=1)
+        found: dict[str, dict] = {}
+        async with asyncio.timeout(10):
+            async for message in client.messages:
+                found[str(message.topic).split("/")[-2]] = json.loads(message.payload)
+                if set(streams) <= set(found):
+                    return found
+    return found
+
+
+async def serve_until(
+    args: list[str], until, what: str, *, settle: float = 0.0
+) -> tuple[int, dict, str]:
+    """Run ``serve`` until ``until()`` holds, then Ctrl-C it; its exit code, summary, stderr."""
+    process = await asyncio.create_subprocess_exec(
+        *streamvae_command("serve", *args, "--json"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+    )
+    try:
+        await io_fixtures.wait_until(until, 120, what)
+        await asyncio.sleep(settle)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()
+    return process.returncode, json.loads(stdout.decode().strip().splitlines()[-1]), stderr.decode()
+
+
+async def run_serve(*args: str, timeout: float = 180) -> tuple[int, dict, str]:
+    process = await asyncio.create_subprocess_exec(
+        *streamvae_command("serve", *args, "--json"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+        cwd=REPO,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    lines = stdout.decode().strip().splitlines()
+    summary = json.loads(lines[-1]) if lines else {}
+    return process.returncode, summary, stderr.decode()
+
+
+@pytest.mark.network
+async def test_serve_many_sources_to_mqtt_and_files(
+    broker: Broker, test_video: Path, cli_encoder, tmp_path: Path
+):
+    config = tmp_path / "cameras.toml"
+    config.write_text(
+        f'mqtt = "{broker.url}"\n'
+        'size = "32x32"\n'
+        "[sources.syn-a]\n"
+        'uri = "synthetic://moving?frames=9&size=32x32"\n'
+        "[sources.syn-b]\n"
+        'uri = "synthetic://moving?frames=13&size=16x32"\n'
+        'size = "16x32"\n'
+    )
+    settings = MqttSettings.from_url(broker.url)
+    async with Subscriber(settings) as subscriber:
+        code, summary, stderr = await run_serve(
+            str(config), "--source", f"clip={test_video}", "--output-dir", str(tmp_path / "out"),
+            *NARROW,
+        )  # fmt: skip
+    assert code == 0, stderr
+    frames = {
+        "syn-a": [synthetic_frame(n, 32, 32) for n in range(9)],
+        "syn-b": [synthetic_frame(n, 16, 32) for n in range(13)],
+        "clip": read_video_frames(test_video, (32, 32)),
+    }
+    for sid, clip in frames.items():
+        expected = direct_latents(cli_encoder, clip)
+        received = subscriber.by_stream[sid]
+        assert [x.index for x in received] == list(range(expected.shape[1])), sid
+        for latent in received:
+            assert rel_err(latent.data, expected[:, latent.index]) <= 1e-5, sid
+            assert latent.meta["meaningless"] == "true"
+        stored = read_latents(tmp_path / "out" / f"{sid}.latents")
+        assert [x.index for x in stored] == [x.index for x in received]
+        entry = summary["streams"][sid]
+        assert entry["latents"] == len(received) == entry["mqtt"]["published"]
+        assert entry["mqtt"]["sent"] == entry["mqtt"]["published"]
+        assert entry["error"] is None
+    assert summary["pool"]["mean_batch"] > 1  # the streams were stepped together
+    status = await statuses(settings, list(frames))
+    assert all(status[sid]["status"] == "offline" for sid in frames)
+
+
+@pytest.mark.network
+async def test_ctrl_c_drains_every_stream(broker: Broker):
+    settings = MqttSettings.from_url(broker.url)
+    async with Subscriber(settings) as subscriber:
+        _, summary, text = await serve_until(
+            [
+                "--source", "north=synthetic://moving?fps=20",
+                "--source", "south=synthetic://moving?fps=20", "--size", "16x16",
+                "--mqtt", broker.url, *NARROW, "--stats-interval", "0.5",
+            ],
+            lambda: all(len(subscriber.by_stream.get(s, [])) >= 3 for s in ("north", "south")),
+            "three latents on each stream",
+            settle=1.2,  # a stats line or two
+        )  # fmt: skip
+    assert "stopping" in text and "north: in " in text and "south: in " in text
+    for sid in ("north", "south"):
+        entry = summary["streams"][sid]
+        received = subscriber.by_stream[sid]
+        assert entry["latents"] == entry["mqtt"]["sent"] == entry["mqtt"]["published"]
+        assert entry["latents"] == len(received)
+        assert [x.index for x in received] == list(range(len(received)))
+        assert entry["mqtt"]["unsent"] == entry["mqtt"]["discarded"] == 0
+    status = await statuses(settings, ["north", "south"])
+    assert status["north"]["status"] == status["south"]["status"] == "offline"
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("stream_server", ["mjpeg"], indirect=True)
+async def test_a_failing_source_reconnects_and_flags_a_gap_on_its_own_stream(
+    broker: Broker, stream_server: StreamServer
+):
+    settings = MqttSettings.from_url(broker.url)
+    stream_server.serve(2.0)
+    stream_server.serve(8.0)  # after the first has ended: the source reconnects to it
+    async with Subscriber(settings) as subscriber:
+        _, summary, _ = await serve_until(
+            [
+                "--source", f"cam={stream_server.url}",
+                "--source", "steady=synthetic://moving?fps=15", "--size", "16x16",
+                "--mqtt", broker.url, *NARROW, "--stats-interval", "1",
+            ],
+            lambda: (
+                any(x.gap for x in subscriber.by_stream.get("cam", []))
+                and subscriber.by_stream["cam"][-1].index >= 1
+            ),
+            "a gap latent on cam and one after it",
+        )  # fmt: skip
+    cam, steady = subscriber.by_stream["cam"], subscriber.by_stream["steady"]
+    gaps = [x for x in cam if x.gap]
+    assert len(gaps) == 1 and gaps[0].index == 0
+    assert summary["streams"]["cam"]["source"]["reconnects"] >= 1
+    assert summary["streams"]["cam"]["gaps"] == 1
+    # The other stream ran on, untouched: no gap, indices unbroken.
+    assert not any(x.gap for x in steady)
+    assert [x.index for x in steady] == list(range(len(steady)))
+    assert summary["streams"]["steady"]["source"]["disconnects"] == 0
+
+
+def test_sources_from_toml_and_flags(tmp_path: Path):
+    config = tmp_path / "s.toml"
+    config.write_text(
+        'size = "64x64"\n[sources.a]\nuri = "0"\n[sources.b]\nuri = "x.mp4"\nsize = "32x32"\n'
+    )
+    specs, defaults = read_sources(config, ["c=rtsp://h/s"])
+    assert specs == [
+        SourceSpec("a", "0"),
+        SourceSpec("b", "x.mp4", "32x32"),
+        SourceSpec("c", "rtsp://h/s"),
+    ]
+    assert defaults == {"size": "64x64"}
+    with pytest.raises(ValueError, match="'a' is given twice"):
+        read_sources(config, ["a=1"])
+    with pytest.raises(ValueError, match="ID=URI"):
+        read_sources(None, ["nouri"])
+    with pytest.raises(ValueError, match="stream id must be"):
+        read_sources(None, ["a/b=0"])
+    config.write_text('[sources.a]\nurl = "0"\n')
+    with pytest.raises(ValueError, match=r"\[sources.a\] needs uri"):
+        read_sources(config, [])
+    config.write_text('mqt = "x"\n')
+    with pytest.raises(ValueError, match="unknown keys"):
+        read_sources(config, [])
+    with pytest.raises(ValueError, match="give sources"):
+        read_sources(None, [])
+
+
+def test_serve_refuses_bad_arguments_clearly():
+    result = subprocess.run(
+        streamvae_command("serve", "--source", "a=synthetic://moving", *NARROW),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(),
+        cwd=REPO,
+    )
+    assert result.returncode != 0
+    assert "give --mqtt URL and/or --output-dir DIR" in result.stderr
