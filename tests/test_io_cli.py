@@ -303,6 +303,8 @@ async def test_live_stops_cleanly_on_sigint(broker: Broker, cli_encoder):
         "status": "offline",
         "reason": "stopped",
         "model": "RANDOM WEIGHTS wan2.1-narrow8 (latents are meaningless)",
+        "config": "wan2.1-narrow8",
+        "z_dim": "16",
         "meaningless": "true",
         "stream": "syn",
     }
