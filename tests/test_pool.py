@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import random_video
+from helpers import random_encoder, random_video
 from streamvae import (
     AdmissionError,
     Frame,
@@ -442,3 +442,23 @@ def test_docstring_examples(name):
 
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_wan22_streams_in_and_out_of_phase_equal_their_own_encoders(gather):
+    """Wan 2.2's stages (average-pool shortcuts with a pending frame of their own) in batched
+    steps and batch views: each stream still equals its own StreamEncoder."""
+    from streamvae import WAN22, narrow
+
+    mirror = Mirror(random_encoder(narrow(8, WAN22), seed=4))
+    mirror.pool.gather = gather
+    for sid in "abc":
+        mirror.add(sid)
+    clips = {sid: frames_of(10 + i, 14, 32, 16) for i, sid in enumerate("abc")}
+    for t in range(14):
+        ticking = [sid for sid in "abc" if not (sid == "b" and t == 6)]  # b skips a tick
+        mirror.push({sid: clips[sid][t - (sid == "b" and t > 6)] for sid in ticking})
+    for sid in "abc":
+        mirror.remove(sid)
+    mirror.check()
+    assert len(mirror.got["a"]) == 4 and len(mirror.got["b"]) == 4

@@ -293,3 +293,27 @@ def test_docstring_examples(name):
     import importlib
 
     assert doctest.testmod(importlib.import_module(name)).failed == 0
+
+
+@pytest.mark.parametrize("mode", ["frame", "group"])
+def test_wan22_resume_and_snapshot_are_bit_identical(mode):
+    """Wan 2.2: the shortcuts' pending frames are in the snapshot, and resume starts them as a
+    stream at a group boundary has them."""
+    from streamvae import WAN22
+
+    encoder = random_encoder(narrow(8, WAN22), seed=6)
+    frames = random_video(160, 32, 16, seed=22)[0]
+    reference = push_all(StreamEncoder(encoder, mode=mode), frames)
+    stream = StreamEncoder(encoder, mode=mode)
+    first = 21  # a group's first frame; 116 frames replayed, more than R
+    assert 137 - first >= stream.receptive_field
+    stamps = [1000.0 + i for i in range(first, 137)]
+    resumed = stream.resume(frames[first:137].numpy(), first_index=first, timestamps=stamps)
+    resumed += push_all(stream, frames[137:], start=137)
+    assert [lat.index for lat in resumed] == [34, 35, 36, 37, 38, 39]
+    assert_same(resumed, reference)
+    original = StreamEncoder(encoder, mode=mode)
+    push_all(original, frames[:23])  # mid-group: a pair of the shortcut may be pending
+    moved = StreamEncoder(encoder, mode=mode)
+    moved.restore(original.snapshot())
+    assert_same(push_all(moved, frames[23:60], start=23), reference)

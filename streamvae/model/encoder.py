@@ -150,24 +150,20 @@ class EncoderState:
                 conv.head = (ConvState.KEEP + steps) % size
 
         steps = frames  # how many frames each layer has stepped over at its own rate
-        place(self.conv_in, steps)
-        for part in self.blocks:
-            if isinstance(part, ResidualState):
+        for part in self._parts():  # in the order the encoder steps them (stages flattened)
+            if isinstance(part, ConvState):
+                place(part, steps)
+            elif isinstance(part, ResidualState):
                 place(part.conv1, steps)
                 place(part.conv2, steps)
             elif isinstance(part, TimeDownState):
                 part.held = 1
                 part.started = True
                 steps = 0 if steps == 0 else 1 + (steps - 1) // 2
-        for part in self.mid:
-            place(part.conv1, steps)
-            place(part.conv2, steps)
-        place(self.conv_out, steps)
-        for pair in self._pairs:
-            # A shortcut that halves time has paired every frame at a group boundary: its
-            # input has run through an odd count (1 + 4k, then 1 + 2k frames), frame 0 with the
-            # zero frame in front of it.
-            pair.held = 0
+            else:
+                # An average-pool shortcut (Wan 2.2) has paired every frame at a group
+                # boundary: its input has run through an odd count (1 + 4k, then 1 + 2k).
+                part.held = 0
 
     def memory(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """What the state remembers, layout- and device-independent, for a snapshot.
