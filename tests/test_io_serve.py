@@ -22,6 +22,7 @@ from streamvae.io.sources import synthetic_frame
 broker = io_fixtures.broker  # fixtures
 test_video = io_fixtures.test_video
 stream_server = io_fixtures.stream_server
+auth_broker = io_fixtures.auth_broker
 
 NARROW = ("--random-weights", "--config", "narrow8")
 _ = cli_encoder  # a fixture
@@ -246,3 +247,25 @@ def test_serve_refuses_bad_arguments_clearly():
     )
     assert result.returncode != 0
     assert "give --mqtt URL and/or --output-dir DIR" in result.stderr
+
+
+@pytest.mark.network
+async def test_latents_not_delivered_make_serve_fail(auth_broker: Broker, tmp_path: Path):
+    """Issue 17 item 3 for serve: with the wrong password nothing reaches the broker, and serve
+    says so per stream and exits 1 (it would report success)."""
+    wrong = tmp_path / "password"
+    wrong.write_text("wrong-" + io_fixtures.MQTT_PASSWORD + "\n")
+    url = f"mqtts://{io_fixtures.MQTT_USER}@127.0.0.1:{auth_broker.port}/test"
+    code, summary, stderr = await run_serve(
+        "--source", "a=synthetic://moving?frames=5",
+        "--source", "b=synthetic://moving?frames=5",
+        "--mqtt", url, "--mqtt-ca-file", str(auth_broker.tls[0]),
+        "--mqtt-password-file", str(wrong), "--drain-timeout", "1",
+        "--size", "16x16", *NARROW,
+    )  # fmt: skip
+    assert code == 1, stderr
+    for sid in ("a", "b"):
+        entry = summary["streams"][sid]
+        assert entry["mqtt"]["published"] == 0 and entry["mqtt"]["undelivered"] == 2
+        assert entry["error"].startswith("2 of 2 latent(s) not delivered to MQTT")
+    assert "wrong-" not in stderr

@@ -58,7 +58,7 @@ from streamvae.io.commands import (
     mqtt_sink,
 )
 from streamvae.io.filesink import FileSink
-from streamvae.io.pipeline import LatentSink, PipelineStats, _counted, latent_latency
+from streamvae.io.pipeline import LatentSink, PipelineStats, SinkError, _counted, latent_latency
 from streamvae.io.sources import FrameSource
 from streamvae.io.topics import validate_stream_id
 from streamvae.pool import PoolSourceError, StreamPool
@@ -242,8 +242,17 @@ async def _serve(
             async with pool.stream(counted, deadline=args.deadline) as latents:
                 try:
                     async for sid, latent in latents:
-                        for sink in sinks[sid]:
-                            await sink.send(latent)
+                        if sid in errors:
+                            continue  # its sink is dead: the stream is being stopped
+                        try:
+                            for sink in sinks[sid]:
+                                await sink.send(latent)
+                        except SinkError as exc:
+                            # A sink that cannot work (refused credentials, say) ends the run:
+                            # every stream drains, and the exit status says it failed.
+                            errors[sid] = str(exc)
+                            stop()
+                            continue
                         record = stats[sid]
                         record.latents += 1
                         record.gaps += latent.gap
@@ -253,13 +262,20 @@ async def _serve(
                 finally:
                     dropped.update(latents.dropped_frames)
         except PoolSourceError as exc:
-            errors = {sid: f"{type(e).__name__}: {e}" for sid, e in exc.errors.items()}
+            errors.update({sid: f"{type(e).__name__}: {e}" for sid, e in exc.errors.items()})
         finally:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
             for record in stats.values():
                 record.finished = time.monotonic()
+    for sid, sink in mqtt.items():
+        m = sink.stats  # a stream that ran but whose latents did not all get out: a failure
+        if m.undelivered and sid not in errors:
+            errors[sid] = (
+                f"{m.undelivered} of {m.sent} latent(s) not delivered to MQTT "
+                f"({m.discarded} discarded, {m.unsent} unsent; last error: {m.last_error})"
+            )
     summary: dict[str, Any] = {"streams": {}, "meaningless": choice.random, "pool": {}}
     lines = []
     for sid, source in sources.items():
@@ -287,6 +303,7 @@ async def _serve(
                 "published": m.published,
                 "discarded": m.discarded,
                 "unsent": m.unsent,
+                "undelivered": m.undelivered,
             }
             line += f", mqtt {m.published}/{m.sent} published, {m.discarded} discarded"
         if sid in files:
