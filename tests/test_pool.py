@@ -230,7 +230,9 @@ def test_model_raising_mid_tick_breaks_only_its_batch(narrow_encoder, monkeypatc
             raise RuntimeError("CUDA out of memory (simulated)")
         return real_step(x, state)
 
-    monkeypatch.setattr(narrow_encoder, "step", failing_step)
+    # On the instance's __dict__, so that undoing it leaves no instance attribute behind (a
+    # restored bound method would shadow a later class-level patch of WanEncoder.step).
+    monkeypatch.setitem(narrow_encoder.__dict__, "step", failing_step)
     with pytest.raises(PoolStepError) as raised:
         mirror.pool.push(tick(2) | {"c1": small[1]})
     error = raised.value
@@ -240,7 +242,7 @@ def test_model_raising_mid_tick_breaks_only_its_batch(narrow_encoder, monkeypatc
     assert advanced | broken | waiting == {"a1", "a2", "b1", "c1"}
     assert not (advanced & broken) and not (advanced & waiting) and not (broken & waiting)
     assert waiting  # a batch came after the failing one
-    monkeypatch.setattr(narrow_encoder, "step", real_step)
+    monkeypatch.delitem(narrow_encoder.__dict__, "step")
     for sid in advanced:  # their frame was used: the mirror takes it too
         mirror.expected[sid] += mirror.own[sid].push(tick(2)[sid] if sid != "c1" else small[1])
         mirror.got[sid] += error.latents[sid]

@@ -64,7 +64,7 @@ async def test_the_event_loop_runs_while_a_push_is_in_flight(narrow_encoder, mon
             await asyncio.sleep(0.001)
         loop_ran.set()
 
-    monkeypatch.setattr(narrow_encoder, "step", step)
+    monkeypatch.setitem(narrow_encoder.__dict__, "step", step)
     helper = asyncio.create_task(on_the_loop())
     latents = await collect(StreamEncoder(narrow_encoder), frames)
     await helper
@@ -215,7 +215,7 @@ async def test_a_cancel_keeps_the_latents_of_the_push_in_flight(
     frames = [f.numpy() for f in random_video(13, 16, 16, seed=10)[0]]
     fresh = await collect(StreamEncoder(narrow_encoder), frames)
     blocking = BlockingStep(narrow_encoder, at=5)  # frame 4: the push that completes latent 1
-    monkeypatch.setattr(narrow_encoder, "step", blocking)
+    monkeypatch.setitem(narrow_encoder.__dict__, "step", blocking)
     stream = StreamEncoder(narrow_encoder)
     seen = []
 
