@@ -489,3 +489,29 @@ def test_a_latent_published_twice_is_stored_once_by_its_msg_id(server):
     assert not first.duplicate and second.duplicate and second.seq == first.seq
     received = asyncio.run(read_latents(server.url, "camd"))
     assert [(lat.meta["run"], lat.index, lat.ready_time) for _, lat in received] == [("r1", 7, 1.0)]
+
+
+@pytest.mark.network
+def test_sigterm_ends_an_ingest_that_cannot_reach_nats(tmp_path):
+    """An ingest whose NATS never answers retried its first connection forever and ignored
+    SIGTERM (a supervisor could only SIGKILL it). Now a stop signal ends the source at once and
+    gives up STOP_GRACE_S later, saying what was lost, with exit status 1."""
+    from io_fixtures import free_port
+    from streamvae.fleet.commands import STOP_GRACE_S
+
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    ingest = FleetProcess("ingest", ingest_args(url, "cam-unreachable", 1000, 25), tmp_path)
+    ingest.start()
+    try:
+        deadline = time.monotonic() + 60
+        while "Connect call failed" not in ingest.stderr_path.read_text():
+            assert time.monotonic() < deadline, ingest.stderr_path.read_text()[-2000:]
+            time.sleep(0.2)
+        ingest.process.send_signal(signal.SIGTERM)
+        code = ingest.process.wait(timeout=STOP_GRACE_S + 30)
+    finally:
+        if ingest.process.poll() is None:
+            ingest.process.kill()
+            ingest.process.wait()
+    assert code == 1
+    assert "stopped before every frame reached NATS" in ingest.stderr_path.read_text()

@@ -152,6 +152,9 @@ def _emit(args: argparse.Namespace, record: dict[str, Any], text: str) -> None:
     print(json.dumps(record) if args.json else text, flush=True)
 
 
+STOP_GRACE_S = 5.0  # after a stop signal, how long an ingest may take to publish what it read
+
+
 def run_ingest(args: argparse.Namespace) -> int:
     from streamvae.io.sources import SourceError, open_source
 
@@ -165,18 +168,42 @@ def run_ingest(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         async with source:
-            with _on_signals(source.stop):
+            task = asyncio.ensure_future(
+                ingest(
+                    source,
+                    settings,
+                    stream_id=args.stream_id,
+                    codec=args.frame_codec,
+                    retain=args.retain,
+                    run=args.run_id,
+                    max_frames=args.frames,
+                    jpeg_quality=args.jpeg_quality,
+                )
+            )
+            signals = 0
+
+            def stop() -> None:
+                # First SIGTERM / Ctrl-C: end the source, so that the frames read so far are
+                # published; if that has not finished within STOP_GRACE_S (NATS unreachable,
+                # say), or on a second signal, give up.
+                nonlocal signals
+                signals += 1
+                source.stop()
+                if signals > 1:
+                    task.cancel()
+                else:
+                    asyncio.get_running_loop().call_later(STOP_GRACE_S, task.cancel)
+
+            with _on_signals(stop):
                 try:
-                    stats = await ingest(
-                        source,
-                        settings,
-                        stream_id=args.stream_id,
-                        codec=args.frame_codec,
-                        retain=args.retain,
-                        run=args.run_id,
-                        max_frames=args.frames,
-                        jpeg_quality=args.jpeg_quality,
+                    stats = await task
+                except asyncio.CancelledError:
+                    print(
+                        f"streamvae: stopped before every frame reached NATS "
+                        f"({settings.display}); frames read but not published are lost",
+                        file=sys.stderr,
                     )
+                    return 1
                 except (ValueError, SourceError, PermissionError) as exc:
                     print(f"streamvae: {exc}", file=sys.stderr)
                     return 1
