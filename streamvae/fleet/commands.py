@@ -156,6 +156,7 @@ STOP_GRACE_S = 5.0  # after a stop signal, how long an ingest may take to publis
 
 
 def run_ingest(args: argparse.Namespace) -> int:
+    from streamvae.io.commands import _stop_on_signals
     from streamvae.io.sources import SourceError, open_source
 
     _logging(args)
@@ -180,21 +181,15 @@ def run_ingest(args: argparse.Namespace) -> int:
                     jpeg_quality=args.jpeg_quality,
                 )
             )
-            signals = 0
 
             def stop() -> None:
-                # First SIGTERM / Ctrl-C: end the source, so that the frames read so far are
-                # published; if that has not finished within STOP_GRACE_S (NATS unreachable,
-                # say), or on a second signal, give up.
-                nonlocal signals
-                signals += 1
+                # The first SIGTERM / Ctrl-C ends the source, so that the frames read so far
+                # are published; if that has not finished within STOP_GRACE_S (NATS
+                # unreachable, say) it gives up. A second signal cancels at once.
                 source.stop()
-                if signals > 1:
-                    task.cancel()
-                else:
-                    asyncio.get_running_loop().call_later(STOP_GRACE_S, task.cancel)
+                asyncio.get_running_loop().call_later(STOP_GRACE_S, task.cancel)
 
-            with _on_signals(stop):
+            with _stop_on_signals(stop):
                 try:
                     stats = await task
                 except asyncio.CancelledError:
