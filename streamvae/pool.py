@@ -656,6 +656,7 @@ class StreamPool:
         *,
         deadline: float = 0.025,
         flush: bool = True,
+        open_ended: bool = False,
     ) -> PoolStream:
         """Encode many sources at once: an async iterator of ``(stream_id, latent)``.
 
@@ -668,10 +669,22 @@ class StreamPool:
         ends its own stream the same way, and :class:`PoolSourceError` is raised once the
         others have ended. The model runs in a worker thread; cancelling waits for the tick in
         flight.
+
+        ``open_ended=True``: sources come and go while it runs (a server's sessions, say).
+        :meth:`PoolStream.add` admits another between ticks; the iteration does not end when
+        no source is left, but once :meth:`PoolStream.end_input` has been called and every
+        source has ended::
+
+            async with pool.stream({}, open_ended=True) as latents:
+                ended = await latents.add("tab-1", source, size=(64, 64))  # AdmissionError?
+                async for stream_id, latent in latents:
+                    ...
         """
         if not (isinstance(deadline, (int, float)) and math.isfinite(deadline) and deadline >= 0):
             raise ValueError(f"deadline must be a finite number of seconds >= 0, got {deadline!r}")
-        return PoolStream(self, sources, deadline=float(deadline), flush=flush)
+        return PoolStream(
+            self, sources, deadline=float(deadline), flush=flush, open_ended=open_ended
+        )
 
 
 class PoolStream(AsyncIterator[tuple[str, Latent]]):
@@ -684,13 +697,58 @@ class PoolStream(AsyncIterator[tuple[str, Latent]]):
         *,
         deadline: float,
         flush: bool,
+        open_ended: bool = False,
     ) -> None:
         self.dropped_frames: dict[str, int] = {}
         """Per stream whose source has ended: the frames its encoder dropped in all (partial
         groups at gaps and at the end)."""
+        self._control = _Additions(open=open_ended)
         self._gen = _pool_latents(
-            pool, dict(sources), deadline=deadline, flush=flush, dropped=self.dropped_frames
+            pool,
+            dict(sources),
+            deadline=deadline,
+            flush=flush,
+            dropped=self.dropped_frames,
+            control=self._control,
         )
+
+    async def add(
+        self,
+        stream_id: str,
+        source: Iterable[FrameLike] | AsyncIterable[FrameLike],
+        *,
+        size: tuple[int, int] | None = None,
+    ) -> asyncio.Future[int]:
+        """Admit another source (an ``open_ended`` stream only) at the next tick boundary.
+
+        Returns once it is in the pool, with a future that is done once its source has ended
+        and its last latents have been yielded: its result is the frames its encoder dropped;
+        if the source raised, the future holds that error (and it is not raised again at the
+        end of the iteration). Raises what :meth:`StreamPool.add` raises (``ValueError``,
+        :class:`AdmissionError`: nothing changed), and ``RuntimeError`` if the stream is not
+        open-ended, was told :meth:`end_input`, or has ended. It waits for the iteration to
+        reach a tick boundary, so the stream must be being iterated (by another task).
+        """
+        control = self._control
+        if control.finished:
+            raise RuntimeError("this pool stream has ended")
+        if not control.open:
+            raise RuntimeError(
+                "this pool stream takes no more sources (made without open_ended=True, or "
+                "end_input() was called)"
+            )
+        loop = asyncio.get_running_loop()
+        admitted: asyncio.Future[None] = loop.create_future()
+        ended: asyncio.Future[int] = loop.create_future()
+        control.pending.append((stream_id, source, size, admitted, ended))
+        control.wake()
+        await admitted
+        return ended
+
+    def end_input(self) -> None:
+        """No more :meth:`add`: the iteration ends once the sources in it have ended."""
+        self._control.open = False
+        self._control.wake()
 
     def __aiter__(self) -> PoolStream:
         return self
@@ -714,6 +772,29 @@ _END = object()
 @dataclass(frozen=True)
 class _Ended:
     error: BaseException | None = None
+
+
+_Addition = tuple[
+    str,
+    "Iterable[FrameLike] | AsyncIterable[FrameLike]",
+    "tuple[int, int] | None",
+    "asyncio.Future[None]",
+    "asyncio.Future[int]",
+]
+
+
+@dataclass
+class _Additions:
+    """Sources waiting to join an open-ended pool stream, and the event that wakes its loop."""
+
+    open: bool
+    pending: list[_Addition] = field(default_factory=list)
+    arrived: asyncio.Event | None = None
+    finished: bool = False
+
+    def wake(self) -> None:
+        if self.arrived is not None:
+            self.arrived.set()
 
 
 async def _read_source(
@@ -748,12 +829,15 @@ async def _pool_latents(
     deadline: float,
     flush: bool,
     dropped: dict[str, int],
+    control: _Additions | None = None,
 ) -> AsyncIterator[tuple[str, Latent]]:
+    control = control or _Additions(open=False)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamvae-pool")
     added = [sid for sid in sources if sid not in pool]
     for sid in added:
         pool.add(sid)
     arrived = asyncio.Event()
+    control.arrived = arrived
     queues: dict[str, asyncio.Queue[Any]] = {sid: asyncio.Queue(maxsize=1) for sid in sources}
     readers = [
         asyncio.create_task(_read_source(src, queues[sid], arrived), name=f"streamvae-{sid}")
@@ -761,12 +845,45 @@ async def _pool_latents(
     ]
     live = set(sources)
     errors: dict[str, BaseException] = {}
+    joined: dict[str, asyncio.Future[int]] = {}  # added while running: their end goes here
     loop = asyncio.get_running_loop()
+
+    def admit_pending() -> None:
+        while control.pending:
+            sid, source, size, admitted, ended = control.pending.pop(0)
+            if admitted.cancelled():
+                continue
+            if sid in live or sid in pool:
+                admitted.set_exception(ValueError(f"stream {sid!r} is already in the pool"))
+                continue
+            try:
+                pool.add(sid, size=size)
+            except Exception as error:  # AdmissionError, ValueError: nothing changed
+                admitted.set_exception(error)
+                continue
+            added.append(sid)
+            joined[sid] = ended
+            queues[sid] = asyncio.Queue(maxsize=1)
+            readers.append(
+                asyncio.create_task(
+                    _read_source(source, queues[sid], arrived), name=f"streamvae-{sid}"
+                )
+            )
+            live.add(sid)
+            admitted.set_result(None)
+
     try:
-        while live:
+        while True:
+            admit_pending()
+            if not live and not control.open:
+                break
             while not any(queues[sid].qsize() for sid in live):
                 arrived.clear()
+                if control.pending or (not live and not control.open):
+                    break
                 await arrived.wait()
+            if not any(queues[sid].qsize() for sid in live):
+                continue  # woken for an addition or the end of input
             closes = loop.time() + deadline
             while not all(queues[sid].qsize() for sid in live):
                 left = closes - loop.time()
@@ -799,9 +916,21 @@ async def _pool_latents(
                     tail = await _in_worker(executor, _finish, pool, sid, flush, dropped)
                     for latent in tail:
                         yield sid, latent
+                future = joined.pop(sid, None)
+                if future is not None and not future.done():
+                    error = errors.pop(sid, None)
+                    if error is None:
+                        future.set_result(dropped.get(sid, 0))
+                    else:
+                        future.set_exception(error)
         if errors:
             raise PoolSourceError(errors) from next(iter(errors.values()))
     finally:
+        control.finished = True
+        for _, _, _, admitted, _ in control.pending:
+            if not admitted.done():
+                admitted.set_exception(RuntimeError("the pool stream ended before admitting it"))
+        control.pending.clear()
         for task in readers:
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
@@ -810,6 +939,9 @@ async def _pool_latents(
         for sid in added:  # cancelled or failed part of the way: drop what we added
             if sid in pool:
                 pool.remove(sid, flush=False)
+        for future in joined.values():  # cancelled before these ended
+            if not future.done():
+                future.cancel()
 
 
 def _finish(pool: StreamPool, sid: str, flush: bool, dropped: dict[str, int]) -> list[Latent]:

@@ -464,3 +464,59 @@ def test_wan22_streams_in_and_out_of_phase_equal_their_own_encoders(gather):
         mirror.remove(sid)
     mirror.check()
     assert len(mirror.got["a"]) == 4 and len(mirror.got["b"]) == 4
+
+
+async def test_an_open_ended_stream_admits_sources_while_it_runs(narrow_encoder):
+    clips = {sid: frames_of(60 + i, 9, 16, 16) for i, sid in enumerate("abc")}
+    pool = StreamPool(narrow_encoder, max_streams=2)
+    got: dict[str, list] = {sid: [] for sid in "abc"}
+    latents = pool.stream({}, deadline=0.005, open_ended=True)
+
+    async def consume():
+        async for sid, latent in latents:
+            got[sid].append(latent)
+
+    task = asyncio.create_task(consume())
+    ended_a = await latents.add("a", _frames(clips["a"], 0.002), size=(16, 16))
+    ended_b = await latents.add("b", _frames(clips["b"], 0.002))
+    with pytest.raises(AdmissionError, match="max_streams=2"):
+        await latents.add("c", _frames(clips["c"]))
+    assert sorted(pool.stream_ids) == ["a", "b"]  # the refusal changed nothing
+    assert await asyncio.wait_for(ended_a, 60) == 0
+    await asyncio.wait_for(ended_b, 60)
+    assert not task.done()  # no source left, but more may come: it goes on
+    ended_c = await latents.add("c", _frames(clips["c"]))
+    await asyncio.wait_for(ended_c, 60)
+    latents.end_input()
+    with pytest.raises(RuntimeError, match="no more sources"):
+        await latents.add("d", _frames(clips["c"]))
+    await asyncio.wait_for(task, 60)
+    for sid in "abc":
+        own = StreamEncoder(narrow_encoder)
+        expected = [x for frame in clips[sid] for x in own.push(frame)] + own.flush()
+        assert_same_latents(got[sid], expected, sid)
+    assert len(pool) == 0
+
+
+async def test_an_added_source_that_fails_ends_its_future_not_the_stream(narrow_encoder):
+    async def failing():
+        yield frames_of(70, 1, 16, 16)[0]
+        raise ConnectionError("tab crashed")
+
+    pool = StreamPool(narrow_encoder)
+    latents = pool.stream({}, open_ended=True)
+    got = []
+
+    async def consume():
+        async for sid, latent in latents:
+            got.append((sid, latent.index))
+
+    task = asyncio.create_task(consume())
+    ended = await latents.add("a", failing())
+    with pytest.raises(ConnectionError, match="tab crashed"):
+        await asyncio.wait_for(ended, 60)
+    latents.end_input()
+    await asyncio.wait_for(task, 60)  # ends without PoolSourceError: the future had the error
+    assert got == [("a", 0)]
+    with pytest.raises(RuntimeError, match="has ended"):
+        await latents.add("b", failing())
