@@ -85,7 +85,8 @@ SOURCE_PASSWORD_ENV = "STREAMVAE_SOURCE_PASSWORD"
 """The environment variable the CLI reads a network source's password from (or
 ``--source-password-file``), so that it never needs to be in the URL on the command line."""
 
-SourceKind = Literal["file", "webcam", "network", "synthetic"]
+SourceKind = Literal["file", "webcam", "network", "synthetic", "webrtc"]
+"""What a source reads; ``"webrtc"`` is a browser's camera (``streamvae.web.TrackSource``)."""
 ResizeMode = Literal["resize", "crop"]
 
 NETWORK_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt", "rtp"})
