@@ -1,4 +1,4 @@
-"""The ``streamvae`` command: ``encode`` | ``live`` | ``bench`` | ``fleet``.
+"""The ``streamvae`` command: ``encode`` | ``live`` | ``serve`` | ``web`` | ``bench`` | ``fleet``.
 
 Run ``streamvae COMMAND --help`` for each command's options.
 """
@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
             raise
     else:
         fleet.add_fleet_command(commands)
+    try:
+        web = importlib.import_module("streamvae.web.commands")
+    except ModuleNotFoundError as exc:  # the web extra (aiohttp, aiortc) missing: no web command
+        if exc.name not in ("aiohttp", "aiortc", "av", "streamvae.web.commands"):
+            raise
+    else:
+        web.add_web_command(commands)
     try:
         bench = importlib.import_module("streamvae.bench")
     except ModuleNotFoundError as exc:  # a checkout without the benchmark module

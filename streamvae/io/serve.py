@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +67,14 @@ from streamvae.pool import PoolSourceError, StreamPool
 if TYPE_CHECKING:
     from streamvae.io.mqtt import MqttSettings, MqttSink
 
-__all__ = ["SourceSpec", "add_serve_command", "read_sources", "run_serve"]
+__all__ = [
+    "SourceSpec",
+    "StreamSinks",
+    "add_serve_command",
+    "read_sources",
+    "run_serve",
+    "stream_sinks",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +175,40 @@ def read_sources(
     return specs, defaults
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamSinks:
+    """One stream's sinks as ``serve`` (and ``web``) make them: MQTT and/or a latents file."""
+
+    mqtt: MqttSink | None
+    file: FileSink | None
+
+    @property
+    def sinks(self) -> list[LatentSink]:
+        return [sink for sink in (self.mqtt, self.file) if sink is not None]
+
+
+@contextlib.asynccontextmanager
+async def stream_sinks(
+    args: argparse.Namespace,
+    settings: MqttSettings | None,
+    stream_id: str,
+    labels: dict[str, str],
+) -> AsyncIterator[StreamSinks]:
+    """Open one stream's sinks: ``<prefix>/<ID>/latents`` on MQTT (with its retained status,
+    ``offline`` once left) when ``settings``, and ``<args.output_dir>/<ID>.latents`` when
+    ``args.output_dir``; closed (buffered latents published, the file closed) on leaving."""
+    async with contextlib.AsyncExitStack() as stack:
+        mqtt = None
+        if settings is not None:
+            mqtt = await stack.enter_async_context(mqtt_sink(args, settings, stream_id, labels))
+        file = None
+        if args.output_dir:
+            path = Path(args.output_dir) / f"{stream_id}.latents"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            file = stack.enter_context(FileSink(path, labels=labels, dtype=args.latent_dtype))
+        yield StreamSinks(mqtt, file)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """The ``serve`` command (see the module docstring)."""
     _setup_logging(args)
@@ -211,18 +253,14 @@ async def _serve(
     dropped: dict[str, int] = {}
     async with contextlib.AsyncExitStack() as stack:
         for sid in sources:
-            labels = {**base, "stream": sid}
-            if settings is not None:
-                mqtt[sid] = mqtt_sink(args, settings, sid, labels)
-                await stack.enter_async_context(mqtt[sid])
-                sinks[sid].append(mqtt[sid])
-            if args.output_dir:
-                path = Path(args.output_dir) / f"{sid}.latents"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                files[sid] = stack.enter_context(
-                    FileSink(path, labels=labels, dtype=args.latent_dtype)
-                )
-                sinks[sid].append(files[sid])
+            opened = await stack.enter_async_context(
+                stream_sinks(args, settings, sid, {**base, "stream": sid})
+            )
+            sinks[sid] = list(opened.sinks)
+            if opened.mqtt is not None:
+                mqtt[sid] = opened.mqtt
+            if opened.file is not None:
+                files[sid] = opened.file
         if settings is not None:
             print(
                 f"streamvae: publishing {len(sources)} streams to {settings.display}",

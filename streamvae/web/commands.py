@@ -1,0 +1,250 @@
+"""``streamvae web``: a page where the browser's camera is the source, encoded live.
+
+::
+
+    streamvae web --random-weights --config narrow8 --size 64x64        # then open the URL
+    streamvae web --weights Wan2.1_VAE.pth --mqtt mqtt://127.0.0.1:1883/lab -o out/
+
+Each browser tab is its own stream (``web-1``, ``web-2``, ...) in one
+:class:`~streamvae.StreamPool`, published as ``streamvae serve`` publishes: to
+``<prefix>/<ID>/latents`` with a retained status, and/or appended to ``DIR/<ID>.latents``.
+The server binds 127.0.0.1 by default. Browsers allow the camera only on a secure origin:
+``http://localhost`` / ``http://127.0.0.1`` count as one; from another machine, serve over
+HTTPS (``--certfile``/``--keyfile``, or a TLS reverse proxy in front of the loopback port).
+Ctrl-C (SIGTERM) ends every session cleanly (flushed, MQTT status offline); a second aborts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import ssl
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from streamvae.io.commands import (
+    _add_cli_model_arguments,
+    _add_encoder_arguments,
+    _add_mqtt_arguments,
+    _add_output_arguments,
+    _latency_text,
+    _model_choice,
+    _print_summary,
+    _run_until_done,
+    _setup_logging,
+    _stop_on_signals,
+    cuda_options,
+    model_labels,
+    mqtt_settings,
+)
+from streamvae.io.pipeline import LatentSink
+from streamvae.io.serve import stream_sinks
+from streamvae.io.sources import parse_size
+from streamvae.pool import StreamPool
+from streamvae.web.server import PageInfo, SessionSettings, WebServer
+
+__all__ = ["add_web_command", "run_web"]
+
+DEFAULT_SIZE = "128x128"
+
+
+def add_web_command(commands: Any) -> argparse.ArgumentParser:
+    """``streamvae web [--host H] [--port P] (--weights W | --random-weights) ...``."""
+    parser = commands.add_parser(
+        "web",
+        help="a page whose camera (WebRTC) is encoded live, to MQTT and/or files",
+        description="Serve a page that sends the browser's camera over WebRTC; each tab is a "
+        "stream of one pool, published like `streamvae serve` does. The page shows frames in, "
+        "latents out, latency, drops and a picture of the latents.",
+        epilog="Off localhost, browsers give the camera only to HTTPS pages: pass --certfile and "
+        "--keyfile, or put a TLS reverse proxy in front of the loopback port.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (8000; 0: any free one)")
+    parser.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
+    parser.add_argument("--mqtt", metavar="URL", help="mqtt://[user@]host:port/prefix")
+    parser.add_argument(
+        "-o", "--output-dir", metavar="DIR", help="append each stream's latents to DIR/ID.latents"
+    )
+    parser.add_argument(
+        "--record",
+        metavar="DIR",
+        help="also write every frame each stream's encoder got, losslessly, to DIR/ID/ "
+        "(PNGs and frames.jsonl: for checking the latents)",
+    )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=4,
+        help="streams the pool admits at once; more tabs are told the server is full (4)",
+    )
+    parser.add_argument(
+        "--first-frame-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a new session may take to send its first frame (10)",
+    )
+    parser.add_argument(
+        "--frame-timeout",
+        type=float,
+        default=5.0,
+        help="seconds without a frame after which a session is ended (5)",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=0.025,
+        help="seconds a tick waits for late sessions once one has a frame (0.025)",
+    )
+    group = parser.add_argument_group("source")
+    group.add_argument(
+        "--size",
+        default=DEFAULT_SIZE,
+        help=f"HxW every stream is brought to, multiples of 8 ({DEFAULT_SIZE}); the page asks "
+        "the camera for it",
+    )
+    group.add_argument(
+        "--resize",
+        choices=("resize", "crop"),
+        default="crop",
+        help="how --size is reached: scale and centre-crop (default) or scale",
+    )
+    group.add_argument(
+        "--max-queued-groups",
+        type=int,
+        default=2,
+        help="groups of 4 frames waiting for the encoder per stream; the oldest are dropped beyond",
+    )
+    _add_mqtt_arguments(parser)
+    _add_encoder_arguments(parser)
+    _add_cli_model_arguments(parser)
+    _add_output_arguments(parser)
+    parser.set_defaults(run=run_web)
+    return parser
+
+
+def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not args.certfile and not args.keyfile:
+        return None
+    if not args.certfile:
+        raise ValueError("--keyfile needs --certfile")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(args.certfile, args.keyfile)
+    return context
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_web(args: argparse.Namespace) -> int:
+    """The ``web`` command (see the module docstring)."""
+    _setup_logging(args)
+    try:
+        size = parse_size(args.size)
+        if args.max_sessions < 1:
+            raise ValueError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+        for name in ("first_frame_timeout", "frame_timeout"):
+            if not getattr(args, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds")
+        if not (args.deadline >= 0):
+            raise ValueError(f"--deadline must be >= 0 seconds, got {args.deadline}")
+        if not 0 <= args.port < 65536:
+            raise ValueError(f"--port must be 0-65535, got {args.port}")
+        if args.record and Path(args.record).exists() and any(Path(args.record).iterdir()):
+            raise ValueError(f"--record {args.record}: the directory is not empty")
+        context = _ssl_context(args)
+        settings = mqtt_settings(args)
+    except (ValueError, OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"streamvae web: {exc}") from None
+    if context is None and not _is_loopback(args.host):
+        print(
+            f"streamvae web: warning: serving plain HTTP on {args.host}: browsers refuse the "
+            "camera to http:// pages other than localhost; use --certfile/--keyfile or a TLS "
+            "reverse proxy",
+            file=sys.stderr,
+        )
+    choice = _model_choice(args)
+    options = cuda_options(args, choice.encoder.device)
+    pool = StreamPool(
+        choice.encoder,
+        max_streams=args.max_sessions,
+        mode=args.mode,
+        pad_tail=args.pad_tail,
+        normalize=not args.no_normalize,
+        cuda_graphs=options["cuda_graphs"],
+    )
+    labels = model_labels(choice, normalize=not args.no_normalize)
+    kinds = (("mqtt",) if settings is not None else ()) + (("file",) if args.output_dir else ())
+    info = PageInfo(
+        model=choice.label,
+        config=choice.encoder.config.name,
+        dtype=args.dtype,
+        size=size,
+        random_weights=choice.random,
+        z_dim=choice.encoder.config.z_dim,
+        sinks=kinds,
+    )
+    sessions = SessionSettings(
+        size=size,
+        resize=args.resize,
+        max_queued_groups=args.max_queued_groups,
+        first_frame_timeout=args.first_frame_timeout,
+        frame_timeout=args.frame_timeout,
+        record_dir=Path(args.record) if args.record else None,
+    )
+
+    @contextlib.asynccontextmanager
+    async def open_sinks(stream_id: str) -> AsyncIterator[Sequence[LatentSink]]:
+        async with stream_sinks(args, settings, stream_id, {**labels, "stream": stream_id}) as s:
+            yield s.sinks
+
+    async def main() -> int:
+        server = WebServer(pool, info, open_sinks, sessions, deadline=args.deadline)
+        async with server:
+            with _stop_on_signals(server.stop):
+                await server.serve(
+                    args.host, args.port, ssl_context=context, listening=_say_listening
+                )
+            print("streamvae web: stopping: ending every session", file=sys.stderr, flush=True)
+        return _summary(args, server, choice.random)
+
+    return _run_until_done(main())
+
+
+def _say_listening(url: str) -> None:
+    print(f"streamvae web: open {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+
+
+def _summary(args: argparse.Namespace, server: WebServer, random: bool) -> int:
+    summary: dict[str, Any] = {"sessions": {}, "meaningless": random}
+    lines = []
+    failed = False
+    for sid, session in server.sessions.items():
+        numbers = session.numbers()
+        summary["sessions"][sid] = numbers
+        undelivered = sum(
+            s.get("sent", 0) - s.get("published", 0)
+            for s in numbers["sinks"]
+            if s["kind"] == "MqttSink"
+        )
+        failed |= undelivered > 0
+        lines.append(
+            f"{sid}: {numbers['frames_received']} frames received -> {numbers['latents']} "
+            f"latents, {numbers['gaps']} gap(s), dropped {numbers['dropped_groups']} group(s), "
+            f"{numbers['resets']} reset(s), {_latency_text(list(session.stats.latencies))}, "
+            f"{numbers['state']}" + (f": {numbers['error']}" if numbers["error"] else "")
+        )
+    if not lines:
+        lines.append("no sessions")
+    _print_summary(args, summary, lines)
+    return 1 if failed else 0

@@ -1,0 +1,522 @@
+"""The web server: one page, WebRTC signalling, and one pooled stream per browser session.
+
+>>> from streamvae import StreamPool
+>>> from streamvae.web.server import PageInfo, WebServer
+>>> async def main(encoder, open_sinks):                                   # doctest: +SKIP
+...     pool = StreamPool(encoder, max_streams=4)
+...     info = PageInfo(model="Wan2.1_VAE.pth", config="wan2.1", dtype="float32", size=(64, 64))
+...     async with WebServer(pool, info, open_sinks) as server:
+...         await server.serve("127.0.0.1", 8000)      # until server.stop()
+
+``open_sinks(stream_id)`` is an async context manager giving that stream's sinks (MQTT, files:
+``streamvae web`` passes the ones ``streamvae serve`` makes); it is entered when a session is
+admitted and left once the stream has ended and been flushed (an MQTT sink then publishes its
+status ``offline``).
+
+**Sessions.** The page POSTs its WebRTC offer to ``/api/offer``; the server answers with its
+own (host candidates only, no STUN: loopback needs none) and admits the session's video track as
+a :class:`~streamvae.web.TrackSource` into the pool (``PoolStream.add``): several tabs are
+several streams of one pool, stepped together; a session the pool refuses (``max_streams``,
+memory) gets HTTP 503 with the reason, which the page shows. The session's data channel carries
+the server's numbers to the page (JSON: ``hello``, ``stats`` twice a second, ``latent`` per
+latent with its picture, ``ended``); the page sends ``{"type": "stop"}`` to end its stream
+cleanly. A closed tab (the connection closed or failed) ends its stream the same way: flushed,
+sinks closed. ``/api/sessions`` gives every session's numbers as JSON (what the page shows).
+
+**The latent picture.** A fixed projection of the latent's channels to RGB (a seeded Gaussian
+``3 x z_dim`` matrix, the same for every latent and run; not a decoder: colours mean nothing by
+themselves, but a change of the scene changes them), ``128 + 64 * P z`` clipped to bytes.
+
+Nothing secret reaches the page: it is told the model's label, config, dtype and size, and
+which kinds of sink there are (never a broker URL, user or password).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import logging
+import math
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtcdatachannel import RTCDataChannel
+
+from streamvae.io.pipeline import LatentSink, PipelineStats, SinkError, latent_latency, percentiles
+from streamvae.io.sources import ResizeMode, SourceFrame
+from streamvae.pool import AdmissionError, PoolStream, StreamPool
+from streamvae.stream import Latent
+from streamvae.web.record import FrameRecorder
+from streamvae.web.source import TrackSource
+
+__all__ = ["PageInfo", "SessionSettings", "WebServer", "latent_picture", "make_app"]
+
+log = logging.getLogger("streamvae.web")
+
+STATS_INTERVAL = 0.5
+"""Seconds between the ``stats`` messages each session's page gets."""
+
+LATENCY_WINDOW = 100
+"""Latencies (the most recent) the page's and the API's percentiles are taken over."""
+
+SinkFactory = Callable[[str], AbstractAsyncContextManager[Sequence[LatentSink]]]
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    """What the page is told about the model (nothing secret)."""
+
+    model: str
+    config: str
+    dtype: str
+    size: tuple[int, int] | None
+    random_weights: bool = False
+    z_dim: int = 16
+    sinks: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "config": self.config,
+            "dtype": self.dtype,
+            "size": None if self.size is None else f"{self.size[0]}x{self.size[1]}",
+            "random_weights": self.random_weights,
+            "z_dim": self.z_dim,
+            "sinks": list(self.sinks),
+            "clocks": CLOCKS,
+        }
+
+
+CLOCKS = (
+    "latency = latent ready - frame received, both on the server's monotonic clock: the time "
+    "in the pool (queue, encoder) after aiortc decoded the frame; the browser's capture, "
+    "encoding and the network before it are not included (the browser's clock is not the "
+    "server's: stream_time is the frame's RTP time, on the browser's media clock)"
+)
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How each session's track becomes a source (see :class:`~streamvae.web.TrackSource`)."""
+
+    size: tuple[int, int] | None = None
+    resize: ResizeMode = "resize"
+    max_queued_groups: int = 2
+    first_frame_timeout: float = 10.0
+    frame_timeout: float = 5.0
+    record_dir: Path | None = None
+    """Record every frame each stream's encoder gets, losslessly, under ``record_dir/ID``."""
+
+
+def latent_picture(data: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``[z, h, w]`` latent -> ``[h, w, 3]`` uint8 through the fixed projection (module docstring)."""
+    if data.ndim != 3:
+        raise ValueError(f"a latent is [z, h, w], got shape {tuple(data.shape)}")
+    z = data.shape[0]
+    projection = np.random.default_rng(seed).standard_normal((3, z)) / math.sqrt(z)
+    rgb = np.einsum("cz,zhw->hwc", projection, np.nan_to_num(data.astype(np.float64)))
+    return np.clip(128 + 64 * rgb, 0, 255).astype(np.uint8)
+
+
+@dataclass
+class _Session:
+    id: str
+    pc: RTCPeerConnection
+    source: TrackSource
+    started: float = field(default_factory=time.monotonic)
+    channel: RTCDataChannel | None = None
+    stats: PipelineStats = field(default_factory=PipelineStats)
+    sinks: Sequence[LatentSink] = ()
+    stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    recorder: FrameRecorder | None = None
+    state: str = "starting"
+    error: str | None = None
+    dropped_by_encoder: int = 0
+    last_latent: dict[str, Any] | None = None
+    rates: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=8))
+
+    def numbers(self) -> dict[str, Any]:
+        """The session's numbers as the page shows them (the server's)."""
+        now = time.monotonic()
+        stats, source = self.stats, self.source.stats
+        self.rates.append((now, source.frames_read, stats.latents))
+        then, frames_then, latents_then = self.rates[0]
+        span = now - then
+        latencies = list(stats.latencies)[-LATENCY_WINDOW:]
+        return {
+            "session": self.id,
+            "state": self.state,
+            "error": self.error,
+            "seconds": round(now - self.started, 3),
+            "frames_received": source.frames_read,
+            "frames_encoded": stats.frames,
+            "frames_per_second": round((source.frames_read - frames_then) / span, 2)
+            if span > 0
+            else 0.0,
+            "latents": stats.latents,
+            "latents_per_second": round((stats.latents - latents_then) / span, 2)
+            if span > 0
+            else 0.0,
+            "gaps": stats.gaps,
+            "dropped_groups": source.dropped_groups,
+            "dropped_frames": source.dropped_frames,
+            "dropped_by_encoder": self.dropped_by_encoder,
+            "resets": self.source.resets,
+            "resolution": None
+            if self.source.resolution is None
+            else f"{self.source.resolution[0]}x{self.source.resolution[1]}",
+            "latency_ms": {k: round(v * 1000, 2) for k, v in percentiles(latencies).items()},
+            "sinks": [_sink_status(sink) for sink in self.sinks],
+        }
+
+    def send(self, message: dict[str, Any]) -> None:
+        channel = self.channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(json.dumps(message))
+
+
+def _sink_status(sink: LatentSink) -> dict[str, Any]:
+    """A sink's kind and delivery counts, for the page (no addresses, no credentials)."""
+    status: dict[str, Any] = {"kind": type(sink).__name__}
+    stats = getattr(sink, "stats", None)
+    for name in ("published", "sent", "connected", "discarded"):
+        if stats is not None and hasattr(stats, name):
+            status[name] = getattr(stats, name)
+    if hasattr(sink, "latents_written"):
+        status["written"] = sink.latents_written
+    return status
+
+
+class WebServer:
+    """The page, the signalling and the sessions' streams through one pool (module docstring).
+
+    An async context manager: entering starts the pool's open-ended stream; leaving ends every
+    session cleanly (each stream flushed, its sinks closed) and closes the peer connections.
+    :meth:`serve` listens until :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        pool: StreamPool,
+        info: PageInfo,
+        open_sinks: SinkFactory,
+        settings: SessionSettings | None = None,
+        *,
+        deadline: float = 0.025,
+    ) -> None:
+        self.pool = pool
+        self.info = info
+        self.settings = settings or SessionSettings(size=info.size)
+        self._open_sinks = open_sinks
+        self._deadline = deadline
+        self.sessions: dict[str, _Session] = {}
+        self._ids = itertools.count(1)
+        self._latents: PoolStream | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._consumer: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self.app = make_app(self)
+
+    # -- lifetime ----
+
+    async def __aenter__(self) -> WebServer:
+        self._latents = self.pool.stream({}, deadline=self._deadline, open_ended=True)
+        self._consumer = asyncio.ensure_future(self._consume(self._latents))
+        self._ticker = asyncio.ensure_future(self._tick())
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """End every session cleanly, then the pool's stream."""
+        for session in list(self.sessions.values()):
+            session.source.finish()
+        if self._latents is not None:
+            self._latents.end_input()
+        if self._consumer is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._consumer
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+
+    def stop(self) -> None:
+        """Make :meth:`serve` return (it then closes the listener; leaving the ``async with``
+        ends the sessions)."""
+        self._stopped.set()
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        listening: Callable[[str], None] | None = None,
+    ) -> None:
+        """Listen on ``host:port`` (``0``: a free port) until :meth:`stop`; ``listening`` is
+        called with the page's URL once the socket is open."""
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+            await site.start()
+            if listening is not None:
+                bound_host, bound_port = runner.addresses[0][:2]
+                shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+                scheme = "https" if ssl_context is not None else "http"
+                listening(f"{scheme}://{shown}:{bound_port}/")
+            await self._stopped.wait()
+        finally:
+            await runner.cleanup()
+
+    # -- sessions ----
+
+    async def offer(self, sdp: str, kind: str) -> dict[str, Any]:
+        """Answer a browser's offer: admit its video track as a new stream.
+
+        Raises :class:`~streamvae.AdmissionError` when the pool refuses it and ``ValueError``
+        for an offer without video (nothing is left behind either way).
+        """
+        if self._latents is None:
+            raise RuntimeError("the server is not running (use it as an async context manager)")
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        tracks: list[Any] = []
+        channels: list[RTCDataChannel] = []
+        pc.on("track", lambda track: tracks.append(track) if track.kind == "video" else None)
+        pc.on("datachannel", channels.append)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+            if not tracks:
+                raise ValueError("the offer has no video track (the page sends its camera)")
+            sid = f"web-{next(self._ids)}"
+            settings = self.settings
+            source = TrackSource(
+                tracks[0],
+                size=settings.size,
+                resize=settings.resize,
+                max_queued_groups=settings.max_queued_groups,
+                first_frame_timeout=settings.first_frame_timeout,
+                frame_timeout=settings.frame_timeout,
+                name=sid,
+            )
+            session = _Session(sid, pc, source)
+            ended = await self._latents.add(sid, self._frames(session), size=settings.size)
+        except BaseException:
+            await pc.close()
+            raise
+        self.sessions[sid] = session
+        pc.on("datachannel", lambda channel: self._attach(session, channel))
+        for channel in channels:
+            self._attach(session, channel)
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                log.info("%s: connection %s: ending its stream", sid, pc.connectionState)
+                session.source.finish()
+
+        task = asyncio.ensure_future(self._run_session(session, ended))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        answer = await pc.createAnswer()
+        await pc.setLocalDescription(answer)
+        local = pc.localDescription
+        return {"sdp": local.sdp, "type": local.type, "session": sid}
+
+    def _attach(self, session: _Session, channel: RTCDataChannel) -> None:
+        session.channel = channel
+
+        @channel.on("open")
+        def on_open() -> None:
+            session.send({"type": "hello", "session": session.id, **self.info.as_json()})
+
+        @channel.on("message")
+        def on_message(message: object) -> None:
+            try:
+                kind = json.loads(message).get("type") if isinstance(message, str) else None
+            except (ValueError, AttributeError):
+                kind = None
+            if kind == "stop":
+                log.info("%s: the page asked to stop", session.id)
+                session.source.finish()
+
+        if channel.readyState == "open":
+            on_open()
+
+    async def _frames(self, session: _Session) -> AsyncIterator[SourceFrame]:
+        """The session's frames as the pool reads them: once its sinks are open; recorded."""
+        await session.ready.wait()
+        async with session.source as source:
+            async for frame in source:
+                session.stats.frames += 1
+                if session.recorder is not None:
+                    session.recorder.add(frame)
+                yield frame
+
+    async def _run_session(self, session: _Session, ended: asyncio.Future[int]) -> None:
+        try:
+            try:
+                session.sinks = await session.stack.enter_async_context(
+                    self._open_sinks(session.id)
+                )
+                if self.settings.record_dir is not None:
+                    session.recorder = session.stack.enter_context(
+                        FrameRecorder(self.settings.record_dir / session.id)
+                    )
+            except BaseException as exc:
+                session.error = f"could not open the stream's outputs: {exc}"
+                session.source.stop()
+                raise
+            finally:
+                session.state = "streaming"
+                session.ready.set()
+            try:
+                session.dropped_by_encoder = await ended
+                session.state = "ended"
+            except Exception as exc:
+                session.state = "failed"
+                session.error = session.error or str(exc)
+                log.warning("%s: %s", session.id, exc)
+        except Exception as exc:
+            session.state = "failed"
+            log.warning("%s: %s", session.id, exc)
+            with contextlib.suppress(Exception):
+                await ended
+        finally:
+            session.stats.finished = time.monotonic()
+            try:
+                await session.stack.aclose()  # flushed by now: MQTT offline, files closed
+            except Exception as exc:
+                session.error = session.error or f"closing its outputs failed: {exc}"
+                session.state = "failed"
+            final = session.numbers()
+            log.info("%s: %s", session.id, json.dumps(final))
+            session.send({"type": "ended", **final})
+            await asyncio.sleep(0.2)  # let the channel carry the last message
+            await session.pc.close()
+
+    async def _consume(self, latents: PoolStream) -> None:
+        async with latents:
+            async for sid, latent in latents:
+                session = self.sessions.get(sid)
+                if session is None or session.error is not None:
+                    continue
+                try:
+                    for sink in session.sinks:
+                        await sink.send(latent)
+                except SinkError as exc:
+                    session.error = str(exc)
+                    session.source.stop()
+                    continue
+                self._count(session, latent)
+
+    def _count(self, session: _Session, latent: Latent) -> None:
+        stats = session.stats
+        stats.latents += 1
+        stats.gaps += latent.gap
+        latency = latent_latency(latent)
+        if latency is not None:
+            stats.latencies.append(latency)
+        picture = latent_picture(latent.data.float().numpy())
+        message = {
+            "type": "latent",
+            "index": latent.index,
+            "count": stats.latents,
+            "gap": latent.gap,
+            "frames": [latent.frames.start, latent.frames.stop],
+            "source_frames": list(latent.source_frames),
+            "dropped_before": latent.dropped_before,
+            "latency_ms": None if latency is None else round(latency * 1000, 2),
+            "height": int(picture.shape[0]),
+            "width": int(picture.shape[1]),
+            "rgb": base64.b64encode(picture.tobytes()).decode("ascii"),
+        }
+        session.last_latent = {k: v for k, v in message.items() if k != "rgb"}
+        session.send(message)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            for session in list(self.sessions.values()):
+                if session.state in ("starting", "streaming"):
+                    session.send({"type": "stats", **session.numbers()})
+
+
+STATIC = "static"
+
+
+def _static(name: str) -> bytes:
+    return resources.files("streamvae.web").joinpath(STATIC, name).read_bytes()
+
+
+def make_app(server: WebServer) -> web.Application:
+    """The aiohttp application: ``/`` (the page), ``/app.js``, ``/api/info``, ``/api/offer``,
+    ``/api/sessions``."""
+    app = web.Application(client_max_size=1 << 20)
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=_static("index.html"), content_type="text/html")
+
+    async def script(request: web.Request) -> web.Response:
+        return web.Response(body=_static("app.js"), content_type="application/javascript")
+
+    async def info(request: web.Request) -> web.Response:
+        return web.json_response(server.info.as_json())
+
+    async def sessions(request: web.Request) -> web.Response:
+        return web.json_response(
+            {sid: session.numbers() for sid, session in server.sessions.items()}
+        )
+
+    async def offer(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            sdp, kind = body["sdp"], body["type"]
+            if not isinstance(sdp, str) or kind != "offer":
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            return web.json_response(
+                {"error": 'expected JSON {"sdp": "...", "type": "offer"}'}, status=400
+            )
+        try:
+            return web.json_response(await server.offer(sdp, kind))
+        except AdmissionError as exc:
+            return web.json_response({"error": f"the server is full: {exc}"}, status=503)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+
+    async def no_icon(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    app.router.add_get("/", page)
+    app.router.add_get("/favicon.ico", no_icon)
+    app.router.add_get("/app.js", script)
+    app.router.add_get("/api/info", info)
+    app.router.add_get("/api/sessions", sessions)
+    app.router.add_post("/api/offer", offer)
+    return app
