@@ -70,6 +70,9 @@ log = logging.getLogger("streamvae.web")
 STATS_INTERVAL = 0.5
 """Seconds between the ``stats`` messages each session's page gets."""
 
+HELD_MESSAGES = 256
+"""Messages to a page kept while its data channel is still opening (the oldest go beyond)."""
+
 LATENCY_WINDOW = 100
 """Latencies (the most recent) the page's and the API's percentiles are taken over."""
 
@@ -184,10 +187,18 @@ class _Session:
             "sinks": [_sink_status(sink) for sink in self.sinks],
         }
 
+    held: deque[str] = field(default_factory=lambda: deque(maxlen=HELD_MESSAGES))
+
     def send(self, message: dict[str, Any]) -> None:
+        """To the page; held (the newest :data:`HELD_MESSAGES`) until its channel opens."""
+        text = json.dumps(message)
         channel = self.channel
-        if channel is not None and channel.readyState == "open":
-            channel.send(json.dumps(message))
+        if channel is None or channel.readyState != "open":
+            self.held.append(text)
+            return
+        while self.held:
+            channel.send(self.held.popleft())
+        channel.send(text)
 
 
 def _sink_status(sink: LatentSink) -> dict[str, Any]:
@@ -352,8 +363,10 @@ class WebServer:
         session.channel = channel
 
         @channel.on("open")
-        def on_open() -> None:
-            session.send({"type": "hello", "session": session.id, **self.info.as_json()})
+        def on_open() -> None:  # hello first, then what was held
+            hello = {"type": "hello", "session": session.id, **self.info.as_json()}
+            session.held.appendleft(json.dumps(hello))
+            session.send({"type": "stats", **session.numbers()})
 
         @channel.on("message")
         def on_message(message: object) -> None:
@@ -379,6 +392,7 @@ class WebServer:
                 yield frame
 
     async def _run_session(self, session: _Session, ended: asyncio.Future[int]) -> None:
+        outcome = "failed"
         try:
             try:
                 session.sinks = await session.stack.enter_async_context(
@@ -395,25 +409,27 @@ class WebServer:
             finally:
                 session.state = "streaming"
                 session.ready.set()
+            outcome = "ended"
             try:
                 session.dropped_by_encoder = await ended
-                session.state = "ended"
             except Exception as exc:
-                session.state = "failed"
+                outcome = "failed"
                 session.error = session.error or str(exc)
                 log.warning("%s: %s", session.id, exc)
         except Exception as exc:
-            session.state = "failed"
+            outcome = "failed"
             log.warning("%s: %s", session.id, exc)
             with contextlib.suppress(Exception):
                 await ended
         finally:
             session.stats.finished = time.monotonic()
+            session.state = "closing"
             try:
                 await session.stack.aclose()  # flushed by now: MQTT offline, files closed
             except Exception as exc:
                 session.error = session.error or f"closing its outputs failed: {exc}"
-                session.state = "failed"
+                outcome = "failed"
+            session.state = outcome  # "ended" / "failed" once its outputs are closed
             final = session.numbers()
             log.info("%s: %s", session.id, json.dumps(final))
             session.send({"type": "ended", **final})
