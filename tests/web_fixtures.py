@@ -43,7 +43,9 @@ CHROMIUM_FLAGS = (
 def _binary(path: str) -> str:
     found = path if Path(path).exists() else shutil.which(Path(path).name)
     if found is None:
-        message = f"{path} is not installed (scripts/install.sh installs chromium and chromium-driver)"
+        message = (
+            f"{path} is not installed (scripts/install.sh installs chromium and chromium-driver)"
+        )
         if in_ci():
             pytest.fail("CI: " + message, pytrace=False)
         pytest.skip(message)
