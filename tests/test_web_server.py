@@ -156,6 +156,11 @@ async def test_a_peer_streams_and_a_camera_switch_resets_its_stream_with_a_gap(
             lambda: peer.of_type("latent") and peer.of_type("latent")[-1]["gap"], 60, "a gap"
         )
         await until(lambda: len(peer.of_type("latent")) >= 12, 60, "12 latents")
+        await until(
+            lambda: peer.of_type("latent")[-1]["capture_to_ready_ms"] is not None,
+            30,
+            "a latent timed by the sender's RTCP reports",
+        )
         peer.channel.send(json.dumps({"type": "stop"}))
         await asyncio.wait_for(peer.ended.wait(), 30)
         api = await (await client.get(http.make_url("/api/sessions"))).json()
@@ -185,6 +190,12 @@ async def test_a_peer_streams_and_a_camera_switch_resets_its_stream_with_a_gap(
     for m in pictures:
         assert len(m["rgb"]) > 0 and (m["height"], m["width"]) == (8, 8)
         assert m["latency_ms"] is not None and m["latency_ms"] >= 0
+    # From the sender's first RTCP report on, timestamps are its capture times (one clock here).
+    clocks = [x.meta["timestamps"] for x in latents]
+    assert clocks[0] == "server-receive" and clocks[-1] == "browser-capture"
+    assert clocks == sorted(clocks, reverse=True)  # once known, always known
+    timed = [m for m in pictures if m["capture_to_ready_ms"] is not None]
+    assert timed and all(m["capture_to_ready_ms"] > 0 for m in timed)
 
 
 @pytest.mark.network

@@ -204,3 +204,18 @@ def test_an_audio_track_is_refused():
     track.kind = "audio"
     with pytest.raises(ValueError, match="video track, got kind='audio'"):
         TrackSource(track)
+
+
+async def test_a_capture_clock_stamps_frames_with_the_senders_capture_time():
+    track = FakeTrack()
+    known = {0: None, 3000: None, 6000: 500.0, 9000: 500.1}  # no report before the third
+    source = TrackSource(track, capture_clock=lambda frame: known[frame.pts])
+    for n in range(4):
+        track.put(image(n))
+    track.end()
+    async with source:
+        frames = [f async for f in source]
+    assert [f.timestamp for f in frames[2:]] == [500.0, 500.1]
+    assert all(abs(f.timestamp - time.time()) < 60 for f in frames[:2])  # the server's receipt
+    assert source.capture_times_since == frames[2].captured
+    assert len(source.transits) == 2

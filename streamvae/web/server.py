@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -61,6 +62,7 @@ from streamvae.io.sources import ResizeMode, SourceFrame
 from streamvae.pool import AdmissionError, PoolStream, StreamPool
 from streamvae.stream import Latent
 from streamvae.web.record import FrameRecorder
+from streamvae.web.rtcp import SenderClock
 from streamvae.web.source import TrackSource
 
 __all__ = ["PageInfo", "SessionSettings", "WebServer", "latent_picture", "make_app"]
@@ -105,10 +107,13 @@ class PageInfo:
 
 
 CLOCKS = (
-    "latency = latent ready - frame received, both on the server's monotonic clock: the time "
-    "in the pool (queue, encoder) after aiortc decoded the frame; the browser's capture, "
-    "encoding and the network before it are not included (the browser's clock is not the "
-    "server's: stream_time is the frame's RTP time, on the browser's media clock)"
+    "'latency' = latent ready - frame received, both on the server's monotonic clock (exact): "
+    "the time in the server (queue, encoder) after aiortc decoded the frame. 'capture to "
+    "ready' = latent ready (server wall clock) - the frame's capture time on the browser's "
+    "wall clock, mapped from its RTP timestamp by the browser's RTCP sender reports (from "
+    "about a second in): it adds the browser's encoding, the network and decoding, and is "
+    "right only as far as the two wall clocks agree (one machine: the same clock). Latents "
+    "on MQTT say which clock their timestamps are on (meta 'timestamps')"
 )
 
 
@@ -152,6 +157,7 @@ class _Session:
     dropped_by_encoder: int = 0
     last_latent: dict[str, Any] | None = None
     rates: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=8))
+    end_to_end: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     def numbers(self) -> dict[str, Any]:
         """The session's numbers as the page shows them (the server's)."""
@@ -183,7 +189,9 @@ class _Session:
             "resolution": None
             if self.source.resolution is None
             else f"{self.source.resolution[0]}x{self.source.resolution[1]}",
-            "latency_ms": {k: round(v * 1000, 2) for k, v in percentiles(latencies).items()},
+            "latency_ms": _ms(latencies),
+            "capture_to_receive_ms": _ms(list(self.source.transits)[-LATENCY_WINDOW:]),
+            "capture_to_ready_ms": _ms(list(self.end_to_end)[-LATENCY_WINDOW:]),
             "sinks": [_sink_status(sink) for sink in self.sinks],
         }
 
@@ -199,6 +207,10 @@ class _Session:
         while self.held:
             channel.send(self.held.popleft())
         channel.send(text)
+
+
+def _ms(seconds: list[float]) -> dict[str, float]:
+    return {k: round(v * 1000, 2) for k, v in percentiles(seconds).items()}
 
 
 def _sink_status(sink: LatentSink) -> dict[str, Any]:
@@ -326,6 +338,8 @@ class WebServer:
                 raise ValueError("the offer has no video track (the page sends its camera)")
             sid = f"web-{next(self._ids)}"
             settings = self.settings
+            receivers = [t.receiver for t in pc.getTransceivers() if t.receiver.track is tracks[0]]
+            clock = SenderClock(receivers[0]) if receivers else None
             source = TrackSource(
                 tracks[0],
                 size=settings.size,
@@ -334,6 +348,7 @@ class WebServer:
                 first_frame_timeout=settings.first_frame_timeout,
                 frame_timeout=settings.frame_timeout,
                 name=sid,
+                capture_clock=None if clock is None else clock.capture_time,
             )
             session = _Session(sid, pc, source)
             ended = await self._latents.add(sid, self._frames(session), size=settings.size)
@@ -442,6 +457,10 @@ class WebServer:
                 session = self.sessions.get(sid)
                 if session is None or session.error is not None:
                     continue
+                since = session.source.capture_times_since
+                browser = since is not None and (latent.captured or -math.inf) >= since
+                clock = "browser-capture" if browser else "server-receive"
+                latent = dataclasses.replace(latent, meta={**latent.meta, "timestamps": clock})
                 try:
                     for sink in session.sinks:
                         await sink.send(latent)
@@ -458,6 +477,10 @@ class WebServer:
         latency = latent_latency(latent)
         if latency is not None:
             stats.latencies.append(latency)
+        end_to_end = None
+        if latent.meta.get("timestamps") == "browser-capture" and latent.timestamps[-1] is not None:
+            end_to_end = latent.ready_time - latent.timestamps[-1]
+            session.end_to_end.append(end_to_end)
         picture = latent_picture(latent.data.float().numpy())
         message = {
             "type": "latent",
@@ -468,6 +491,7 @@ class WebServer:
             "source_frames": list(latent.source_frames),
             "dropped_before": latent.dropped_before,
             "latency_ms": None if latency is None else round(latency * 1000, 2),
+            "capture_to_ready_ms": None if end_to_end is None else round(end_to_end * 1000, 2),
             "height": int(picture.shape[0]),
             "width": int(picture.shape[1]),
             "rgb": base64.b64encode(picture.tobytes()).decode("ascii"),

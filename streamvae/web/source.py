@@ -10,12 +10,14 @@ The track's decoded frames enter exactly as a camera's do: a reader thread conve
 RGB and brings them to ``size``, and the live queue drops the oldest *whole groups* when the
 encoder falls behind (see :mod:`streamvae.io.sources`), counted in ``stats``.
 
-**Clocks.** Each frame carries, like every source's frames, ``timestamp`` (``time.time()``) and
-``captured`` (``time.monotonic()``), both taken when aiortc hands the decoded frame over, on the
-server: latency measured from ``captured`` is *server receive -> latent ready* and leaves out
-the browser's capture, encoding and the network before it. ``stream_time`` is the frame's RTP
-time in seconds since the track's first frame (the browser's 90 kHz media clock, which its
-capture times drive): a label for spacing and jitter, on the browser's clock, not the server's.
+**Clocks.** Each frame carries ``captured``, the server's ``time.monotonic()`` when aiortc
+handed the decoded frame over: latency measured from it (``latent_latency``) is *server
+receive -> latent ready*, exact, and leaves out the browser's capture, encoding and the network
+before it. ``timestamp`` (wall clock, the label that goes on the wire) is the browser's capture
+time where ``capture_clock`` knows it (:class:`streamvae.web.rtcp.SenderClock`: from the
+browser's RTCP sender reports, on the *browser's* wall clock, from about a second in; see
+``capture_times_since``), else the server's ``time.time()`` at receipt. ``stream_time`` is the
+frame's RTP time in seconds since the track's first frame (the browser's 90 kHz media clock).
 
 **Resolution changes.** A browser that switches cameras (or changes its send resolution) starts
 a new run: its first frame at the new size has ``gap=True`` (the encoder ends the old run and
@@ -34,6 +36,8 @@ import asyncio
 import contextlib
 import queue
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -155,8 +159,9 @@ class TrackSource(FrameSource):
     """Frames of a WebRTC video track, live (see the module docstring); a :class:`FrameSource`.
 
     ``TrackSource(track, size=None, resize="resize", max_queued_groups=2, first_frame_timeout=10,
-    frame_timeout=5, name="webrtc")``: ``size`` (``"HxW"`` or ``(H, W)``, multiples of 8) as
-    :func:`~streamvae.io.open_source` takes it. ``resets`` counts resolution changes;
+    frame_timeout=5, name="webrtc", capture_clock=None)``: ``size`` (``"HxW"`` or ``(H, W)``,
+    multiples of 8) as :func:`~streamvae.io.open_source` takes it; ``capture_clock(frame)``
+    gives a frame's capture time on the sender's wall clock, or ``None`` where unknown. ``resets`` counts resolution changes;
     ``resolution`` is the track's current ``(H, W)`` as received (``None`` before a frame).
     """
 
@@ -171,6 +176,7 @@ class TrackSource(FrameSource):
         frame_timeout: float = 5.0,
         name: str = "webrtc",
         group_frames: int = GROUP_FRAMES,
+        capture_clock: Callable[[Any], float | None] | None = None,
     ) -> None:
         if getattr(track, "kind", None) != "video":
             raise ValueError(
@@ -204,6 +210,13 @@ class TrackSource(FrameSource):
         self.track = track
         self.name = name
         self.resets = 0
+        self.capture_clock = capture_clock
+        self.capture_times_since: float | None = None
+        """``captured`` (monotonic) of the first frame stamped with the browser's capture time;
+        every later frame is too (``None``: none yet)."""
+        self.transits: deque[float] = deque(maxlen=1000)
+        """Seconds from the browser's capture to the server's receipt (the most recent 1000):
+        encoding, network, decoding; on two clocks (see the module docstring)."""
         self._feed: queue.Queue[_Arrival | _End] = queue.Queue()
         self._capture = _TrackCapture(self._feed, name, first_frame_timeout, frame_timeout)
         self._receiver: asyncio.Task[None] | None = None
@@ -230,7 +243,13 @@ class TrackSource(FrameSource):
         try:
             while True:
                 frame = await self.track.recv()
-                timestamp, captured = time.time(), time.monotonic()
+                received, captured = time.time(), time.monotonic()
+                browser = None if self.capture_clock is None else self.capture_clock(frame)
+                if browser is not None:
+                    self.transits.append(received - browser)
+                    if self.capture_times_since is None:
+                        self.capture_times_since = captured
+                timestamp = received if browser is None else browser
                 self._feed.put(_Arrival(frame, timestamp, captured, _stream_time(frame)))
         except MediaStreamError:
             pass

@@ -144,6 +144,9 @@ function showNumbers(m) {
   setText("lps", fmt(m.latents_per_second, 2));
   setText("latency-p50", fmt(m.latency_ms.p50));
   setText("latency-p90", fmt(m.latency_ms.p90));
+  setText("e2e-p50", fmt(m.capture_to_ready_ms.p50));
+  setText("e2e-p90", fmt(m.capture_to_ready_ms.p90));
+  setText("transit-p50", fmt(m.capture_to_receive_ms.p50));
   setText("dropped-groups", m.dropped_groups);
   setText("dropped-frames", m.dropped_frames);
   setText("gaps", m.gaps);
@@ -168,7 +171,7 @@ function onMessage(m) {
     setText("latency-last", fmt(m.latency_ms));
     drawPicture(m);
     if (m.latency_ms !== null) {
-      state.latencies.push({ ms: m.latency_ms, gap: m.gap || m.dropped_before > 0 });
+      state.latencies.push({ ms: m.latency_ms, e2e: m.capture_to_ready_ms, gap: m.gap || m.dropped_before > 0 });
       if (state.latencies.length > PLOT_POINTS) state.latencies.shift();
       drawPlot();
     }
@@ -202,7 +205,8 @@ function drawPlot() {
   const W = canvas.width, H = canvas.height, left = 48, bottom = 20, top = 8;
   c.clearRect(0, 0, W, H);
   const values = state.latencies.map((p) => p.ms);
-  const peak = Math.max(10, ...values);
+  const ends = state.latencies.map((p) => p.e2e);
+  const peak = Math.max(10, ...values, ...ends.filter((v) => v !== null));
   const step = Math.pow(10, Math.floor(Math.log10(peak)));
   const ymax = Math.ceil((peak * 1.1) / step) * step;
   const y = (ms) => top + (H - top - bottom) * (1 - ms / ymax);
@@ -217,7 +221,15 @@ function drawPlot() {
   state.latencies.forEach((p, i) => {
     if (p.gap) { c.strokeStyle = "#d33"; c.beginPath(); c.moveTo(x(i), top); c.lineTo(x(i), H - bottom); c.stroke(); }
   });
-  c.strokeStyle = "#0a58ca"; c.lineWidth = 2; c.beginPath();
+  c.strokeStyle = "#e67e00"; c.lineWidth = 2; c.beginPath();
+  let drawing = false;
+  ends.forEach((ms, i) => {
+    if (ms === null) { drawing = false; return; }
+    if (drawing) c.lineTo(x(i), y(ms)); else c.moveTo(x(i), y(ms));
+    drawing = true;
+  });
+  c.stroke();
+  c.strokeStyle = "#0a58ca"; c.beginPath();
   values.forEach((ms, i) => (i ? c.lineTo(x(i), y(ms)) : c.moveTo(x(i), y(ms))));
   c.stroke();
 }
