@@ -53,7 +53,7 @@ DEFAULT_SIZE = "128x128"
 
 def add_web_command(commands: Any) -> argparse.ArgumentParser:
     """``streamvae web [--host H] [--port P] (--weights W | --random-weights) ...``."""
-    parser = commands.add_parser(
+    parser: argparse.ArgumentParser = commands.add_parser(
         "web",
         help="a page whose camera (WebRTC) is encoded live, to MQTT and/or files",
         description="Serve a page that sends the browser's camera over WebRTC; each tab is a "

@@ -136,8 +136,9 @@ def latent_picture(data: np.ndarray, seed: int = 0) -> np.ndarray:
         raise ValueError(f"a latent is [z, h, w], got shape {tuple(data.shape)}")
     z = data.shape[0]
     projection = np.random.default_rng(seed).standard_normal((3, z)) / math.sqrt(z)
-    rgb = np.einsum("cz,zhw->hwc", projection, np.nan_to_num(data.astype(np.float64)))
-    return np.clip(128 + 64 * rgb, 0, 255).astype(np.uint8)
+    rgb: np.ndarray = np.einsum("cz,zhw->hwc", projection, np.nan_to_num(data.astype(np.float64)))
+    picture: np.ndarray = np.clip(128 + 64 * rgb, 0, 255).astype(np.uint8)
+    return picture
 
 
 @dataclass

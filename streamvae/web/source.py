@@ -106,9 +106,9 @@ class _TrackCapture:
         """The next RGB frame; ``None`` at the end of the track or of a run (a new resolution:
         that frame is ``held`` for the next run). Raises :class:`SourceError` on a timeout."""
         if self.held is not None:
-            image, item = self.held
+            image, arrival = self.held
             self.held = None
-            return self._give(image, item)
+            return self._give(image, arrival)
         timeout = self._first_timeout if self._received == 0 else self._timeout
         try:
             item = self._feed.get(timeout=timeout)

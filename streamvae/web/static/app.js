@@ -5,6 +5,8 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { pc: null, channel: null, stream: null, sender: null, latencies: [], seen: 0, info: null };
+// Every latent message of this page's sessions, without its picture (for scripts: the benchmark).
+window.streamvaeLatents = [];
 const PLOT_POINTS = 240;
 
 function setText(id, value) { $(id).textContent = value; }
@@ -164,6 +166,10 @@ function onMessage(m) {
     showNumbers(m);
   } else if (m.type === "latent") {
     state.seen += 1;
+    if (window.streamvaeLatents.length < 100000) {
+      const { rgb, ...record } = m;
+      window.streamvaeLatents.push(record);
+    }
     setText("latents-seen", state.seen);
     setText("latents", m.count);
     setText("latent-index", m.index + (m.gap ? " (gap)" : ""));
