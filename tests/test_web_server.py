@@ -191,7 +191,7 @@ async def test_a_peer_streams_and_a_camera_switch_resets_its_stream_with_a_gap(
         assert len(m["rgb"]) > 0 and (m["height"], m["width"]) == (8, 8)
         assert m["latency_ms"] is not None and m["latency_ms"] >= 0
     # From the sender's first RTCP report on, timestamps are its capture times (one clock here).
-    clocks = [x.meta["timestamps"] for x in latents]
+    clocks = [x.meta["capture_clock"] for x in latents]
     assert clocks[0] == "server-receive" and clocks[-1] == "browser-capture"
     assert clocks == sorted(clocks, reverse=True)  # once known, always known
     timed = [m for m in pictures if m["capture_to_ready_ms"] is not None]
@@ -275,3 +275,33 @@ def test_the_latent_picture_is_a_fixed_projection():
     assert latent_picture(np.zeros((16, 2, 2), np.float32)).tolist() == [[[128] * 3] * 2] * 2
     with pytest.raises(ValueError, match=r"a latent is \[z, h, w\]"):
         latent_picture(np.zeros((16, 4)))
+
+
+class RefusingSink:
+    async def send(self, latent) -> None:
+        raise ValueError("labels may not use the wire format's own keys")
+
+
+@pytest.mark.network
+async def test_a_failing_output_ends_only_its_own_session(narrow_encoder):
+    sinks = Sinks()
+    opened = sinks.__call__
+
+    @contextlib.asynccontextmanager
+    async def factory(stream_id: str):
+        async with opened(stream_id) as good:
+            yield [RefusingSink()] if stream_id == "web-1" else good
+
+    async with running(narrow_encoder, factory) as (server, http, client, _pool):
+        bad, good = Peer(Pattern()), Peer(Pattern())
+        assert (await bad.connect(client, http))[0] == 200
+        assert (await good.connect(client, http))[0] == 200
+        await asyncio.wait_for(bad.ended.wait(), 30)
+        final = bad.of_type("ended")[0]
+        assert final["state"] == "failed" and "ValueError: labels may not" in final["error"]
+        count = len(good.of_type("latent"))
+        await until(lambda: len(good.of_type("latent")) >= count + 3, 60, "web-2 going on")
+        for peer in (bad, good):
+            await peer.close()
+        await until(lambda: server.sessions["web-2"].state == "ended", 30, "web-2's end")
+    assert sorted(sinks.closed) == ["web-1", "web-2"]

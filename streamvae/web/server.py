@@ -113,7 +113,7 @@ CLOCKS = (
     "wall clock, mapped from its RTP timestamp by the browser's RTCP sender reports (from "
     "about a second in): it adds the browser's encoding, the network and decoding, and is "
     "right only as far as the two wall clocks agree (one machine: the same clock). Latents "
-    "on MQTT say which clock their timestamps are on (meta 'timestamps')"
+    "on MQTT say which clock their timestamps are on (meta 'capture_clock')"
 )
 
 
@@ -445,6 +445,8 @@ class WebServer:
             except Exception as exc:
                 session.error = session.error or f"closing its outputs failed: {exc}"
                 outcome = "failed"
+            if session.error is not None:  # an output failed, though the stream ended cleanly
+                outcome = "failed"
             session.state = outcome  # "ended" / "failed" once its outputs are closed
             final = session.numbers()
             log.info("%s: %s", session.id, json.dumps(final))
@@ -461,12 +463,16 @@ class WebServer:
                 since = session.source.capture_times_since
                 browser = since is not None and (latent.captured or -math.inf) >= since
                 clock = "browser-capture" if browser else "server-receive"
-                latent = dataclasses.replace(latent, meta={**latent.meta, "timestamps": clock})
+                latent = dataclasses.replace(latent, meta={**latent.meta, "capture_clock": clock})
                 try:
                     for sink in session.sinks:
                         await sink.send(latent)
-                except SinkError as exc:
-                    session.error = str(exc)
+                except Exception as exc:  # SinkError, or a sink refusing the latent: this
+                    # session ends (its source stopped); the other sessions go on
+                    session.error = (
+                        str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
+                    )
+                    log.warning("%s: its output failed, ending it: %s", sid, session.error)
                     session.source.stop()
                     continue
                 self._count(session, latent)
@@ -479,7 +485,10 @@ class WebServer:
         if latency is not None:
             stats.latencies.append(latency)
         end_to_end = None
-        if latent.meta.get("timestamps") == "browser-capture" and latent.timestamps[-1] is not None:
+        if (
+            latent.meta.get("capture_clock") == "browser-capture"
+            and latent.timestamps[-1] is not None
+        ):
             end_to_end = latent.ready_time - latent.timestamps[-1]
             session.end_to_end.append(end_to_end)
         picture = latent_picture(latent.data.float().numpy())
