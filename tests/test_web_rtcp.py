@@ -60,3 +60,23 @@ def test_a_receiver_without_aiortcs_internals_gives_no_times():
     clock = SenderClock(receiver)  # type: ignore[arg-type]
     asyncio.run(receiver._handle_rtcp_packet(report(10.0, 0)))
     assert clock.capture_time(SimpleNamespace(pts=0)) is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "streamvae.web",
+        "streamvae.web.commands",
+        "streamvae.web.record",
+        "streamvae.web.rtcp",
+        "streamvae.web.server",
+        "streamvae.web.source",
+    ],
+)
+def test_docstring_examples(name: str):
+    import doctest
+    import importlib
+
+    require("aiohttp")
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
