@@ -206,3 +206,20 @@ async def test_browser_tabs_stream_exactly_to_mqtt_and_the_page_shows_the_server
             assert rel_err(a.data, c.data) < TOLERANCE and rel_err(b.data, c.data) < TOLERANCE
             assert a.meta["meaningless"] == "true" and a.meta["stream"] == sid
     assert len(subscriber.by_stream["web-1"]) == one["latents"]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--size", "60x60"], "size must be HxW with H and W positive multiples of 8"),
+        (["--keyfile", "key.pem"], "--keyfile needs --certfile"),
+        (["--max-sessions", "0"], "--max-sessions must be >= 1"),
+        (["--frame-timeout", "0"], "--frame-timeout must be > 0 seconds"),
+    ],
+)
+def test_bad_arguments_are_refused_clearly(args, says):
+    from test_io_cli import run_cli
+
+    result = run_cli("web", "--random-weights", "--config", "narrow8", *args)
+    assert result.returncode != 0
+    assert says in result.stderr and "streamvae web:" in result.stderr
