@@ -78,6 +78,7 @@ async def run(args: argparse.Namespace) -> dict:
     ]  # fmt: skip
     if args.threads:
         command += ["--threads", str(args.threads)]
+    command += ["--max-queued-groups", str(args.max_queued_groups)]
     log = log_path.open("w")
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=cli_env(), cwd=ROOT)
     received: list[tuple[float, object]] = []
@@ -151,6 +152,7 @@ async def run(args: argparse.Namespace) -> dict:
     return {
         "config": args.config,
         "size": args.size,
+        "max_queued_groups": args.max_queued_groups,
         "cpu": cpu_model(),
         "seconds": args.seconds,
         "warmup": args.warmup,
@@ -176,6 +178,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds not measured first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    parser.add_argument(
+        "--max-queued-groups", type=int, default=2, help="the server's live queue (default 2)"
+    )
     parser.add_argument("--screenshot", type=Path, help="save the page here at the end")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args))))
