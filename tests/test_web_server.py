@@ -305,3 +305,20 @@ async def test_a_failing_output_ends_only_its_own_session(narrow_encoder):
             await peer.close()
         await until(lambda: server.sessions["web-2"].state == "ended", 30, "web-2's end")
     assert sorted(sinks.closed) == ["web-1", "web-2"]
+
+
+@pytest.mark.network
+async def test_closing_the_server_ends_streaming_sessions_cleanly(narrow_encoder):
+    sinks = Sinks()
+    async with running(narrow_encoder, sinks) as (server, http, client, pool):
+        peer = Peer(Pattern())
+        assert (await peer.connect(client, http))[0] == 200
+        await until(lambda: len(peer.of_type("latent")) >= 3, 60, "3 latents")
+    # Leaving the server (Ctrl-C in `streamvae web`) flushed the stream and closed its outputs.
+    assert server.sessions["web-1"].state == "ended" and sinks.closed == ["web-1"]
+    assert len(pool) == 0
+    latents = sinks.by_stream["web-1"].latents
+    assert [x.index for x in latents] == list(range(len(latents)))
+    await asyncio.wait_for(peer.ended.wait(), 10)
+    assert peer.of_type("ended")[0]["latents"] == len(latents)
+    await peer.close()
