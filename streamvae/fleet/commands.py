@@ -34,7 +34,9 @@ from streamvae.fleet.worker import FleetWorker, WorkerOptions
 __all__ = ["add_fleet_command"]
 
 
-def add_fleet_command(commands: Any) -> argparse.ArgumentParser:
+def add_fleet_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     """``streamvae fleet {ingest,worker,move}``."""
     parser = commands.add_parser(
         "fleet",

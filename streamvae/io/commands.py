@@ -74,7 +74,9 @@ __all__ = [
 ]
 
 
-def add_encode_command(commands: Any) -> argparse.ArgumentParser:
+def add_encode_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     """``streamvae encode INPUT -o OUTPUT``: a video (or any source) to a ``.latents`` file."""
     parser = commands.add_parser(
         "encode",
@@ -96,7 +98,9 @@ def add_encode_command(commands: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def add_live_command(commands: Any) -> argparse.ArgumentParser:
+def add_live_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     """``streamvae live SOURCE --mqtt URL``: a live source to MQTT (and/or a file)."""
     parser = commands.add_parser(
         "live",

@@ -78,7 +78,9 @@ class SourceSpec:
     size: str | None = None
 
 
-def add_serve_command(commands: Any) -> argparse.ArgumentParser:
+def add_serve_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     """``streamvae serve [FILE.toml] [--source ID=URI ...]``."""
     parser = commands.add_parser(
         "serve",
@@ -126,10 +128,10 @@ def read_sources(
     specs: list[SourceSpec] = []
     defaults: dict[str, Any] = {}
     if path is not None:
-        try:
+        if sys.version_info >= (3, 11):
             import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
+        else:
+            import tomli as tomllib
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
