@@ -31,8 +31,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 import torch
@@ -114,7 +115,9 @@ def add_live_command(
     parser.add_argument(
         "--mqtt", metavar="URL", help="mqtt://[user@]host:port/prefix (mqtts:// for TLS)"
     )
-    parser.add_argument("-o", "--output", help="also append the latents to this .latents file")
+    parser.add_argument(
+        "-o", "--output", help="also write the latents to this .latents file (replacing it)"
+    )
     parser.add_argument("--stream-id", help="topic level for this stream (default: from SOURCE)")
     _add_mqtt_arguments(parser)
     _add_source_arguments(parser)
@@ -238,6 +241,24 @@ def _add_cli_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # -- helpers shared by both commands ----
+
+
+class UsageError(SystemExit):
+    """A bad command line found after parsing: exit status 2, as argparse's own errors."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def usage_error(message: str) -> NoReturn:
+    """Print ``streamvae: error: message`` on stderr and exit with status 2 (a usage error;
+    runtime failures exit with 1)."""
+    print(f"streamvae: error: {message}", file=sys.stderr)
+    raise UsageError(message)
 
 
 def default_stream_id(source: str) -> str:
@@ -500,12 +521,58 @@ def _print_summary(args: argparse.Namespace, summary: dict[str, Any], lines: lis
         print("\n".join(lines), flush=True)
 
 
+def check_output_file(path: str | Path) -> None:
+    """Exit (status 2) before anything runs if ``path`` cannot be a ``.latents`` file to write."""
+    target = Path(path)
+    if target.is_dir():
+        usage_error(f"--output {path} is a directory; give a file such as x.latents")
+    parent = next((p for p in target.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        usage_error(f"--output {path}: {parent} is a file, not a directory")
+    if parent is not None and not os.access(parent, os.W_OK):
+        usage_error(f"--output {path}: cannot write in {parent}")
+
+
+async def _source_opened(source: FrameSource) -> bool:
+    """Wait for ``source`` to open; exit with its error (status 1) if it cannot. ``False``:
+    stopped (Ctrl-C) before it opened."""
+    try:
+        return await source.opened()
+    except SourceError as exc:
+        raise SystemExit(f"streamvae: {exc}") from None
+
+
+@dataclass
+class _Outcome:
+    failed: bool = False
+    removed: bool = False
+
+
+@contextlib.contextmanager
+def _removed_on_failure(path: Path, created: bool) -> Iterator[_Outcome]:
+    """Delete ``path`` if this command ``created`` it and the run failed (``outcome.failed``
+    set, or an exception): no incomplete output is left behind, and a file that was there
+    before is never deleted."""
+    outcome = _Outcome()
+    try:
+        yield outcome
+    except BaseException:
+        outcome.failed = True
+        raise
+    finally:
+        if outcome.failed and created:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            outcome.removed = True
+
+
 # -- encode ----
 
 
 def run_encode(args: argparse.Namespace) -> int:
     """The ``encode`` command (see :func:`add_encode_command`)."""
     _setup_logging(args)
+    check_output_file(args.output)
     source = _open_source_from_args(args.input, args)
     choice, encoder = _stream_encoder(args)
     return _run_until_done(_encode(args, source, choice, encoder))
@@ -522,9 +589,17 @@ async def _encode(
         not args.quiet,
     )
     error: str | None = None
-    with FileSink(args.output, labels=labels, dtype=args.latent_dtype) as sink:
-        async with source:
-            with _stop_on_signals(source.stop):
+    output = Path(args.output)
+    async with source:
+        with _stop_on_signals(source.stop):
+            # The input first: a file that is no video is refused before any output exists.
+            if not await _source_opened(source):
+                return 130
+            created = not output.exists()
+            with (
+                _removed_on_failure(output, created) as outcome,
+                FileSink(output, labels=labels, dtype=args.latent_dtype) as sink,
+            ):
                 try:
                     await encode_to_sinks(
                         source,
@@ -536,11 +611,13 @@ async def _encode(
                     )
                 except SourceError as exc:
                     error = str(exc)
-        progress.finish(stats)
+                    outcome.failed = True
+    progress.finish(stats)
     summary = {
         **stats.summary(),
         "output": str(args.output),
         "bytes": sink.bytes_written,
+        "output_removed": outcome.removed,
         "dropped_by_source": source.stats.dropped_frames,
         "meaningless": choice.random,
         "error": error,
@@ -555,8 +632,13 @@ async def _encode(
             f"{_latency_text(stats.latencies)} (capture of a latent's last frame -> latent ready)",
             f"dropped: {stats.dropped_by_encoder} frame(s) of a partial last group, "
             f"{source.stats.dropped_frames} by the source",
-            f"wrote {args.output} ({sink.latents_written} latents, {sink.bytes_written} bytes)"
-            + meaningless,
+            (
+                f"removed the incomplete {args.output} ({sink.latents_written} latents written "
+                "before the failure)"
+                if outcome.removed
+                else f"wrote {args.output} ({sink.latents_written} latents, "
+                f"{sink.bytes_written} bytes)" + meaningless
+            ),
             *([f"error: {error}"] if error else []),
         ],
     )
@@ -576,6 +658,8 @@ def run_live(args: argparse.Namespace) -> int:
         settings = mqtt_settings(args)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"streamvae: {exc}") from None
+    if args.output:
+        check_output_file(args.output)
     source = _open_source_from_args(args.source, args)
     choice, encoder = _stream_encoder(args)
     return _run_until_done(_live(args, source, choice, encoder, settings, stream_id))
@@ -593,6 +677,12 @@ async def _live(
     stats = PipelineStats()
     sinks: list[LatentSink] = []
     error: str | None = None
+    # A source that cannot come back (a file, synthetic://) is refused before any output exists;
+    # a camera or stream that is not up yet is waited for, reconnecting, as always.
+    if not source.reconnect and not await _source_opened(source):
+        return 130
+    output = Path(args.output) if args.output else None
+    created = output is not None and not output.exists()
     async with contextlib.AsyncExitStack() as stack:
         mqtt: MqttSink | None = None
         if settings is not None:
@@ -661,7 +751,12 @@ async def _live(
 
     if file_sink is not None:
         summary["output"] = str(args.output)
-        lines.append(f"wrote {args.output} ({file_sink.latents_written} latents)")
+        if error and created and not file_sink.latents_written and output is not None:
+            output.unlink(missing_ok=True)  # a failed run leaves no empty file behind
+            summary["output_removed"] = True
+            lines.append(f"removed {args.output} (no latents written)")
+        else:
+            lines.append(f"wrote {args.output} ({file_sink.latents_written} latents)")
     if error:
         lines.append(f"error: {error}")
     _print_summary(args, summary, lines)

@@ -20,7 +20,7 @@ Sources come from a TOML file, from repeated ``--source ID=URI``, or both (ids m
     uri = "0"
 
 Each stream publishes to ``<prefix>/<ID>/latents`` (with its own retained status, as ``live``
-does) and/or appends to ``<output-dir>/<ID>.latents``. One tick takes each source's next
+does) and/or writes to ``<output-dir>/<ID>.latents``. One tick takes each source's next
 frame, waiting at most ``--deadline`` seconds for late ones, and steps the pool: a stalled
 source holds no other back. Network sources and cameras that fail are reopened with backoff,
 and their first frame after it marks a gap on their own stream only (its run restarts: the
@@ -59,7 +59,7 @@ from streamvae.io.commands import (
 )
 from streamvae.io.filesink import FileSink
 from streamvae.io.pipeline import LatentSink, PipelineStats, SinkError, _counted, latent_latency
-from streamvae.io.sources import FrameSource
+from streamvae.io.sources import FrameSource, SourceError
 from streamvae.io.topics import validate_stream_id
 from streamvae.pool import PoolSourceError, StreamPool
 
@@ -99,7 +99,9 @@ def add_serve_command(
         help="a source and its stream id (repeat for more)",
     )
     parser.add_argument("--mqtt", metavar="URL", help="mqtt://[user@]host:port/prefix")
-    parser.add_argument("--output-dir", help="append each stream's latents to DIR/ID.latents")
+    parser.add_argument(
+        "--output-dir", help="write each stream's latents to DIR/ID.latents (replacing it)"
+    )
     parser.add_argument(
         "--deadline",
         type=float,
@@ -211,6 +213,17 @@ async def _serve(
     files: dict[str, FileSink] = {}
     errors: dict[str, str] = {}
     dropped: dict[str, int] = {}
+    # Sources that cannot come back (files, synthetic://) are refused before any output exists;
+    # cameras and streams that are not up yet are waited for, reconnecting, as always.
+    for sid, source in sources.items():
+        try:
+            if not source.reconnect and not await source.opened():
+                return 130  # stopped (Ctrl-C) while opening
+        except SourceError as exc:
+            for other in sources.values():
+                other.stop()
+            raise SystemExit(f"streamvae serve: {sid}: {exc}") from None
+    created: set[str] = set()
     async with contextlib.AsyncExitStack() as stack:
         for sid in sources:
             labels = {**base, "stream": sid}
@@ -221,6 +234,8 @@ async def _serve(
             if args.output_dir:
                 path = Path(args.output_dir) / f"{sid}.latents"
                 path.parent.mkdir(parents=True, exist_ok=True)
+                if not path.exists():
+                    created.add(sid)
                 files[sid] = stack.enter_context(
                     FileSink(path, labels=labels, dtype=args.latent_dtype)
                 )
@@ -310,6 +325,9 @@ async def _serve(
             line += f", mqtt {m.published}/{m.sent} published, {m.discarded} discarded"
         if sid in files:
             entry["output"] = str(files[sid].path)
+            if sid in errors and sid in created and not files[sid].latents_written:
+                files[sid].path.unlink(missing_ok=True)  # a failed stream leaves no empty file
+                entry["output_removed"] = True
         if sid in errors:
             line += f", error: {errors[sid]}"
         summary["streams"][sid] = entry
