@@ -1,4 +1,4 @@
-"""The ``streamvae`` command: ``encode`` | ``live`` | ``bench`` | ``fleet``.
+"""The streamvae command: encode, live, serve, fleet and bench.
 
 Run ``streamvae COMMAND --help`` for each command's options.
 """
@@ -6,17 +6,27 @@ Run ``streamvae COMMAND --help`` for each command's options.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from streamvae.config import LIGHTVAE, WAN21, WAN22, narrow
 from streamvae.model import WanEncoder
 
-__all__ = ["ModelChoice", "add_model_arguments", "main", "model_from_args"]
+__all__ = [
+    "CliParser",
+    "HelpFormatter",
+    "ModelChoice",
+    "add_model_arguments",
+    "main",
+    "model_from_args",
+]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIGS = {
@@ -56,7 +66,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="random weights, for trying the pipeline: the latents mean nothing and are labelled so",
     )
-    group.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    group.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype")
     group.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
     )
@@ -97,8 +107,69 @@ def model_from_args(args: argparse.Namespace) -> ModelChoice:
     raise SystemExit(f"streamvae: {NO_WEIGHTS_HELP}")
 
 
+# reStructuredText inline markup in docstrings reused as help: ``code``, :class:`Name`, **bold**.
+_RST_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`]+)`")
+_RST_LITERAL = re.compile(r"``([^`]+)``")
+_RST_STRONG = re.compile(r"\*\*([^*]+)\*\*")
+
+
+def plain_text(text: str) -> str:
+    """``text`` with reStructuredText inline markup taken out (help is read in a terminal).
+
+    >>> plain_text("The ``streamvae`` command; see :class:`StreamPool`.")
+    'The streamvae command; see StreamPool.'
+    """
+    text = _RST_ROLE.sub(r"\1", text)
+    text = _RST_LITERAL.sub(r"\1", text)
+    return _RST_STRONG.sub(r"\1", text)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Plain-text help that shows every option's default, unless its help already says it or
+    there is none to show (``None``, ``False``, an empty list)."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain_text(text))
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and _shows_default(action, ""):
+            action = copy.copy(action)  # argparse leaves out the help line of help=None
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = plain_text(action.help or "")
+        if not _shows_default(action, text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _shows_default(action: argparse.Action, text: str) -> bool:
+    default = action.default
+    return not (
+        not action.option_strings
+        or "default" in text.lower()
+        or default is None
+        or default is False
+        or default == []
+        or default is argparse.SUPPRESS
+    )
+
+
+class CliParser(argparse.ArgumentParser):
+    """The parser of ``streamvae`` and of every subcommand (``add_subparsers`` makes its own
+    kind): help through :class:`HelpFormatter`, combined with any formatter a command asks for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        asked = kwargs.get("formatter_class", argparse.HelpFormatter)
+        if not issubclass(asked, HelpFormatter):
+            asked = type(f"Help{asked.__name__}", (HelpFormatter, asked), {})
+        kwargs["formatter_class"] = asked
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamvae", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="streamvae", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     from streamvae.io import commands as io_commands
 

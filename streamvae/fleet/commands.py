@@ -38,6 +38,8 @@ def add_fleet_command(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> argparse.ArgumentParser:
     """``streamvae fleet {ingest,worker,move}``."""
+    from streamvae.io.commands import MODE_HELP
+
     parser = commands.add_parser(
         "fleet",
         help="a worker fleet on NATS JetStream (ingest, worker, move)",
@@ -50,9 +52,16 @@ def add_fleet_command(
     _nats_arguments(ing)
     ing.add_argument("--stream-id", required=True, help="the stream's id (one subject token)")
     ing.add_argument("--size", help="HxW, multiples of 8")
-    ing.add_argument("--resize", choices=("resize", "crop"), default="resize")
-    ing.add_argument("--frame-codec", choices=CODECS, default="jpeg")
-    ing.add_argument("--jpeg-quality", type=int, default=90)
+    ing.add_argument(
+        "--resize",
+        choices=("resize", "crop"),
+        default="resize",
+        help="how --size is reached: scale, or scale and centre-crop",
+    )
+    ing.add_argument(
+        "--frame-codec", choices=CODECS, default="jpeg", help="how frames travel in messages"
+    )
+    ing.add_argument("--jpeg-quality", type=int, default=90, help="0-100, for --frame-codec jpeg")
     ing.add_argument(
         "--retain",
         type=int,
@@ -72,7 +81,7 @@ def add_fleet_command(
         "--lease-ttl", type=float, default=3.0, help="seconds a dead worker's leases last"
     )
     work.add_argument("--mqtt", metavar="URL", help="also publish to <prefix>/<stream>/latents")
-    work.add_argument("--mqtt-password-file")
+    work.add_argument("--mqtt-password-file", help="file whose first line is the MQTT password")
     work.add_argument(
         "-o", "--output", metavar="DIR", help="also write DIR/<stream>/<run>.*.latents"
     )
@@ -81,9 +90,12 @@ def add_fleet_command(
         action="store_true",
         help="do not publish latents to svae.latents.<stream>",
     )
-    work.add_argument("--mode", choices=("frame", "group"), default="frame")
+    work.add_argument("--mode", choices=("frame", "group"), default="frame", help=MODE_HELP)
     work.add_argument(
-        "--latent-dtype", choices=("float32", "float16", "bfloat16"), default="float32"
+        "--latent-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="storage dtype",
     )
     from streamvae.cli import add_model_arguments
 

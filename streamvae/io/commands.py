@@ -134,7 +134,9 @@ def add_live_command(
 def _add_mqtt_arguments(parser: argparse.ArgumentParser) -> None:
     """The MQTT options of ``live`` and ``serve`` (the broker URL itself is ``--mqtt``)."""
     mqtt = parser.add_argument_group("MQTT")
-    mqtt.add_argument("--qos", type=int, choices=(0, 1, 2), default=1)
+    mqtt.add_argument(
+        "--qos", type=int, choices=(0, 1, 2), default=1, help="MQTT QoS of the latent messages"
+    )
     mqtt.add_argument(
         "--buffer-messages",
         type=int,
@@ -208,9 +210,20 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+MODE_HELP = (
+    "frame: each frame runs as far as causality allows when it arrives; group: a group runs in "
+    "one step when its 4th frame arrives"
+)
+
+
 def _add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("encoder")
-    group.add_argument("--mode", choices=("frame", "group"), default="frame")
+    group.add_argument(
+        "--mode",
+        choices=("frame", "group"),
+        default="frame",
+        help=MODE_HELP,
+    )
     group.add_argument(
         "--pad-tail", action="store_true", help="pad a partial last group instead of dropping it"
     )

@@ -1,0 +1,109 @@
+"""The ``streamvae`` command line itself: every command's help, as a new user reads it."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from streamvae.cli import CliParser, HelpFormatter, build_parser, plain_text
+
+# reStructuredText inline markup that a terminal shows as it is.
+RST = re.compile(r"``|:[a-z]+:`|\*\*\w|`_\b|^\.\. ", re.M)
+
+
+def commands(
+    parser: argparse.ArgumentParser, name: str = "streamvae"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """``parser`` and every subcommand's parser under it, with the command line that shows it."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, subparser in action.choices.items():
+                yield from commands(subparser, f"{name} {sub}")
+
+
+COMMANDS = dict(commands(build_parser()))
+
+
+def test_every_command_is_covered():
+    names = set(COMMANDS)
+    for expected in ("streamvae", "streamvae encode", "streamvae live", "streamvae serve"):
+        assert expected in names
+    assert {"streamvae fleet ingest", "streamvae fleet worker"} <= names or (
+        "streamvae fleet" not in names  # nats-py missing: no fleet commands
+    )
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_is_plain_text(name: str):
+    text = COMMANDS[name].format_help()
+    assert not RST.search(text), f"`{name} --help` shows markup: {RST.findall(text)}"
+
+
+def _help_of(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """The help column of ``action`` as ``--help`` shows it (without the option's name)."""
+    formatter = parser._get_formatter()
+    rendered = formatter._format_action(action)
+    invocation = formatter._format_action_invocation(action)
+    return " ".join(rendered.replace(invocation, "", 1).split())
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_shows_every_default(name: str):
+    parser = COMMANDS[name]
+    missing = []
+    for action in parser._actions:
+        default = action.default
+        if not action.option_strings or default in (None, False, [], argparse.SUPPRESS):
+            continue
+        if "default" not in _help_of(parser, action).lower():
+            missing.append(f"{'/'.join(action.option_strings)} (default {default!r})")
+    assert not missing, f"`{name} --help` does not show: {', '.join(missing)}"
+
+
+def test_defaults_are_shown_with_their_value():
+    encode = COMMANDS["streamvae encode"]
+    text = " ".join(encode.format_help().split())
+    assert "--dtype {bfloat16,float16,float32} model dtype (default: float32)" in text
+    assert "--device DEVICE cpu, cuda, cuda:1, ... (default: cuda if available)" in text
+    assert "(default: frame)" in text and "storage dtype (default: float32)" in text
+
+
+def test_the_formatter_shows_defaults_and_drops_markup():
+    parser = CliParser(prog="demo", description="The ``demo`` tool, see :class:`Thing`.")
+    parser.add_argument("--rate", type=float, default=2.5, help="frames per ``second``")
+    parser.add_argument("--name", default="x", help="its name (default: from the file)")
+    parser.add_argument("--quiet", action="store_true", help="say less")
+    parser.add_argument("--tag", default=None, help="a tag")
+    parser.add_argument("--kind", choices=("a", "b"), default="a")
+    text = " ".join(parser.format_help().split())
+    assert "The demo tool, see Thing." in text
+    assert "--rate RATE frames per second (default: 2.5)" in text
+    assert "(default: from the file)" in text and "default: x" not in text
+    assert "--quiet say less --tag TAG a tag --kind {a,b} default: a" in text
+
+
+def test_a_command_asking_for_its_own_formatter_keeps_it_and_ours():
+    parser = CliParser(prog="demo")
+    sub = parser.add_subparsers().add_parser(
+        "raw",
+        description="line one\n    kept ``as is``",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    assert isinstance(sub, CliParser)
+    assert issubclass(sub.formatter_class, HelpFormatter)
+    assert issubclass(sub.formatter_class, argparse.RawDescriptionHelpFormatter)
+    assert "line one\n    kept as is" in sub.format_help()
+
+
+def test_plain_text():
+    assert plain_text("The ``streamvae`` command; :func:`streamvae.load_encoder`.") == (
+        "The streamvae command; streamvae.load_encoder."
+    )
+    assert (
+        plain_text(":class:`~streamvae.StreamPool` is **fast**") == "streamvae.StreamPool is fast"
+    )
+    assert plain_text("2 * 3 ** 2, a `single` quote") == "2 * 3 ** 2, a `single` quote"
