@@ -169,7 +169,9 @@ class CliParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CliParser(prog="streamvae", description=__doc__.splitlines()[0])
+    parser: argparse.ArgumentParser = CliParser(
+        prog="streamvae", description=__doc__.splitlines()[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     from streamvae.io import commands as io_commands
 
