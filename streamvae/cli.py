@@ -18,6 +18,7 @@ import torch
 
 from streamvae.config import LIGHTVAE, WAN21, WAN22, narrow
 from streamvae.model import WanEncoder
+from streamvae.usage import usage_error
 
 __all__ = [
     "CliParser",
@@ -93,18 +94,20 @@ def model_from_args(args: argparse.Namespace) -> ModelChoice:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.weights and args.random_weights:
-        raise SystemExit("streamvae: give --weights or --random-weights, not both")
+        usage_error("give --weights or --random-weights, not both")
     if args.weights and config_name != "wan2.1":
-        raise SystemExit("streamvae: --config applies to --random-weights (weights fix the shape)")
+        usage_error("--config applies to --random-weights (weights fix the shape)")
     if args.weights:
-        return ModelChoice(
-            load_encoder(args.weights, device=device, dtype=dtype), str(args.weights), False
-        )
+        try:
+            encoder = load_encoder(args.weights, device=device, dtype=dtype)
+        except (ValueError, OSError) as exc:  # CheckpointError: missing, unknown, mis-shaped
+            raise SystemExit(f"streamvae: {exc}") from None
+        return ModelChoice(encoder, str(args.weights), False)
     if args.random_weights:
         config = CONFIGS[config_name]
         encoder = random_encoder(config, seed=getattr(args, "seed", 0), device=device, dtype=dtype)
         return ModelChoice(encoder, f"RANDOM WEIGHTS {config.name} (latents are meaningless)", True)
-    raise SystemExit(f"streamvae: {NO_WEIGHTS_HELP}")
+    usage_error(NO_WEIGHTS_HELP)
 
 
 # reStructuredText inline markup in docstrings reused as help: ``code``, :class:`Name`, **bold**.

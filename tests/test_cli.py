@@ -107,3 +107,66 @@ def test_plain_text():
         plain_text(":class:`~streamvae.StreamPool` is **fast**") == "streamvae.StreamPool is fast"
     )
     assert plain_text("2 * 3 ** 2, a `single` quote") == "2 * 3 ** 2, a `single` quote"
+
+
+SYNTHETIC = "synthetic://moving?frames=5"
+NARROW = ["--random-weights", "--config", "narrow8", "--threads", "1"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "message"),
+    [
+        # A command line that cannot be run as given: 2, as argparse's own errors.
+        (["encode", SYNTHETIC, "-o", "{tmp}/x.latents", "--size", "64"], 2, "size must be HxW"),
+        (["encode", SYNTHETIC, "-o", "{tmp}/x.latents", "--size", "30x30"], 2, "nearest is 32x32"),
+        (["encode", SYNTHETIC, "-o", "{tmp}/x.latents", "--ffmpeg-option", "x"], 2, "KEY=VALUE"),
+        (["encode", SYNTHETIC, "-o", "{tmp}"], 2, "is a directory"),
+        (["encode", "synthetic://spiral", "-o", "{tmp}/x.latents"], 2, "unknown synthetic pattern"),
+        (["live", SYNTHETIC], 2, "--mqtt URL and/or --output FILE"),
+        (["live", SYNTHETIC, "--mqtt", "http://h/p"], 2, "starts with mqtt://"),
+        (["live", SYNTHETIC, "--mqtt", "mqtt://h/p", "--stream-id", "a/b"], 2, "stream id"),
+        (["serve", "--source", f"a={SYNTHETIC}"], 2, "--output-dir DIR"),
+        (
+            [
+                "encode",
+                SYNTHETIC,
+                "-o",
+                "{tmp}/x.latents",
+                "--weights",
+                "w.pth",
+                "--random-weights",
+            ],
+            2,
+            "not both",
+        ),
+        (["encode", SYNTHETIC, "-o", "{tmp}/x.latents", "--no-weights-given"], 2, "unrecognized"),
+        # Well-formed, but running it failed: 1.
+        (["encode", "{tmp}/missing.mp4", "-o", "{tmp}/x.latents"], 1, "no video file at"),
+        (
+            ["encode", SYNTHETIC, "-o", "{tmp}/x.latents", "--weights", "{tmp}/w.pth"],
+            1,
+            "no such file or folder",
+        ),
+        (
+            ["live", SYNTHETIC, "--mqtt", "mqtt://h/p", "--mqtt-password-file", "{tmp}/none"],
+            1,
+            "none: No such file",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, int) else None,
+)
+def test_user_errors_exit_2_for_the_command_line_and_1_for_a_failed_run(
+    argv, status, message, tmp_path, capsys
+):
+    from streamvae.cli import main
+
+    args = [a.format(tmp=tmp_path) for a in argv]
+    needs_model = "--weights" not in args and "--no-weights-given" not in args
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + (NARROW if needs_model else ["--threads", "1"]))
+    code, err = exit_info.value.code, capsys.readouterr().err
+    if isinstance(code, str):  # SystemExit("message"): Python prints it and exits with 1
+        code, err = 1, err + code
+    assert code == status, err
+    assert message in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.latents"))  # nothing written by a command that failed

@@ -30,6 +30,7 @@ from streamvae.fleet.ingest import DEFAULT_RETAIN, ingest
 from streamvae.fleet.messages import CODECS
 from streamvae.fleet.names import CONTROL_SUBJECT, LEASES_BUCKET, validate_fleet_id
 from streamvae.fleet.worker import FleetWorker, WorkerOptions
+from streamvae.usage import user_errors
 
 __all__ = ["add_fleet_command"]
 
@@ -131,12 +132,10 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> NatsSettings:
-    try:
+    with user_errors():
         return NatsSettings.from_url(
             args.nats, password_file=args.nats_password_file, creds_file=args.nats_creds
         )
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"streamvae: {exc}") from None
 
 
 def _logging(args: argparse.Namespace) -> None:
@@ -175,11 +174,9 @@ def run_ingest(args: argparse.Namespace) -> int:
 
     _logging(args)
     settings = _settings(args)
-    try:
+    with user_errors():
         validate_fleet_id(args.stream_id)
         source = open_source(args.source, size=args.size, resize=args.resize)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"streamvae: {exc}") from None
 
     async def main() -> int:
         async with source:
@@ -238,12 +235,10 @@ def run_worker(args: argparse.Namespace) -> int:
     if args.mqtt:
         from streamvae.io.mqtt import MqttSettings
 
-        try:
+        with user_errors():
             mqtt = MqttSettings.from_url(args.mqtt, password_file=args.mqtt_password_file)
-        except (ValueError, OSError) as exc:
-            raise SystemExit(f"streamvae: {exc}") from None
     choice = model_from_args(args)
-    try:
+    with user_errors():
         options = WorkerOptions(
             capacity=args.capacity,
             **({"worker_id": args.worker_id} if args.worker_id else {}),
@@ -255,8 +250,6 @@ def run_worker(args: argparse.Namespace) -> int:
             mqtt=mqtt,
             output_dir=Path(args.output) if args.output else None,
         )
-    except ValueError as exc:
-        raise SystemExit(f"streamvae: {exc}") from None
 
     def on_event(record: dict[str, Any]) -> None:
         if args.json:

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 
 import torch
@@ -61,6 +61,7 @@ from streamvae.io.sources import (
 from streamvae.io.topics import PASSWORD_ENV, validate_stream_id
 from streamvae.io.wire import STORAGE_DTYPES
 from streamvae.stream import StreamEncoder
+from streamvae.usage import usage_error, user_errors
 
 if TYPE_CHECKING:
     from streamvae.io.mqtt import MqttSettings, MqttSink
@@ -256,24 +257,6 @@ def _add_cli_model_arguments(parser: argparse.ArgumentParser) -> None:
 # -- helpers shared by both commands ----
 
 
-class UsageError(SystemExit):
-    """A bad command line found after parsing: exit status 2, as argparse's own errors."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(2)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def usage_error(message: str) -> NoReturn:
-    """Print ``streamvae: error: message`` on stderr and exit with status 2 (a usage error;
-    runtime failures exit with 1)."""
-    print(f"streamvae: error: {message}", file=sys.stderr)
-    raise UsageError(message)
-
-
 def default_stream_id(source: str) -> str:
     """A topic-safe stream id from a source: ``camera0``, the file's stem, the URL's host/path."""
     kind = source_kind(source)
@@ -355,7 +338,7 @@ def _ffmpeg_options(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"streamvae: --ffmpeg-option takes KEY=VALUE, got {pair!r}")
+            usage_error(f"--ffmpeg-option takes KEY=VALUE, got {pair!r}")
         options[key] = value
     return options
 
@@ -377,7 +360,7 @@ def _open_source_from_args(uri: str, args: argparse.Namespace) -> FrameSource:
             "--source-password-file instead",
             file=sys.stderr,
         )
-    try:
+    with user_errors():
         password = source_password(args)
         return open_source(
             uri,
@@ -387,8 +370,6 @@ def _open_source_from_args(uri: str, args: argparse.Namespace) -> FrameSource:
             ffmpeg_options=_ffmpeg_options(args.ffmpeg_option),
             password=password if source_kind(uri) == "network" else None,
         )
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"streamvae: {exc}") from None
 
 
 def _model_choice(args: argparse.Namespace) -> Any:
@@ -399,7 +380,7 @@ def _model_choice(args: argparse.Namespace) -> Any:
     size = parse_size(args.size) if getattr(args, "size", None) else None
     problem = None if size is None else choice.encoder.config.size_error(*size)
     if problem is not None:
-        raise SystemExit(f"streamvae: --size {args.size}: {problem}")
+        usage_error(f"--size {args.size}: {problem}")
     if choice.random:
         print(
             "streamvae: RANDOM WEIGHTS: the latents are meaningless (for trying the pipeline); "
@@ -664,13 +645,11 @@ async def _encode(
 def run_live(args: argparse.Namespace) -> int:
     """The ``live`` command (see :func:`add_live_command`)."""
     if not args.mqtt and not args.output:
-        raise SystemExit("streamvae live: give --mqtt URL and/or --output FILE")
+        usage_error("live needs --mqtt URL and/or --output FILE")
     _setup_logging(args)
-    try:
+    with user_errors():
         stream_id = validate_stream_id(args.stream_id or default_stream_id(args.source))
         settings = mqtt_settings(args)
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"streamvae: {exc}") from None
     if args.output:
         check_output_file(args.output)
     source = _open_source_from_args(args.source, args)

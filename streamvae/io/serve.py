@@ -62,6 +62,7 @@ from streamvae.io.pipeline import LatentSink, PipelineStats, SinkError, _counted
 from streamvae.io.sources import FrameSource, SourceError
 from streamvae.io.topics import validate_stream_id
 from streamvae.pool import PoolSourceError, StreamPool
+from streamvae.usage import user_errors
 
 if TYPE_CHECKING:
     from streamvae.io.mqtt import MqttSettings, MqttSink
@@ -174,7 +175,7 @@ def read_sources(
 def run_serve(args: argparse.Namespace) -> int:
     """The ``serve`` command (see the module docstring)."""
     _setup_logging(args)
-    try:
+    with user_errors("streamvae serve"):
         specs, defaults = read_sources(args.sources_file, args.source)
         args.mqtt = args.mqtt or defaults.get("mqtt")
         args.output_dir = args.output_dir or defaults.get("output_dir")
@@ -184,8 +185,6 @@ def run_serve(args: argparse.Namespace) -> int:
         if not (args.deadline >= 0):
             raise ValueError(f"--deadline must be >= 0 seconds, got {args.deadline}")
         settings = mqtt_settings(args)
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"streamvae serve: {exc}") from None
     sources = {
         spec.stream_id: _open_source_from_args(
             spec.uri, argparse.Namespace(**{**vars(args), "size": spec.size or args.size})
