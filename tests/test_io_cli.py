@@ -563,3 +563,20 @@ def test_the_cli_runs_what_the_bench_measures():
             "cudnn_benchmark": False,
             "tf32": True,
         }
+
+
+async def test_the_stats_line_says_when_a_source_is_not_open_yet(tmp_path: Path):
+    from streamvae.io import Backoff, open_source
+    from streamvae.io.commands import _not_open_text
+
+    not_video = tmp_path / "notes.md"
+    not_video.write_text("# not a video\n")
+    down = open_source(not_video, kind="webcam", backoff=Backoff(initial=0.01, maximum=0.01))
+    async with down:
+        await wait_until(lambda: down.stats.last_error is not None, 10, "a failed open")
+        assert not down.has_opened
+        assert "| source not open yet: could not open" in _not_open_text(down)
+        assert "(retrying)" in _not_open_text(down)
+    async with open_source("synthetic://moving?frames=2", size="16x16") as up:
+        assert await up.opened() and up.has_opened
+        assert _not_open_text(up) == ""

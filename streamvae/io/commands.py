@@ -755,6 +755,13 @@ async def _live(
     return 1 if error else 0
 
 
+def _not_open_text(source: FrameSource) -> str:
+    """`` | source not open yet: ... (retrying)`` for a stats line while a source is down."""
+    if source.has_opened or not source.stats.last_error:
+        return ""
+    return f" | source not open yet: {source.stats.last_error} (retrying)"
+
+
 async def _report_live(
     interval: float, source: FrameSource, stats: PipelineStats, mqtt: MqttSink | None
 ) -> None:
@@ -776,6 +783,7 @@ async def _report_live(
         )
         if source.stats.disconnects:
             line += f" | source reconnects {source.stats.reconnects}/{source.stats.disconnects}"
+        line += _not_open_text(source)
         if mqtt is not None:
             state = "connected" if mqtt.stats.connected else "DISCONNECTED"
             line += (

@@ -48,6 +48,7 @@ from streamvae.io.commands import (
     _add_source_arguments,
     _latency_text,
     _model_choice,
+    _not_open_text,
     _open_source_from_args,
     _print_summary,
     _run_until_done,
@@ -366,6 +367,7 @@ async def _report(
             )
             if source.stats.disconnects:
                 line += f" | reconnects {source.stats.reconnects}/{source.stats.disconnects}"
+            line += _not_open_text(source)
             if sid in mqtt:
                 m = mqtt[sid].stats
                 state = "connected" if m.connected else "DISCONNECTED"

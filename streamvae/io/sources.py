@@ -584,6 +584,11 @@ class FrameSource:
         self._start()
         return self
 
+    @property
+    def has_opened(self) -> bool:
+        """Whether the source has opened at least once (see :meth:`opened`)."""
+        return self._opened
+
     async def opened(self) -> bool:
         """Wait until the source has opened for the first time (starting its reader if need be):
         ``True`` then, and ``total_frames`` and ``fps`` are known; ``False`` if it was stopped
