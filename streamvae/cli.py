@@ -18,7 +18,7 @@ import torch
 
 from streamvae.config import LIGHTVAE, WAN21, WAN22, narrow
 from streamvae.model import WanEncoder
-from streamvae.usage import usage_error
+from streamvae.usage import positive_int, usage_error
 
 __all__ = [
     "CliParser",
@@ -81,7 +81,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
     group.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice)",
     )
 
 

@@ -13,12 +13,21 @@ run that failed, never a traceback.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import math
 import sys
 from collections.abc import Iterator
 from typing import NoReturn
 
-__all__ = ["UsageError", "usage_error", "user_errors"]
+__all__ = [
+    "UsageError",
+    "non_negative_seconds",
+    "positive_int",
+    "positive_seconds",
+    "usage_error",
+    "user_errors",
+]
 
 
 class UsageError(SystemExit):
@@ -49,3 +58,40 @@ def user_errors(prefix: str = "streamvae") -> Iterator[None]:
     except OSError as exc:
         text = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
         raise SystemExit(f"{prefix}: {text}") from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (else argparse's usage error, status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse ``type``: a number of seconds > 0."""
+    value = _seconds(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def non_negative_seconds(text: str) -> float:
+    """An argparse ``type``: a number of seconds >= 0."""
+    value = _seconds(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, got {text!r}")
+    return value

@@ -140,6 +140,11 @@ NARROW = ["--random-weights", "--config", "narrow8", "--threads", "1"]
             "not both",
         ),
         (["encode", SYNTHETIC, "-o", "{tmp}/x.latents", "--no-weights-given"], 2, "unrecognized"),
+        (["encode", SYNTHETIC, "-o", "{tmp}/x.latents", "--frames", "-1"], 2, "positive integer"),
+        (["encode", SYNTHETIC, "-o", "{tmp}/x.latents", "--threads", "0"], 2, "positive integer"),
+        (["live", SYNTHETIC, "--mqtt", "mqtt://h/p", "--buffer-messages", "0"], 2, "positive"),
+        (["live", SYNTHETIC, "--mqtt", "mqtt://h/p", "--drain-timeout", "-1"], 2, ">= 0"),
+        (["live", SYNTHETIC, "--mqtt", "mqtt://h/p", "--reconnect-max", "nan"], 2, "finite"),
         # Well-formed, but running it failed: 1.
         (["encode", "{tmp}/missing.mp4", "-o", "{tmp}/x.latents"], 1, "no video file at"),
         (

@@ -30,7 +30,7 @@ from streamvae.fleet.ingest import DEFAULT_RETAIN, ingest
 from streamvae.fleet.messages import CODECS
 from streamvae.fleet.names import CONTROL_SUBJECT, LEASES_BUCKET, validate_fleet_id
 from streamvae.fleet.worker import FleetWorker, WorkerOptions
-from streamvae.usage import user_errors
+from streamvae.usage import positive_int, positive_seconds, user_errors
 
 __all__ = ["add_fleet_command"]
 
@@ -69,17 +69,20 @@ def add_fleet_command(
         default=DEFAULT_RETAIN,
         help=f"frames kept per stream for replays (>= R + 8; default {DEFAULT_RETAIN})",
     )
-    ing.add_argument("--frames", type=int, help="stop after this many frames")
+    ing.add_argument("--frames", type=positive_int, help="stop after this many frames")
     ing.add_argument("--run-id", help="run id (default: time and a random suffix)")
     _common_arguments(ing)
     ing.set_defaults(func=run_ingest)
 
     work = sub.add_parser("worker", help="claim streams, encode them, publish latents")
     _nats_arguments(work)
-    work.add_argument("--capacity", type=int, required=True, help="most streams at once")
+    work.add_argument("--capacity", type=positive_int, required=True, help="most streams at once")
     work.add_argument("--worker-id", help="this worker's id (default: host-pid)")
     work.add_argument(
-        "--lease-ttl", type=float, default=3.0, help="seconds a dead worker's leases last"
+        "--lease-ttl",
+        type=positive_seconds,
+        default=3.0,
+        help="seconds a dead worker's leases last",
     )
     work.add_argument("--mqtt", metavar="URL", help="also publish to <prefix>/<stream>/latents")
     work.add_argument("--mqtt-password-file", help="file whose first line is the MQTT password")

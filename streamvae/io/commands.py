@@ -61,7 +61,13 @@ from streamvae.io.sources import (
 from streamvae.io.topics import PASSWORD_ENV, validate_stream_id
 from streamvae.io.wire import STORAGE_DTYPES
 from streamvae.stream import StreamEncoder
-from streamvae.usage import usage_error, user_errors
+from streamvae.usage import (
+    non_negative_seconds,
+    positive_int,
+    positive_seconds,
+    usage_error,
+    user_errors,
+)
 
 if TYPE_CHECKING:
     from streamvae.io.mqtt import MqttSettings, MqttSink
@@ -125,7 +131,10 @@ def add_live_command(
     _add_encoder_arguments(parser)
     _add_cli_model_arguments(parser)
     parser.add_argument(
-        "--stats-interval", type=float, default=2.0, help="seconds between stats lines (0: none)"
+        "--stats-interval",
+        type=non_negative_seconds,
+        default=2.0,
+        help="seconds between stats lines (0: none)",
     )
     _add_output_arguments(parser)
     parser.set_defaults(run=run_live)
@@ -140,7 +149,7 @@ def _add_mqtt_arguments(parser: argparse.ArgumentParser) -> None:
     )
     mqtt.add_argument(
         "--buffer-messages",
-        type=int,
+        type=positive_int,
         default=256,
         help="latents held while the broker is away; the oldest are discarded beyond (default 256)",
     )
@@ -156,11 +165,14 @@ def _add_mqtt_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the broker host-name check (testing only)",
     )
     mqtt.add_argument(
-        "--reconnect-max", type=float, default=5.0, help="longest wait between reconnects, s"
+        "--reconnect-max",
+        type=positive_seconds,
+        default=5.0,
+        help="longest wait between reconnects, s",
     )
     mqtt.add_argument(
         "--drain-timeout",
-        type=float,
+        type=non_negative_seconds,
         default=5.0,
         help="seconds to publish buffered latents at exit",
     )
@@ -190,10 +202,10 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
         default="resize",
         help="how --size is reached: scale (default) or scale and centre-crop",
     )
-    group.add_argument("--frames", type=int, help="stop after this many frames")
+    group.add_argument("--frames", type=positive_int, help="stop after this many frames")
     group.add_argument(
         "--max-queued-groups",
-        type=int,
+        type=positive_int,
         default=2,
         help="groups of 4 frames waiting for the encoder; live sources drop the oldest beyond",
     )

@@ -63,7 +63,7 @@ from streamvae.io.pipeline import LatentSink, PipelineStats, SinkError, _counted
 from streamvae.io.sources import FrameSource, SourceError
 from streamvae.io.topics import validate_stream_id
 from streamvae.pool import PoolSourceError, StreamPool
-from streamvae.usage import user_errors
+from streamvae.usage import non_negative_seconds, user_errors
 
 if TYPE_CHECKING:
     from streamvae.io.mqtt import MqttSettings, MqttSink
@@ -106,12 +106,15 @@ def add_serve_command(
     )
     parser.add_argument(
         "--deadline",
-        type=float,
+        type=non_negative_seconds,
         default=0.025,
         help="seconds a tick waits for late sources once one has a frame (0.025)",
     )
     parser.add_argument(
-        "--stats-interval", type=float, default=2.0, help="seconds between stats lines (0: none)"
+        "--stats-interval",
+        type=non_negative_seconds,
+        default=2.0,
+        help="seconds between stats lines (0: none)",
     )
     _add_mqtt_arguments(parser)
     _add_source_arguments(parser)
