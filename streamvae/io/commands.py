@@ -13,9 +13,11 @@ the encoder is flushed, the file is closed, buffered MQTT messages are published
 stream's status becomes ``offline``. A second Ctrl-C aborts at once. ``--json`` prints the
 summary as one JSON line on stdout instead of text.
 
-Exit status: 0 when every latent was delivered; 1 when the source or a sink failed, or when
-``live`` could not deliver every latent to MQTT (discarded by a full buffer, or unsent at
-exit: the summary's ``error`` says how many); 130 after an abort.
+Exit status: 0 when every latent was delivered; 2 for a command line that cannot run as given
+(see :mod:`streamvae.usage`); 1 when the source or a sink failed, or when ``live`` could not
+deliver every latent to MQTT (discarded by a full buffer, or unsent at exit: the summary's
+``error`` says how many); 130 after an abort. A bad input is refused before any output file
+exists; a failed ``encode`` removes the file it created.
 """
 
 from __future__ import annotations
