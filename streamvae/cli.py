@@ -25,8 +25,10 @@ __all__ = [
     "HelpFormatter",
     "ModelChoice",
     "add_model_arguments",
+    "checked_device",
     "main",
     "model_from_args",
+    "plain_text",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,10 +90,30 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def checked_device(name: str) -> torch.device:
+    """``--device NAME`` as a device this machine has: a usage error (status 2) for a name
+    that is no device, a failure (status 1) for a CUDA device this machine does not have."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        usage_error(f"--device {name}: not a device name (expected cpu, cuda, cuda:N, mps, ...)")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            built = "" if torch.version.cuda else ", a build without CUDA"
+            raise SystemExit(
+                f"streamvae: --device {name}: no CUDA device here (torch {torch.__version__}"
+                f"{built}); use --device cpu"
+            )
+        if device.index is not None and device.index >= count:
+            raise SystemExit(f"streamvae: --device {name}: this machine has {count} CUDA device(s)")
+    return device
+
+
 def model_from_args(args: argparse.Namespace) -> ModelChoice:
     from streamvae.weights import load_encoder, random_encoder
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
     config_name = getattr(args, "config", "wan2.1")
     if getattr(args, "threads", None):

@@ -145,6 +145,7 @@ NARROW = ["--random-weights", "--config", "narrow8", "--threads", "1"]
         (["live", SYNTHETIC, "--mqtt", "mqtt://h/p", "--buffer-messages", "0"], 2, "positive"),
         (["live", SYNTHETIC, "--mqtt", "mqtt://h/p", "--drain-timeout", "-1"], 2, ">= 0"),
         (["live", SYNTHETIC, "--mqtt", "mqtt://h/p", "--reconnect-max", "nan"], 2, "finite"),
+        (["encode", SYNTHETIC, "-o", "{tmp}/x.latents", "--device", "gpu"], 2, "not a device"),
         # Well-formed, but running it failed: 1.
         (["encode", "{tmp}/missing.mp4", "-o", "{tmp}/x.latents"], 1, "no video file at"),
         (
@@ -175,3 +176,14 @@ def test_user_errors_exit_2_for_the_command_line_and_1_for_a_failed_run(
     assert code == status, err
     assert message in err and "Traceback" not in err
     assert not list(tmp_path.glob("*.latents"))  # nothing written by a command that failed
+
+
+def test_a_cuda_device_this_machine_lacks_is_refused_with_the_way_out(monkeypatch, capsys):
+    import torch
+
+    from streamvae.cli import checked_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"--device cuda: no CUDA device here .*--device cpu"):
+        checked_device("cuda")
+    assert checked_device("cpu") == torch.device("cpu")
