@@ -148,6 +148,7 @@ NARROW = ["--random-weights", "--config", "narrow8", "--threads", "1"]
         (["encode", SYNTHETIC, "-o", "{tmp}/x.latents", "--device", "gpu"], 2, "not a device"),
         # Well-formed, but running it failed: 1.
         (["encode", "{tmp}/missing.mp4", "-o", "{tmp}/x.latents"], 1, "no video file at"),
+        (["encode", "{tmp}", "-o", "{tmp}/x.latents"], 1, "is a directory, not a video file"),
         (
             ["encode", SYNTHETIC, "-o", "{tmp}/x.latents", "--weights", "{tmp}/w.pth"],
             1,

@@ -55,6 +55,8 @@ def test_source_kinds():
 def test_open_source_refuses_clearly():
     with pytest.raises(FileNotFoundError, match="no video file"):
         open_source("/nonexistent/clip.mp4")
+    with pytest.raises(IsADirectoryError, match="is a directory, not a video file"):
+        open_source(Path(__file__).parent)
     with pytest.raises(ValueError, match="multiples of 8"):
         open_source("synthetic://moving", size="30x30")
     with pytest.raises(ValueError, match="unknown synthetic pattern"):

@@ -862,6 +862,11 @@ def open_source(
         raise ValueError(f"max_queued_groups must be >= 1, got {max_queued_groups}")
     if chosen == "file" and isinstance(uri, str):
         path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+        if path.is_dir():
+            raise IsADirectoryError(
+                f"{str(path)!r} is a directory, not a video file (serve takes several sources: "
+                "streamvae serve --source ID=URI ...)"
+            )
         if not path.is_file():
             raise FileNotFoundError(
                 f"no video file at {str(path)!r} (a camera is 0 or /dev/video0; streams start "
