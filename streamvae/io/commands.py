@@ -529,7 +529,7 @@ def _print_summary(args: argparse.Namespace, summary: dict[str, Any], lines: lis
         print("\n".join(lines), flush=True)
 
 
-def check_output_file(path: str | Path) -> None:
+def _check_output_file(path: str | Path) -> None:
     """Exit (status 2) before anything runs if ``path`` cannot be a ``.latents`` file to write."""
     target = Path(path)
     if target.is_dir():
@@ -545,9 +545,12 @@ async def _source_opened(source: FrameSource) -> bool:
     """Wait for ``source`` to open; exit with its error (status 1) if it cannot. ``False``:
     stopped (Ctrl-C) before it opened."""
     try:
-        return await source.opened()
+        opened = await source.opened()
     except SourceError as exc:
         raise SystemExit(f"streamvae: {exc}") from None
+    if not opened:
+        print("streamvae: stopped before the source opened; nothing written", file=sys.stderr)
+    return opened
 
 
 @dataclass
@@ -580,7 +583,7 @@ def _removed_on_failure(path: Path, created: bool) -> Iterator[_Outcome]:
 def run_encode(args: argparse.Namespace) -> int:
     """The ``encode`` command (see :func:`add_encode_command`)."""
     _setup_logging(args)
-    check_output_file(args.output)
+    _check_output_file(args.output)
     source = _open_source_from_args(args.input, args)
     choice, encoder = _stream_encoder(args)
     return _run_until_done(_encode(args, source, choice, encoder))
@@ -665,7 +668,7 @@ def run_live(args: argparse.Namespace) -> int:
         stream_id = validate_stream_id(args.stream_id or default_stream_id(args.source))
         settings = mqtt_settings(args)
     if args.output:
-        check_output_file(args.output)
+        _check_output_file(args.output)
     source = _open_source_from_args(args.source, args)
     choice, encoder = _stream_encoder(args)
     return _run_until_done(_live(args, source, choice, encoder, settings, stream_id))
