@@ -200,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = CliParser(
         prog="streamvae", description=__doc__.splitlines()[0]
     )
+    from streamvae import __version__
+
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"streamvae {__version__} (torch {torch.__version__})",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     from streamvae.io import commands as io_commands
 

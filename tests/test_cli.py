@@ -188,3 +188,13 @@ def test_a_cuda_device_this_machine_lacks_is_refused_with_the_way_out(monkeypatc
     with pytest.raises(SystemExit, match=r"--device cuda: no CUDA device here .*--device cpu"):
         checked_device("cuda")
     assert checked_device("cpu") == torch.device("cpu")
+
+
+def test_version(capsys):
+    from streamvae import __version__
+    from streamvae.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"streamvae {__version__} (torch ")
