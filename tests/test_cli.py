@@ -198,3 +198,16 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"streamvae {__version__} (torch ")
+
+
+@pytest.mark.skipif("streamvae fleet" not in COMMANDS, reason="nats-py missing: no fleet commands")
+def test_fleet_ingest_refuses_a_file_that_is_no_video_before_reaching_nats(tmp_path, capsys):
+    from streamvae.cli import main
+
+    not_video = tmp_path / "notes.md"
+    not_video.write_text("# not a video\n")
+    nowhere = "nats://127.0.0.1:1"  # nothing listens: it used to retry NATS forever
+    argv = ["fleet", "ingest", str(not_video), "--nats", nowhere, "--stream-id", "a"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "could not open" in err and "not a video" in err and "NATS" not in err

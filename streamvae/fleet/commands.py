@@ -183,6 +183,14 @@ def run_ingest(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         async with source:
+            # A source that cannot come back (a file) is refused before anything reaches NATS.
+            if not source.reconnect:
+                try:
+                    if not await source.opened():
+                        return 130
+                except SourceError as exc:
+                    print(f"streamvae: {exc}", file=sys.stderr)
+                    return 1
             task = asyncio.ensure_future(
                 ingest(
                     source,
