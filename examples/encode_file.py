@@ -8,12 +8,14 @@ import argparse
 import asyncio
 
 from streamvae import StreamEncoder
-from streamvae.cli import add_model_arguments, model_from_args
+from streamvae.cli import HelpFormatter, add_model_arguments, model_from_args
 from streamvae.io import FileSink, encode_to_sinks, open_source, read_latents
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("video")
     parser.add_argument("output")
     parser.add_argument("--size", help="HxW, multiples of 8")

@@ -6,12 +6,15 @@ python examples/mqtt_subscriber.py --mqtt mqtt://127.0.0.1:1883/lab [--stream ca
 import argparse
 import asyncio
 
+from streamvae.cli import HelpFormatter
 from streamvae.io import LatentSubscriber, MqttSettings
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mqtt", default="mqtt://127.0.0.1:1883/streamvae")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument("--mqtt", default="mqtt://127.0.0.1:1883/streamvae", help="the broker")
     parser.add_argument("--stream", default="+", help="stream id (default: all)")
     parser.add_argument("--count", type=int, help="exit after this many latents")
     parser.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024)

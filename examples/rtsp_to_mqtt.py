@@ -11,12 +11,14 @@ import argparse
 import asyncio
 
 from streamvae import StreamEncoder
-from streamvae.cli import add_model_arguments, model_from_args
+from streamvae.cli import HelpFormatter, add_model_arguments, model_from_args
 from streamvae.io import MqttSettings, MqttSink, encode_to_sinks, open_source
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("url", help="rtsp://... or http://...")
     parser.add_argument("--mqtt", default="mqtt://127.0.0.1:1883/streamvae")
     parser.add_argument("--stream-id", default="rtsp")

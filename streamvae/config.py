@@ -159,12 +159,12 @@ class WanConfig:
 
     @property
     def temporal_stride(self) -> int:
-        return 2 ** sum(self.temporal_downsample)
+        return 1 << sum(self.temporal_downsample)
 
     @property
     def spatial_stride(self) -> int:
         """Pixels per latent along H and W: ``patch_size * 2 ** (stages - 1)`` (8 or 16)."""
-        return self.patch_size * 2 ** (len(self.dim_mult) - 1)
+        return self.patch_size << (len(self.dim_mult) - 1)
 
     @property
     def size_rule(self) -> str:

@@ -90,6 +90,14 @@ _EXPECTED = (
 )
 
 
+def _frame_number(number: object) -> int | None:
+    if number is None:
+        return None
+    if isinstance(number, bool) or not isinstance(number, numbers.Integral) or number < 0:
+        raise FrameError(f"number must be a non-negative integer (or None), got {number!r}")
+    return int(number)
+
+
 def check_frame(frame: Any, device: torch.device, timestamp: float | None = None) -> CheckedFrame:
     """Check one frame without touching any stream state; raise :class:`FrameError` if refused."""
     gap, number, captured = False, None, None
@@ -99,11 +107,7 @@ def check_frame(frame: Any, device: torch.device, timestamp: float | None = None
         frame = frame.image
     timestamp = _seconds(timestamp, "timestamp")
     captured = _seconds(captured, "captured")
-    if number is not None and (
-        isinstance(number, bool) or not isinstance(number, numbers.Integral) or number < 0
-    ):
-        raise FrameError(f"number must be a non-negative integer (or None), got {number!r}")
-    number = None if number is None else int(number)
+    number = _frame_number(number)
     if isinstance(frame, np.ndarray):
         if frame.ndim != 3 or frame.shape[2] != 3:
             raise FrameError(f"got a {_describe(frame)}; {_EXPECTED}")

@@ -35,7 +35,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Hashable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,7 +138,11 @@ class _PooledStream(StreamEncoder):
     """A StreamEncoder whose state is a slot of its pool's bank; the pool steps it in batches."""
 
     def __init__(
-        self, pool: StreamPool, stream_id: str, options: dict[str, Any], acquire: Callable
+        self,
+        pool: StreamPool,
+        stream_id: str,
+        options: dict[str, Any],
+        acquire: Callable[[_PooledStream, int, int], None],
     ) -> None:
         super().__init__(pool.encoder, **options)
         self.stream_id = stream_id
@@ -797,6 +810,10 @@ class _Additions:
             self.arrived.set()
 
 
+def _next_or_end(iterator: Iterator[FrameLike]) -> object:
+    return next(iterator, _END)
+
+
 async def _read_source(
     source: Iterable[FrameLike] | AsyncIterable[FrameLike],
     queue: asyncio.Queue[Any],
@@ -810,8 +827,8 @@ async def _read_source(
                 arrived.set()
         else:  # read in a thread: a sync source may block (a file, a camera)
             iterator = iter(source)
-            while (frame := await asyncio.to_thread(next, iterator, _END)) is not _END:
-                await queue.put(frame)
+            while (item := await asyncio.to_thread(_next_or_end, iterator)) is not _END:
+                await queue.put(item)
                 arrived.set()
         end = _Ended()
     except asyncio.CancelledError:
@@ -830,7 +847,7 @@ async def _pool_latents(
     flush: bool,
     dropped: dict[str, int],
     control: _Additions | None = None,
-) -> AsyncIterator[tuple[str, Latent]]:
+) -> AsyncGenerator[tuple[str, Latent], None]:
     control = control or _Additions(open=False)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamvae-pool")
     added = [sid for sid in sources if sid not in pool]

@@ -25,7 +25,14 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -233,7 +240,9 @@ class StreamEncoder:
         The latents equal those of pushing the frames one by one.
         """
         frames = list(frames)
-        stamps = [None] * len(frames) if timestamps is None else list(timestamps)
+        stamps: list[float | None] = (
+            [None] * len(frames) if timestamps is None else list(timestamps)
+        )
         if len(stamps) != len(frames):
             raise ValueError(f"got {len(frames)} frames but {len(stamps)} timestamps")
         self._check_usable()
@@ -313,7 +322,9 @@ class StreamEncoder:
         (240, 60)
         """
         frames = list(frames)
-        stamps = [None] * len(frames) if timestamps is None else list(timestamps)
+        stamps: list[float | None] = (
+            [None] * len(frames) if timestamps is None else list(timestamps)
+        )
         if len(stamps) != len(frames):
             raise ValueError(f"got {len(frames)} frames but {len(stamps)} timestamps")
         group = self.group_size
@@ -819,7 +830,7 @@ async def _latents(
     frames: Iterable[FrameLike] | AsyncIterable[FrameLike],
     *,
     flush: bool,
-) -> AsyncIterator[Latent]:
+) -> AsyncGenerator[Latent, None]:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamvae-encode")
     reader: _SyncReader | None = None
     try:

@@ -435,13 +435,71 @@ def test_progress_bar_on_a_terminal_and_on_a_pipe():
     assert pipe.getvalue().startswith("135 frames") and "\r" not in pipe.getvalue()
 
 
-def test_a_file_that_is_not_a_video_is_reported(tmp_path: Path):
-    not_video = tmp_path / "notes.txt"
-    not_video.write_text("not a video\n")
-    result = run_cli("encode", str(not_video), "-o", str(tmp_path / "x.latents"), *NARROW, "--json")
-    assert result.returncode == 1
-    summary = json.loads(result.stdout.splitlines()[-1])
-    assert "could not open" in summary["error"] and summary["frames"] == 0
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("encode", "{input}", "-o", "{out}/x.latents"),
+        ("live", "{input}", "-o", "{out}/x.latents"),
+        ("serve", "--source", "cam={input}", "--output-dir", "{out}"),
+    ],
+    ids=["encode", "live", "serve"],
+)
+def test_a_file_that_is_not_a_video_is_refused_before_any_output(tmp_path: Path, command):
+    """The error comes first (no summary), exit status 1, and no output file is created."""
+    not_video = tmp_path / "notes.md"
+    not_video.write_text("# not a video\n")
+    out = tmp_path / "out"
+    args = [a.format(input=not_video, out=out) for a in command]
+    result = run_cli(*args, *NARROW, "--json")
+    assert result.returncode == 1, result.stderr
+    assert "could not open" in result.stderr and str(not_video) in result.stderr
+    assert "not a video" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""  # no summary of a run that never started
+    assert not list(out.glob("*")) if out.exists() else True
+
+
+def test_a_bad_input_leaves_an_existing_output_as_it_was(tmp_path: Path):
+    existing = tmp_path / "x.latents"
+    existing.write_bytes(b"keep me")
+    not_video = tmp_path / "notes.md"
+    not_video.write_text("# not a video\n")
+    result = run_cli("encode", str(not_video), "-o", str(existing), *NARROW)
+    assert result.returncode == 1 and "could not open" in result.stderr
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_an_output_that_cannot_be_written_is_a_usage_error(tmp_path: Path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for output, expected in [
+        (tmp_path, "is a directory"),
+        (a_file / "x.latents", "is a file, not a directory"),
+    ]:
+        result = run_cli("encode", "synthetic://moving?frames=1", "-o", str(output), *NARROW)
+        assert result.returncode == 2 and expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_a_failed_encode_removes_only_the_output_it_created(tmp_path: Path):
+    from streamvae.io.commands import _removed_on_failure
+
+    created = tmp_path / "new.latents"
+    with _removed_on_failure(created, created=True) as outcome:
+        created.write_bytes(b"partial")
+        outcome.failed = True
+    assert outcome.removed and not created.exists()
+    before = tmp_path / "old.latents"
+    before.write_bytes(b"partial")
+    with _removed_on_failure(before, created=False) as outcome:
+        outcome.failed = True
+    assert not outcome.removed and before.exists()
+    with pytest.raises(RuntimeError), _removed_on_failure(created, created=True) as outcome:
+        created.write_bytes(b"partial")
+        raise RuntimeError("the model failed")
+    assert outcome.removed and not created.exists()
+    with _removed_on_failure(created, created=True) as outcome:
+        created.write_bytes(b"complete")
+    assert not outcome.removed and created.read_bytes() == b"complete"
 
 
 async def test_a_second_ctrl_c_aborts_a_stuck_drain():
@@ -505,3 +563,20 @@ def test_the_cli_runs_what_the_bench_measures():
             "cudnn_benchmark": False,
             "tf32": True,
         }
+
+
+async def test_the_stats_line_says_when_a_source_is_not_open_yet(tmp_path: Path):
+    from streamvae.io import Backoff, open_source
+    from streamvae.io.commands import _not_open_text
+
+    not_video = tmp_path / "notes.md"
+    not_video.write_text("# not a video\n")
+    down = open_source(not_video, kind="webcam", backoff=Backoff(initial=0.01, maximum=0.01))
+    async with down:
+        await wait_until(lambda: down.stats.last_error is not None, 10, "a failed open")
+        assert not down.has_opened
+        assert "| source not open yet: could not open" in _not_open_text(down)
+        assert "(retrying)" in _not_open_text(down)
+    async with open_source("synthetic://moving?frames=2", size="16x16") as up:
+        assert await up.opened() and up.has_opened
+        assert _not_open_text(up) == ""

@@ -57,3 +57,11 @@ def test_webcam_to_mqtt_and_subscriber_examples(broker: Broker, test_video: Path
 def test_rtsp_example_help():
     result = run_example("rtsp_to_mqtt.py", "--help")
     assert result.returncode == 0 and "rtsp://" in result.stdout
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_every_example_has_help_with_its_defaults(example: str):
+    result = run_example(example, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "(default: float32)" in result.stdout or "(default: mqtt://" in result.stdout
+    assert "``" not in result.stdout

@@ -18,6 +18,7 @@ from io_fixtures import make_video, read_video_frames
 from streamvae import StreamEncoder
 from streamvae.io import Backoff, encode_to_sinks, open_source, parse_size
 from streamvae.io.sources import (
+    SourceError,
     SourceFrame,
     SourceStats,
     _GroupQueue,
@@ -54,6 +55,8 @@ def test_source_kinds():
 def test_open_source_refuses_clearly():
     with pytest.raises(FileNotFoundError, match="no video file"):
         open_source("/nonexistent/clip.mp4")
+    with pytest.raises(IsADirectoryError, match="is a directory, not a video file"):
+        open_source(Path(__file__).parent)
     with pytest.raises(ValueError, match="multiples of 8"):
         open_source("synthetic://moving", size="30x30")
     with pytest.raises(ValueError, match="unknown synthetic pattern"):
@@ -532,3 +535,24 @@ def test_a_source_never_closed_stops_its_reader_with_its_event_loop():
         thread = sources[uri]._thread
         thread.join(10)
         assert not thread.is_alive(), uri
+
+
+async def test_opened_waits_for_the_source_and_reports_a_bad_one(test_video: Path, tmp_path: Path):
+    async with open_source(test_video) as source:
+        assert await source.opened()
+        assert source.total_frames == len(read_video_frames(test_video))
+        assert await source.opened()  # again: at once
+        assert len([frame async for frame in source]) == source.total_frames  # nothing consumed
+    not_video = tmp_path / "notes.md"
+    not_video.write_text("# not a video\n")
+    async with open_source(not_video) as source:
+        with pytest.raises(SourceError, match=r"could not open .*notes\.md.*not a video"):
+            await source.opened()
+    # A reconnecting source that cannot open: opened() keeps waiting until it is stopped.
+    source = open_source(not_video, kind="webcam", backoff=Backoff(initial=0.01, maximum=0.01))
+    async with source:
+        waiting = asyncio.ensure_future(source.opened())
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and source.stats.last_error is not None
+        source.stop()
+        assert await asyncio.wait_for(waiting, 5) is False

@@ -234,14 +234,16 @@ async def ensure_latents_stream(js: JetStreamContext, retain: int = 4096) -> Non
 async def _ensure_stream(
     js: JetStreamContext, config: StreamConfig, needs_update: Callable[[Any], bool]
 ) -> None:
+    name = config.name
+    assert name is not None, "the fleet's stream configs are always named"
     try:
-        info = await js.stream_info(config.name)
+        info = await js.stream_info(name)
     except NotFoundError:
         try:
             await js.add_stream(config)
             return
         except BadRequestError:  # created meanwhile by another process
-            info = await js.stream_info(config.name)
+            info = await js.stream_info(name)
     if needs_update(info.config):
         info.config.max_msgs_per_subject = config.max_msgs_per_subject
         await js.update_stream(info.config)

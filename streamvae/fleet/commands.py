@@ -30,12 +30,17 @@ from streamvae.fleet.ingest import DEFAULT_RETAIN, ingest
 from streamvae.fleet.messages import CODECS
 from streamvae.fleet.names import CONTROL_SUBJECT, LEASES_BUCKET, validate_fleet_id
 from streamvae.fleet.worker import FleetWorker, WorkerOptions
+from streamvae.usage import positive_int, positive_seconds, user_errors
 
 __all__ = ["add_fleet_command"]
 
 
-def add_fleet_command(commands: Any) -> argparse.ArgumentParser:
+def add_fleet_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     """``streamvae fleet {ingest,worker,move}``."""
+    from streamvae.io.commands import MODE_HELP
+
     parser = commands.add_parser(
         "fleet",
         help="a worker fleet on NATS JetStream (ingest, worker, move)",
@@ -48,29 +53,39 @@ def add_fleet_command(commands: Any) -> argparse.ArgumentParser:
     _nats_arguments(ing)
     ing.add_argument("--stream-id", required=True, help="the stream's id (one subject token)")
     ing.add_argument("--size", help="HxW, multiples of 8")
-    ing.add_argument("--resize", choices=("resize", "crop"), default="resize")
-    ing.add_argument("--frame-codec", choices=CODECS, default="jpeg")
-    ing.add_argument("--jpeg-quality", type=int, default=90)
+    ing.add_argument(
+        "--resize",
+        choices=("resize", "crop"),
+        default="resize",
+        help="how --size is reached: scale, or scale and centre-crop",
+    )
+    ing.add_argument(
+        "--frame-codec", choices=CODECS, default="jpeg", help="how frames travel in messages"
+    )
+    ing.add_argument("--jpeg-quality", type=int, default=90, help="0-100, for --frame-codec jpeg")
     ing.add_argument(
         "--retain",
         type=int,
         default=DEFAULT_RETAIN,
         help=f"frames kept per stream for replays (>= R + 8; default {DEFAULT_RETAIN})",
     )
-    ing.add_argument("--frames", type=int, help="stop after this many frames")
+    ing.add_argument("--frames", type=positive_int, help="stop after this many frames")
     ing.add_argument("--run-id", help="run id (default: time and a random suffix)")
     _common_arguments(ing)
     ing.set_defaults(func=run_ingest)
 
     work = sub.add_parser("worker", help="claim streams, encode them, publish latents")
     _nats_arguments(work)
-    work.add_argument("--capacity", type=int, required=True, help="most streams at once")
+    work.add_argument("--capacity", type=positive_int, required=True, help="most streams at once")
     work.add_argument("--worker-id", help="this worker's id (default: host-pid)")
     work.add_argument(
-        "--lease-ttl", type=float, default=3.0, help="seconds a dead worker's leases last"
+        "--lease-ttl",
+        type=positive_seconds,
+        default=3.0,
+        help="seconds a dead worker's leases last",
     )
     work.add_argument("--mqtt", metavar="URL", help="also publish to <prefix>/<stream>/latents")
-    work.add_argument("--mqtt-password-file")
+    work.add_argument("--mqtt-password-file", help="file whose first line is the MQTT password")
     work.add_argument(
         "-o", "--output", metavar="DIR", help="also write DIR/<stream>/<run>.*.latents"
     )
@@ -79,9 +94,12 @@ def add_fleet_command(commands: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="do not publish latents to svae.latents.<stream>",
     )
-    work.add_argument("--mode", choices=("frame", "group"), default="frame")
+    work.add_argument("--mode", choices=("frame", "group"), default="frame", help=MODE_HELP)
     work.add_argument(
-        "--latent-dtype", choices=("float32", "float16", "bfloat16"), default="float32"
+        "--latent-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="storage dtype",
     )
     from streamvae.cli import add_model_arguments
 
@@ -117,12 +135,10 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> NatsSettings:
-    try:
+    with user_errors():
         return NatsSettings.from_url(
             args.nats, password_file=args.nats_password_file, creds_file=args.nats_creds
         )
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"streamvae: {exc}") from None
 
 
 def _logging(args: argparse.Namespace) -> None:
@@ -161,14 +177,20 @@ def run_ingest(args: argparse.Namespace) -> int:
 
     _logging(args)
     settings = _settings(args)
-    try:
+    with user_errors():
         validate_fleet_id(args.stream_id)
         source = open_source(args.source, size=args.size, resize=args.resize)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"streamvae: {exc}") from None
 
     async def main() -> int:
         async with source:
+            # A source that cannot come back (a file) is refused before anything reaches NATS.
+            if not source.reconnect:
+                try:
+                    if not await source.opened():
+                        return 130
+                except SourceError as exc:
+                    print(f"streamvae: {exc}", file=sys.stderr)
+                    return 1
             task = asyncio.ensure_future(
                 ingest(
                     source,
@@ -224,12 +246,10 @@ def run_worker(args: argparse.Namespace) -> int:
     if args.mqtt:
         from streamvae.io.mqtt import MqttSettings
 
-        try:
+        with user_errors():
             mqtt = MqttSettings.from_url(args.mqtt, password_file=args.mqtt_password_file)
-        except (ValueError, OSError) as exc:
-            raise SystemExit(f"streamvae: {exc}") from None
     choice = model_from_args(args)
-    try:
+    with user_errors():
         options = WorkerOptions(
             capacity=args.capacity,
             **({"worker_id": args.worker_id} if args.worker_id else {}),
@@ -241,8 +261,6 @@ def run_worker(args: argparse.Namespace) -> int:
             mqtt=mqtt,
             output_dir=Path(args.output) if args.output else None,
         )
-    except ValueError as exc:
-        raise SystemExit(f"streamvae: {exc}") from None
 
     def on_event(record: dict[str, Any]) -> None:
         if args.json:

@@ -116,7 +116,8 @@ async def ingest(
                 nonlocal attempts
                 attempts += 1
                 ack = await js.publish(subject, payload, headers=headers, timeout=2.0)
-                return ack.seq
+                seq: int = ack.seq
+                return seq
 
             seq = await retrying(f"publishing to {subject}", once)
             stats.retries += attempts - 1

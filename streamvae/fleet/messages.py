@@ -115,7 +115,7 @@ def end_headers(*, run: str, frames: int, stream_id: str) -> dict[str, str]:
 
 
 def is_end(headers: Mapping[str, str] | None) -> bool:
-    return bool(headers) and headers.get(HEADER_END) == "1"
+    return headers is not None and headers.get(HEADER_END) == "1"
 
 
 def decode_frame(
@@ -150,7 +150,7 @@ def decode_frame(
                 f"raw frame {index} has {len(payload)} bytes, a {height}x{width} RGB frame "
                 f"{height * width * 3}"
             )
-        image = np.frombuffer(payload, np.uint8).reshape(height, width, 3).copy()
+        image: np.ndarray = np.frombuffer(payload, np.uint8).reshape(height, width, 3).copy()
     else:
         bgr = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
         if bgr is None:

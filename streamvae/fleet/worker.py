@@ -717,7 +717,7 @@ class FleetWorker:
         live[me] = {"capacity": self.options.capacity, "owned": len(self.tasks)}
         prefer = (progress or {}).get("prefer")
         if prefer in live:
-            return prefer == me
+            return bool(prefer == me)
         with_room = {
             wid: e for wid, e in live.items() if int(e.get("owned", 0)) < int(e.get("capacity", 1))
         }

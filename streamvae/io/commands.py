@@ -13,9 +13,11 @@ the encoder is flushed, the file is closed, buffered MQTT messages are published
 stream's status becomes ``offline``. A second Ctrl-C aborts at once. ``--json`` prints the
 summary as one JSON line on stdout instead of text.
 
-Exit status: 0 when every latent was delivered; 1 when the source or a sink failed, or when
-``live`` could not deliver every latent to MQTT (discarded by a full buffer, or unsent at
-exit: the summary's ``error`` says how many); 130 after an abort.
+Exit status: 0 when every latent was delivered; 2 for a command line that cannot run as given
+(see :mod:`streamvae.usage`); 1 when the source or a sink failed, or when ``live`` could not
+deliver every latent to MQTT (discarded by a full buffer, or unsent at exit: the summary's
+``error`` says how many); 130 after an abort. A bad input is refused before any output file
+exists; a failed ``encode`` removes the file it created.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
@@ -60,6 +63,13 @@ from streamvae.io.sources import (
 from streamvae.io.topics import PASSWORD_ENV, validate_stream_id
 from streamvae.io.wire import STORAGE_DTYPES
 from streamvae.stream import StreamEncoder
+from streamvae.usage import (
+    non_negative_seconds,
+    positive_int,
+    positive_seconds,
+    usage_error,
+    user_errors,
+)
 
 if TYPE_CHECKING:
     from streamvae.io.mqtt import MqttSettings, MqttSink
@@ -74,7 +84,9 @@ __all__ = [
 ]
 
 
-def add_encode_command(commands: Any) -> argparse.ArgumentParser:
+def add_encode_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     """``streamvae encode INPUT -o OUTPUT``: a video (or any source) to a ``.latents`` file."""
     parser = commands.add_parser(
         "encode",
@@ -96,7 +108,9 @@ def add_encode_command(commands: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def add_live_command(commands: Any) -> argparse.ArgumentParser:
+def add_live_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     """``streamvae live SOURCE --mqtt URL``: a live source to MQTT (and/or a file)."""
     parser = commands.add_parser(
         "live",
@@ -110,14 +124,19 @@ def add_live_command(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--mqtt", metavar="URL", help="mqtt://[user@]host:port/prefix (mqtts:// for TLS)"
     )
-    parser.add_argument("-o", "--output", help="also append the latents to this .latents file")
+    parser.add_argument(
+        "-o", "--output", help="also write the latents to this .latents file (replacing it)"
+    )
     parser.add_argument("--stream-id", help="topic level for this stream (default: from SOURCE)")
     _add_mqtt_arguments(parser)
     _add_source_arguments(parser)
     _add_encoder_arguments(parser)
     _add_cli_model_arguments(parser)
     parser.add_argument(
-        "--stats-interval", type=float, default=2.0, help="seconds between stats lines (0: none)"
+        "--stats-interval",
+        type=non_negative_seconds,
+        default=2.0,
+        help="seconds between stats lines (0: none)",
     )
     _add_output_arguments(parser)
     parser.set_defaults(run=run_live)
@@ -127,10 +146,12 @@ def add_live_command(commands: Any) -> argparse.ArgumentParser:
 def _add_mqtt_arguments(parser: argparse.ArgumentParser) -> None:
     """The MQTT options of ``live`` and ``serve`` (the broker URL itself is ``--mqtt``)."""
     mqtt = parser.add_argument_group("MQTT")
-    mqtt.add_argument("--qos", type=int, choices=(0, 1, 2), default=1)
+    mqtt.add_argument(
+        "--qos", type=int, choices=(0, 1, 2), default=1, help="MQTT QoS of the latent messages"
+    )
     mqtt.add_argument(
         "--buffer-messages",
-        type=int,
+        type=positive_int,
         default=256,
         help="latents held while the broker is away; the oldest are discarded beyond (default 256)",
     )
@@ -146,11 +167,14 @@ def _add_mqtt_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the broker host-name check (testing only)",
     )
     mqtt.add_argument(
-        "--reconnect-max", type=float, default=5.0, help="longest wait between reconnects, s"
+        "--reconnect-max",
+        type=positive_seconds,
+        default=5.0,
+        help="longest wait between reconnects, s",
     )
     mqtt.add_argument(
         "--drain-timeout",
-        type=float,
+        type=non_negative_seconds,
         default=5.0,
         help="seconds to publish buffered latents at exit",
     )
@@ -180,10 +204,10 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
         default="resize",
         help="how --size is reached: scale (default) or scale and centre-crop",
     )
-    group.add_argument("--frames", type=int, help="stop after this many frames")
+    group.add_argument("--frames", type=positive_int, help="stop after this many frames")
     group.add_argument(
         "--max-queued-groups",
-        type=int,
+        type=positive_int,
         default=2,
         help="groups of 4 frames waiting for the encoder; live sources drop the oldest beyond",
     )
@@ -201,9 +225,20 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+MODE_HELP = (
+    "frame: each frame runs as far as causality allows when it arrives; group: a group runs in "
+    "one step when its 4th frame arrives"
+)
+
+
 def _add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("encoder")
-    group.add_argument("--mode", choices=("frame", "group"), default="frame")
+    group.add_argument(
+        "--mode",
+        choices=("frame", "group"),
+        default="frame",
+        help=MODE_HELP,
+    )
     group.add_argument(
         "--pad-tail", action="store_true", help="pad a partial last group instead of dropping it"
     )
@@ -317,7 +352,7 @@ def _ffmpeg_options(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"streamvae: --ffmpeg-option takes KEY=VALUE, got {pair!r}")
+            usage_error(f"--ffmpeg-option takes KEY=VALUE, got {pair!r}")
         options[key] = value
     return options
 
@@ -339,7 +374,7 @@ def _open_source_from_args(uri: str, args: argparse.Namespace) -> FrameSource:
             "--source-password-file instead",
             file=sys.stderr,
         )
-    try:
+    with user_errors():
         password = source_password(args)
         return open_source(
             uri,
@@ -349,8 +384,6 @@ def _open_source_from_args(uri: str, args: argparse.Namespace) -> FrameSource:
             ffmpeg_options=_ffmpeg_options(args.ffmpeg_option),
             password=password if source_kind(uri) == "network" else None,
         )
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"streamvae: {exc}") from None
 
 
 def _model_choice(args: argparse.Namespace) -> Any:
@@ -361,7 +394,7 @@ def _model_choice(args: argparse.Namespace) -> Any:
     size = parse_size(args.size) if getattr(args, "size", None) else None
     problem = None if size is None else choice.encoder.config.size_error(*size)
     if problem is not None:
-        raise SystemExit(f"streamvae: --size {args.size}: {problem}")
+        usage_error(f"--size {args.size}: {problem}")
     if choice.random:
         print(
             "streamvae: RANDOM WEIGHTS: the latents are meaningless (for trying the pipeline); "
@@ -496,12 +529,61 @@ def _print_summary(args: argparse.Namespace, summary: dict[str, Any], lines: lis
         print("\n".join(lines), flush=True)
 
 
+def _check_output_file(path: str | Path) -> None:
+    """Exit (status 2) before anything runs if ``path`` cannot be a ``.latents`` file to write."""
+    target = Path(path)
+    if target.is_dir():
+        usage_error(f"--output {path} is a directory; give a file such as x.latents")
+    parent = next((p for p in target.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        usage_error(f"--output {path}: {parent} is a file, not a directory")
+    if parent is not None and not os.access(parent, os.W_OK):
+        usage_error(f"--output {path}: cannot write in {parent}")
+
+
+async def _source_opened(source: FrameSource) -> bool:
+    """Wait for ``source`` to open; exit with its error (status 1) if it cannot. ``False``:
+    stopped (Ctrl-C) before it opened."""
+    try:
+        opened = await source.opened()
+    except SourceError as exc:
+        raise SystemExit(f"streamvae: {exc}") from None
+    if not opened:
+        print("streamvae: stopped before the source opened; nothing written", file=sys.stderr)
+    return opened
+
+
+@dataclass
+class _Outcome:
+    failed: bool = False
+    removed: bool = False
+
+
+@contextlib.contextmanager
+def _removed_on_failure(path: Path, created: bool) -> Iterator[_Outcome]:
+    """Delete ``path`` if this command ``created`` it and the run failed (``outcome.failed``
+    set, or an exception): no incomplete output is left behind, and a file that was there
+    before is never deleted."""
+    outcome = _Outcome()
+    try:
+        yield outcome
+    except BaseException:
+        outcome.failed = True
+        raise
+    finally:
+        if outcome.failed and created:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            outcome.removed = True
+
+
 # -- encode ----
 
 
 def run_encode(args: argparse.Namespace) -> int:
     """The ``encode`` command (see :func:`add_encode_command`)."""
     _setup_logging(args)
+    _check_output_file(args.output)
     source = _open_source_from_args(args.input, args)
     choice, encoder = _stream_encoder(args)
     return _run_until_done(_encode(args, source, choice, encoder))
@@ -518,9 +600,17 @@ async def _encode(
         not args.quiet,
     )
     error: str | None = None
-    with FileSink(args.output, labels=labels, dtype=args.latent_dtype) as sink:
-        async with source:
-            with _stop_on_signals(source.stop):
+    output = Path(args.output)
+    async with source:
+        with _stop_on_signals(source.stop):
+            # The input first: a file that is no video is refused before any output exists.
+            if not await _source_opened(source):
+                return 130
+            created = not output.exists()
+            with (
+                _removed_on_failure(output, created) as outcome,
+                FileSink(output, labels=labels, dtype=args.latent_dtype) as sink,
+            ):
                 try:
                     await encode_to_sinks(
                         source,
@@ -532,11 +622,13 @@ async def _encode(
                     )
                 except SourceError as exc:
                     error = str(exc)
-        progress.finish(stats)
+                    outcome.failed = True
+    progress.finish(stats)
     summary = {
         **stats.summary(),
         "output": str(args.output),
         "bytes": sink.bytes_written,
+        "output_removed": outcome.removed,
         "dropped_by_source": source.stats.dropped_frames,
         "meaningless": choice.random,
         "error": error,
@@ -551,8 +643,13 @@ async def _encode(
             f"{_latency_text(stats.latencies)} (capture of a latent's last frame -> latent ready)",
             f"dropped: {stats.dropped_by_encoder} frame(s) of a partial last group, "
             f"{source.stats.dropped_frames} by the source",
-            f"wrote {args.output} ({sink.latents_written} latents, {sink.bytes_written} bytes)"
-            + meaningless,
+            (
+                f"removed the incomplete {args.output} ({sink.latents_written} latents written "
+                "before the failure)"
+                if outcome.removed
+                else f"wrote {args.output} ({sink.latents_written} latents, "
+                f"{sink.bytes_written} bytes)" + meaningless
+            ),
             *([f"error: {error}"] if error else []),
         ],
     )
@@ -565,13 +662,13 @@ async def _encode(
 def run_live(args: argparse.Namespace) -> int:
     """The ``live`` command (see :func:`add_live_command`)."""
     if not args.mqtt and not args.output:
-        raise SystemExit("streamvae live: give --mqtt URL and/or --output FILE")
+        usage_error("live needs --mqtt URL and/or --output FILE")
     _setup_logging(args)
-    try:
+    with user_errors():
         stream_id = validate_stream_id(args.stream_id or default_stream_id(args.source))
         settings = mqtt_settings(args)
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"streamvae: {exc}") from None
+    if args.output:
+        _check_output_file(args.output)
     source = _open_source_from_args(args.source, args)
     choice, encoder = _stream_encoder(args)
     return _run_until_done(_live(args, source, choice, encoder, settings, stream_id))
@@ -589,6 +686,12 @@ async def _live(
     stats = PipelineStats()
     sinks: list[LatentSink] = []
     error: str | None = None
+    # A source that cannot come back (a file, synthetic://) is refused before any output exists;
+    # a camera or stream that is not up yet is waited for, reconnecting, as always.
+    if not source.reconnect and not await _source_opened(source):
+        return 130
+    output = Path(args.output) if args.output else None
+    created = output is not None and not output.exists()
     async with contextlib.AsyncExitStack() as stack:
         mqtt: MqttSink | None = None
         if settings is not None:
@@ -657,11 +760,23 @@ async def _live(
 
     if file_sink is not None:
         summary["output"] = str(args.output)
-        lines.append(f"wrote {args.output} ({file_sink.latents_written} latents)")
+        if error and created and not file_sink.latents_written and output is not None:
+            output.unlink(missing_ok=True)  # a failed run leaves no empty file behind
+            summary["output_removed"] = True
+            lines.append(f"removed {args.output} (no latents written)")
+        else:
+            lines.append(f"wrote {args.output} ({file_sink.latents_written} latents)")
     if error:
         lines.append(f"error: {error}")
     _print_summary(args, summary, lines)
     return 1 if error else 0
+
+
+def _not_open_text(source: FrameSource) -> str:
+    """`` | source not open yet: ... (retrying)`` for a stats line while a source is down."""
+    if source.has_opened or not source.stats.last_error:
+        return ""
+    return f" | source not open yet: {source.stats.last_error} (retrying)"
 
 
 async def _report_live(
@@ -685,6 +800,7 @@ async def _report_live(
         )
         if source.stats.disconnects:
             line += f" | source reconnects {source.stats.reconnects}/{source.stats.disconnects}"
+        line += _not_open_text(source)
         if mqtt is not None:
             state = "connected" if mqtt.stats.connected else "DISCONNECTED"
             line += (

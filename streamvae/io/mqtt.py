@@ -55,7 +55,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -569,7 +569,7 @@ class MqttSink:
                 self.stats.in_flight = len(in_flight)
                 if not in_flight and self._closing:
                     return True
-                waits: set[asyncio.Future[object]] = {watcher, abandoned}
+                waits: set[asyncio.Future[Any]] = {watcher, abandoned}
                 if in_flight:
                     waits.add(in_flight[0][1])
                 woken = None
@@ -600,7 +600,7 @@ class MqttSink:
     def _requeue(self, in_flight: deque[tuple[_Outgoing, asyncio.Future[None]]]) -> None:
         """After a disconnect: count what was acknowledged; the rest goes back to the front of
         the buffer in order (published again after the reconnection; maybe discarded)."""
-        unacknowledged = []
+        unacknowledged: list[_Outgoing] = []
         for message, publish in in_flight:
             acknowledged = (
                 publish.done() and not publish.cancelled() and publish.exception() is None

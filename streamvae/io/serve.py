@@ -20,7 +20,7 @@ Sources come from a TOML file, from repeated ``--source ID=URI``, or both (ids m
     uri = "0"
 
 Each stream publishes to ``<prefix>/<ID>/latents`` (with its own retained status, as ``live``
-does) and/or appends to ``<output-dir>/<ID>.latents``. One tick takes each source's next
+does) and/or writes to ``<output-dir>/<ID>.latents``. One tick takes each source's next
 frame, waiting at most ``--deadline`` seconds for late ones, and steps the pool: a stalled
 source holds no other back. Network sources and cameras that fail are reopened with backoff,
 and their first frame after it marks a gap on their own stream only (its run restarts: the
@@ -49,6 +49,7 @@ from streamvae.io.commands import (
     _add_source_arguments,
     _latency_text,
     _model_choice,
+    _not_open_text,
     _open_source_from_args,
     _print_summary,
     _run_until_done,
@@ -60,9 +61,10 @@ from streamvae.io.commands import (
 )
 from streamvae.io.filesink import FileSink
 from streamvae.io.pipeline import LatentSink, PipelineStats, SinkError, _counted, latent_latency
-from streamvae.io.sources import FrameSource
+from streamvae.io.sources import FrameSource, SourceError
 from streamvae.io.topics import validate_stream_id
 from streamvae.pool import PoolSourceError, StreamPool
+from streamvae.usage import non_negative_seconds, user_errors
 
 if TYPE_CHECKING:
     from streamvae.io.mqtt import MqttSettings, MqttSink
@@ -86,7 +88,9 @@ class SourceSpec:
     size: str | None = None
 
 
-def add_serve_command(commands: Any) -> argparse.ArgumentParser:
+def add_serve_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     """``streamvae serve [FILE.toml] [--source ID=URI ...]``."""
     parser = commands.add_parser(
         "serve",
@@ -105,15 +109,20 @@ def add_serve_command(commands: Any) -> argparse.ArgumentParser:
         help="a source and its stream id (repeat for more)",
     )
     parser.add_argument("--mqtt", metavar="URL", help="mqtt://[user@]host:port/prefix")
-    parser.add_argument("--output-dir", help="append each stream's latents to DIR/ID.latents")
+    parser.add_argument(
+        "--output-dir", help="write each stream's latents to DIR/ID.latents (replacing it)"
+    )
     parser.add_argument(
         "--deadline",
-        type=float,
+        type=non_negative_seconds,
         default=0.025,
         help="seconds a tick waits for late sources once one has a frame (0.025)",
     )
     parser.add_argument(
-        "--stats-interval", type=float, default=2.0, help="seconds between stats lines (0: none)"
+        "--stats-interval",
+        type=non_negative_seconds,
+        default=2.0,
+        help="seconds between stats lines (0: none)",
     )
     _add_mqtt_arguments(parser)
     _add_source_arguments(parser)
@@ -134,10 +143,10 @@ def read_sources(
     specs: list[SourceSpec] = []
     defaults: dict[str, Any] = {}
     if path is not None:
-        try:
+        if sys.version_info >= (3, 11):
             import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
+        else:
+            import tomli as tomllib
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -212,7 +221,7 @@ async def stream_sinks(
 def run_serve(args: argparse.Namespace) -> int:
     """The ``serve`` command (see the module docstring)."""
     _setup_logging(args)
-    try:
+    with user_errors("streamvae serve"):
         specs, defaults = read_sources(args.sources_file, args.source)
         args.mqtt = args.mqtt or defaults.get("mqtt")
         args.output_dir = args.output_dir or defaults.get("output_dir")
@@ -222,8 +231,6 @@ def run_serve(args: argparse.Namespace) -> int:
         if not (args.deadline >= 0):
             raise ValueError(f"--deadline must be >= 0 seconds, got {args.deadline}")
         settings = mqtt_settings(args)
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"streamvae serve: {exc}") from None
     sources = {
         spec.stream_id: _open_source_from_args(
             spec.uri, argparse.Namespace(**{**vars(args), "size": spec.size or args.size})
@@ -251,8 +258,21 @@ async def _serve(
     files: dict[str, FileSink] = {}
     errors: dict[str, str] = {}
     dropped: dict[str, int] = {}
+    # Sources that cannot come back (files, synthetic://) are refused before any output exists;
+    # cameras and streams that are not up yet are waited for, reconnecting, as always.
+    for sid, source in sources.items():
+        try:
+            if not source.reconnect and not await source.opened():
+                return 130  # stopped (Ctrl-C) while opening
+        except SourceError as exc:
+            for other in sources.values():
+                other.stop()
+            raise SystemExit(f"streamvae serve: {sid}: {exc}") from None
+    created: set[str] = set()
     async with contextlib.AsyncExitStack() as stack:
         for sid in sources:
+            if args.output_dir and not (Path(args.output_dir) / f"{sid}.latents").exists():
+                created.add(sid)
             opened = await stack.enter_async_context(
                 stream_sinks(args, settings, sid, {**base, "stream": sid})
             )
@@ -346,6 +366,9 @@ async def _serve(
             line += f", mqtt {m.published}/{m.sent} published, {m.discarded} discarded"
         if sid in files:
             entry["output"] = str(files[sid].path)
+            if sid in errors and sid in created and not files[sid].latents_written:
+                files[sid].path.unlink(missing_ok=True)  # a failed stream leaves no empty file
+                entry["output_removed"] = True
         if sid in errors:
             line += f", error: {errors[sid]}"
         summary["streams"][sid] = entry
@@ -385,6 +408,7 @@ async def _report(
             )
             if source.stats.disconnects:
                 line += f" | reconnects {source.stats.reconnects}/{source.stats.disconnects}"
+            line += _not_open_text(source)
             if sid in mqtt:
                 m = mqtt[sid].stats
                 state = "connected" if m.connected else "DISCONNECTED"

@@ -447,6 +447,11 @@ class _GroupQueue:
         if done and (len(first.frames) >= first.size or len(self._groups) > 1):
             self._groups.popleft()
 
+    def ended(self) -> tuple[bool, BaseException | None]:
+        """Whether the reader has closed the queue, and the error it closed it with."""
+        with self._cond:
+            return self._closed, self._error
+
     def close(self, error: BaseException | None = None, *, discard: bool = False) -> None:
         """No more frames: the consumer gets what is queued (unless ``discard``), then the end."""
         with self._cond:
@@ -519,6 +524,7 @@ class FrameSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Event | None = None
         self._queue: _GroupQueue | None = None
+        self._opened = False  # set once by the reader thread, read by the event loop
         self._synthetic = _synthetic_options(uri) if kind == "synthetic" else None
 
     def __repr__(self) -> str:
@@ -579,6 +585,33 @@ class FrameSource:
         self._start()
         return self
 
+    @property
+    def has_opened(self) -> bool:
+        """Whether the source has opened at least once (see :meth:`opened`)."""
+        return self._opened
+
+    async def opened(self) -> bool:
+        """Wait until the source has opened for the first time (starting its reader if need be):
+        ``True`` then, and ``total_frames`` and ``fps`` are known; ``False`` if it was stopped
+        first. Raises :class:`SourceError` if it ended before opening (a file that is no video,
+        a stream that gave up reconnecting), so that a command can refuse a bad input before it
+        creates any output. A reconnecting source keeps retrying meanwhile::
+
+            async with open_source("clip.mp4") as source:
+                await source.opened()  # SourceError: could not open clip.mp4
+        """
+        queue = self._start()
+        assert self._ready is not None
+        while not self._opened:
+            ended, error = queue.ended()
+            if error is not None:
+                raise error
+            if ended:
+                return False
+            self._ready.clear()
+            await self._ready.wait()
+        return True
+
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
@@ -633,9 +666,17 @@ class FrameSource:
                 cv2.CAP_PROP_READ_TIMEOUT_MSEC,
                 int(self._read_timeout * 1000),
             ]
-        capture = _OpenCvCapture(
-            target, backend=backend, params=params, ffmpeg_options=self._ffmpeg_options
-        )
+        try:
+            capture = _OpenCvCapture(
+                target, backend=backend, params=params, ffmpeg_options=self._ffmpeg_options
+            )
+        except SourceError as exc:
+            if self.kind != "file":
+                raise
+            raise SourceError(
+                f"{exc}: not a video OpenCV can decode (expected a video file such as .mp4, "
+                ".mkv, .avi or .webm)"
+            ) from None
         if self.kind == "webcam":
             capture._cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the newest frame, not a backlog
         else:  # files and streams: OpenCV's position is the frame's presentation time
@@ -669,6 +710,9 @@ class FrameSource:
                     run += 1
                     self.stats.reconnects += 1
                 self.total_frames, self.fps = capture.total_frames, capture.fps
+                if not self._opened:
+                    self._opened = True
+                    self._wake()
                 number = self._pump(capture, queue, run)
                 if number:
                     delivered_any = True
@@ -819,6 +863,11 @@ def open_source(
         raise ValueError(f"max_queued_groups must be >= 1, got {max_queued_groups}")
     if chosen == "file" and isinstance(uri, str):
         path = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+        if path.is_dir():
+            raise IsADirectoryError(
+                f"{str(path)!r} is a directory, not a video file (serve takes several sources: "
+                "streamvae serve --source ID=URI ...)"
+            )
         if not path.is_file():
             raise FileNotFoundError(
                 f"no video file at {str(path)!r} (a camera is 0 or /dev/video0; streams start "

@@ -15,8 +15,8 @@ others (:class:`~streamvae.model.layers.Patchify`, :class:`~streamvae.model.laye
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable, Iterator
-from typing import Any
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -422,7 +422,7 @@ class WanEncoder(nn.Module):
         h, w = height // patch, width // patch
         conv_in = self.conv_in.new_state(spec, h, w)
         blocks: list[BlockState] = []
-        for block in self.down_blocks:
+        for block in self._blocks:
             blocks.append(block.new_state(spec, h, w))
             if block.halves_space:
                 h, w = h // 2, w // 2
@@ -432,6 +432,11 @@ class WanEncoder(nn.Module):
         if cuda_graphs and self.device.type == "cuda":
             state.graphs = StepGraphs(self.device)
         return state
+
+    @property
+    def _blocks(self) -> Sequence[Block]:
+        """``down_blocks`` as what it holds (``nn.ModuleList`` is typed as any ``nn.Module``)."""
+        return cast("Sequence[Block]", self.down_blocks)
 
     # -- stepping ----
 
@@ -479,7 +484,8 @@ class WanEncoder(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> WanEncoder:
         self._params = None
-        return super()._apply(fn, recurse)
+        applied: WanEncoder = nn.Module._apply(self, fn, recurse)
+        return applied
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
         self._params = None
@@ -487,17 +493,22 @@ class WanEncoder(nn.Module):
 
     def _advance(self, count: int, state: EncoderState) -> torch.Tensor | None:
         """The step after the input frames were written into ``conv_in``'s window."""
-        h: torch.Tensor | None = self.conv_in.step(state.conv_in, count)
-        for block, block_state in zip(self.down_blocks, state.blocks):
-            h = block.step(h, block_state)  # type: ignore[arg-type]
-            if h is None:  # a temporal downsample holds its frame for the next pair
+        h = self.conv_in.step(state.conv_in, count)
+        for block, block_state in zip(self._blocks, state.blocks):
+            # new_state made block_state for this block: the pairing is by position, which
+            # the union types cannot express.
+            out = block.step(h, block_state)  # type: ignore[arg-type]
+            if out is None:  # a temporal downsample holds its frame for the next pair
                 return None
+            h = out
         h = self.mid_block.step(h, state.mid)
         count = h.shape[2]
         self.norm_out.silu_into(h, state.conv_out.slots(count))
         h = self.conv_out.step(state.conv_out, count)
         z = self.config.z_dim
-        return self.quant_kernel(h, self.quant_conv.weight[:z], self.quant_conv.bias[:z])
+        bias = self.quant_conv.bias
+        assert bias is not None, "quant_conv is built with a bias"
+        return self.quant_kernel(h, self.quant_conv.weight[:z], bias[:z])
 
     def normalize(self, mean: torch.Tensor) -> torch.Tensor:
         """Wan's latent normalisation ``(mu - mean) / std`` per channel, in float32."""

@@ -109,7 +109,7 @@ class PackedConv:
         return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__(state["stride"], state["padding"], state["dilation"])  # type: ignore[misc, arg-type]
+        self.__init__(state["stride"], state["padding"], state["dilation"])  # type: ignore[misc]
 
     def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether this call can run on oneDNN: CPU, float32/bfloat16, channels-last input.
@@ -145,13 +145,15 @@ class PackedConv:
             conv = F.conv3d if x.dim() == 5 else F.conv2d
             return conv(x, weight, bias, self.stride, self.padding, self.dilation)
         if not keep_packed:
-            return torch.ops.aten.mkldnn_convolution(
+            out: torch.Tensor = torch.ops.aten.mkldnn_convolution(
                 x, weight, bias, self.padding, self.stride, self.dilation, 1
             )
+            return out
         packed = self._pack(weight, tuple(x.shape), weight if source is None else source)
-        return torch.ops.mkldnn._convolution_pointwise(
+        out = torch.ops.mkldnn._convolution_pointwise(
             x, packed, bias, self.padding, self.stride, self.dilation, 1, "none", [], ""
         )
+        return out
 
     def _pack(
         self, weight: torch.Tensor, input_shape: tuple[int, ...], source: torch.Tensor
@@ -184,15 +186,17 @@ def _reorder(weight: torch.Tensor, conv: PackedConv, input_shape: list[int]) -> 
     if hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"):
         # From the dense weight directly: no intermediate oneDNN copy (which, freed, would
         # leave the heap fragmented by as much as the packed weights themselves).
-        return torch.ops.mkldnn._reorder_convolution_weight(
+        packed: torch.Tensor = torch.ops.mkldnn._reorder_convolution_weight(
             weight, conv.padding, conv.stride, conv.dilation, 1, input_shape
         )
+        return packed
     reorder = (
         torch._C._nn.mkldnn_reorder_conv3d_weight
         if weight.dim() == 5
         else torch._C._nn.mkldnn_reorder_conv2d_weight
     )
-    return reorder(weight.to_mkldnn(), conv.padding, conv.stride, conv.dilation, 1, input_shape)
+    # torch's _C/_nn.pyi omits these ops' last parameter (input_size), which they take.
+    return reorder(weight.to_mkldnn(), conv.padding, conv.stride, conv.dilation, 1, input_shape)  # type: ignore[call-arg]
 
 
 def rms_silu_into(

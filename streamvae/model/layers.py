@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +84,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, *, images: bool = False) -> None:
         super().__init__()
-        self.scale = dim**0.5
+        self.scale: float = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def _normalized(self, x: torch.Tensor) -> torch.Tensor:
@@ -387,6 +389,11 @@ class AvgShortcut(nn.Module):
         return out
 
 
+def _blocks(modules: nn.ModuleList) -> Sequence[ResidualBlock]:
+    """``modules`` as what it holds (``nn.ModuleList`` is typed as holding any ``nn.Module``)."""
+    return cast("Sequence[ResidualBlock]", modules)
+
+
 class StageState:
     """The states of one Wan 2.2 stage: its residual blocks', its downsample's, its shortcut's."""
 
@@ -435,22 +442,23 @@ class ResidualStage(nn.Module):
         return self.downsampler is not None
 
     def new_state(self, spec: StateSpec, height: int, width: int) -> StageState:
-        resnets = [resnet.new_state(spec, height, width) for resnet in self.resnets]
+        resnets = [resnet.new_state(spec, height, width) for resnet in _blocks(self.resnets)]
         down = None if self.downsampler is None else self.downsampler.new_state(spec, height, width)
         return StageState(resnets, down, self.avg_shortcut.new_state(spec, height, width))
 
     def step(self, x: torch.Tensor, state: StageState) -> torch.Tensor | None:
         # Before the blocks: the pair state copies x, or the pooled result is a new tensor.
         shortcut = self.avg_shortcut.step(x, state.shortcut)
-        h: torch.Tensor | None = x
-        for resnet, resnet_state in zip(self.resnets, state.resnets):
+        h = x
+        for resnet, resnet_state in zip(_blocks(self.resnets), state.resnets):
             h = resnet.step(h, resnet_state)
+        out: torch.Tensor | None = h
         if self.downsampler is not None:
-            h = self.downsampler.step(h, state.down)
-        if h is None or shortcut is None:
-            assert h is None and shortcut is None, "main path and shortcut out of step"
+            out = self.downsampler.step(h, state.down)
+        if out is None or shortcut is None:
+            assert out is None and shortcut is None, "main path and shortcut out of step"
             return None
-        return h.add_(shortcut)
+        return out.add_(shortcut)
 
 
 class Attention(nn.Module):
@@ -472,7 +480,7 @@ class Attention(nn.Module):
         q, k, v = (part.unsqueeze(1) for part in qkv.chunk(3, dim=-1))
         attended = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))
         attended = attended.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
-        out = self.proj(attended).reshape(b, t, c, h, w).transpose(1, 2)
+        out: torch.Tensor = self.proj(attended).reshape(b, t, c, h, w).transpose(1, 2)
         return x + out
 
 
@@ -485,9 +493,10 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([Attention(dim)])
 
     def new_state(self, spec: StateSpec, height: int, width: int) -> list[ResidualState]:
-        return [resnet.new_state(spec, height, width) for resnet in self.resnets]
+        return [resnet.new_state(spec, height, width) for resnet in _blocks(self.resnets)]
 
     def step(self, x: torch.Tensor, states: list[ResidualState]) -> torch.Tensor:
-        x = self.resnets[0].step(x, states[0])
+        first, second = _blocks(self.resnets)
+        x = first.step(x, states[0])
         x = self.attentions[0](x)
-        return self.resnets[1].step(x, states[1])
+        return second.step(x, states[1])
