@@ -9,92 +9,8 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import torch
-
-from streamvae.config import LIGHTVAE, WAN21, WAN22, narrow
-from streamvae.model import WanEncoder
-
-__all__ = ["ModelChoice", "add_model_arguments", "main", "model_from_args"]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CONFIGS = {
-    "wan2.1": WAN21,
-    "narrow8": narrow(8),
-    "wan2.2": WAN22,
-    "wan2.2-narrow8": narrow(8, WAN22),
-    "lightvae": LIGHTVAE,
-}
-
-NO_WEIGHTS_HELP = (
-    "no weights given. Pass --weights with a Wan VAE: a local Wan2.1_VAE.pth or Wan2.2_VAE.pth, "
-    "ComfyUI's wan_2.1_vae / wan2.2_vae.safetensors, LightVAE's lightvaew2_1, diffusers' vae/ "
-    "folder (Wan or Qwen-Image), or a hub id such as Wan-AI/Wan2.1-T2V-1.3B or "
-    "Wan-AI/Wan2.2-TI2V-5B (pip install 'streamvae[hub]'; e.g. huggingface-cli download "
-    "Wan-AI/Wan2.1-T2V-1.3B Wan2.1_VAE.pth). To try the pipeline without them, pass "
-    "--random-weights: every output is then labelled as meaningless."
-)
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    """The loaded encoder and what to call it in outputs (``random`` marks meaningless latents)."""
-
-    encoder: WanEncoder
-    label: str
-    random: bool
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--weights", help="anything streamvae.load_encoder takes (file, folder, hub id)"
-    )
-    group.add_argument(
-        "--random-weights",
-        action="store_true",
-        help="random weights, for trying the pipeline: the latents mean nothing and are labelled so",
-    )
-    group.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    group.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
-    )
-    group.add_argument(
-        "--config",
-        choices=sorted(CONFIGS),
-        default="wan2.1",
-        help="architecture for --random-weights: wan2.1 (default), wan2.2 (z 48, frames in "
-        "multiples of 16), lightvae, or narrow8 / wan2.2-narrow8, the same networks 8 channels "
-        "wide (fast: for tests and trying the pipeline)",
-    )
-    group.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
-    group.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
-    )
-
-
-def model_from_args(args: argparse.Namespace) -> ModelChoice:
-    from streamvae.weights import load_encoder, random_encoder
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype]
-    config_name = getattr(args, "config", "wan2.1")
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    if args.weights and args.random_weights:
-        raise SystemExit("streamvae: give --weights or --random-weights, not both")
-    if args.weights and config_name != "wan2.1":
-        raise SystemExit("streamvae: --config applies to --random-weights (weights fix the shape)")
-    if args.weights:
-        return ModelChoice(
-            load_encoder(args.weights, device=device, dtype=dtype), str(args.weights), False
-        )
-    if args.random_weights:
-        config = CONFIGS[config_name]
-        encoder = random_encoder(config, seed=getattr(args, "seed", 0), device=device, dtype=dtype)
-        return ModelChoice(encoder, f"RANDOM WEIGHTS {config.name} (latents are meaningless)", True)
-    raise SystemExit(f"streamvae: {NO_WEIGHTS_HELP}")
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         fleet.add_fleet_command(commands)
     try:
-        bench = importlib.import_module("streamvae.bench")
+        bench = importlib.import_module("streamvae.bench.command")
     except ModuleNotFoundError as exc:  # a checkout without the benchmark module
-        if exc.name != "streamvae.bench":
+        if exc.name not in ("streamvae.bench", "streamvae.bench.command"):
             raise
     else:
         bench.add_bench_command(commands)
