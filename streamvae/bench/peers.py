@@ -21,10 +21,11 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,9 +175,12 @@ def load_peer_file(where: PeerFile) -> ModuleType:
     return module
 
 
-def _wan_model(module: ModuleType, encoder: WanEncoder, **extra: object) -> torch.nn.Module:
+def _wan_model(module: ModuleType, encoder: WanEncoder, **extra: object) -> Any:
     """``module.WanVAE_`` for ``encoder``'s config on the meta device, its encoder and ``conv1``
-    assigned ``encoder``'s tensors under Wan's own names (strict: every tensor, right shapes)."""
+    assigned ``encoder``'s tensors under Wan's own names (strict: every tensor, right shapes).
+
+    Untyped third-party code, so ``Any``: the typed peer classes are its only callers.
+    """
     config = encoder.config
     shared = diffusers_config(config)
     keys = ("z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample")
@@ -193,8 +197,7 @@ def _wan_model(module: ModuleType, encoder: WanEncoder, **extra: object) -> torc
     held = [*model.encoder.parameters(), *model.encoder.buffers(), *model.conv1.parameters()]
     if any(t.is_meta for t in held):
         raise PeerUnavailable(f"{module.__name__}: a tensor of its encoder has no weights")
-    result: torch.nn.Module = model.eval().requires_grad_(False)
-    return result
+    return model.eval().requires_grad_(False)
 
 
 class OfficialWanPeer:
@@ -255,10 +258,9 @@ class StreamDiffusionV2Peer:
         model.first_encode = True  # the next call starts a stream (and clears its cache)
         times: list[float] = []
         means: list[torch.Tensor] = []
-        stream_encode: Callable[..., torch.Tensor] = model.stream_encode
         for start, stop in self.calls(video.shape[2]):
             began = clock.now()
-            means.append(stream_encode(video[:, :, start:stop], None).cpu())
+            means.append(model.stream_encode(video[:, :, start:stop], None).cpu())
             times.append(clock.now() - began)
         model.first_encode = True
         model.clear_cache_encode()
@@ -279,7 +281,7 @@ class DiffusersPeer:
 
         config = encoder.config
         with torch.device("meta"):
-            vae = AutoencoderKLWan(**diffusers_config(config))
+            vae: Any = AutoencoderKLWan(**diffusers_config(config))  # type: ignore[no-untyped-call]
         ours = encoder.state_dict()
         for prefix, module in (("encoder.", vae.encoder), ("quant_conv.", vae.quant_conv)):
             theirs = {}
@@ -296,7 +298,8 @@ class DiffusersPeer:
     @torch.inference_mode()
     def batch(self, video: torch.Tensor) -> torch.Tensor:
         """``encode`` on the whole clip; the raw latent mean on the host."""
-        return self.vae.encode(video).latent_dist.mean.cpu()
+        mean: torch.Tensor = self.vae.encode(video).latent_dist.mean
+        return mean.cpu()
 
     @torch.inference_mode()
     def groups(self, video: torch.Tensor, clock: Clock) -> tuple[list[float], torch.Tensor]:
@@ -305,7 +308,7 @@ class DiffusersPeer:
         if vae.config.patch_size:  # Wan 2.2: diffusers' encode patchifies before its chunks
             from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
 
-            video = patchify(video, patch_size=vae.config.patch_size)
+            video = patchify(video, patch_size=vae.config.patch_size)  # type: ignore[no-untyped-call]
         vae.clear_cache()
         times: list[float] = []
         means: list[torch.Tensor] = []

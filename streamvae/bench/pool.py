@@ -206,13 +206,22 @@ def bench_streams(
             starts = start_ticks(count, phase)
             gather = phase.endswith("gather")
             flops = _flops(encoder, size, starts, ticks)
-            pool_runs, alone_runs = [], []
-            common = {"cuda_graphs": cuda_graphs, "clock": clock}
+            pool_runs: list[TickRun] = []
+            alone_runs: list[TickRun] = []
             for _ in range(repeats):
-                pool_runs.append(
-                    run_ticks(encoder, size, starts, ticks, pooled=True, gather=gather, **common)
-                )
-                alone_runs.append(run_ticks(encoder, size, starts, ticks, pooled=False, **common))
+                for pooled, runs in ((True, pool_runs), (False, alone_runs)):
+                    runs.append(
+                        run_ticks(
+                            encoder,
+                            size,
+                            starts,
+                            ticks,
+                            pooled=pooled,
+                            gather=gather and pooled,
+                            cuda_graphs=cuda_graphs,
+                            clock=clock,
+                        )
+                    )
             pool = min(pool_runs, key=lambda r: r.seconds)
             alone = min(alone_runs, key=lambda r: r.seconds)
             results.append(
@@ -251,15 +260,15 @@ def stage_times(
             if not timing[0]:
                 return step(*args, **kwargs)
             if cuda:
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
-                begin.record()
+                events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)  # type: ignore[no-untyped-call]
+                events[0].record()
                 out = step(*args, **kwargs)
-                end.record()
+                events[1].record()
+                marks.append((name, *events))
             else:
-                begin = time.perf_counter()
+                began = time.perf_counter()
                 out = step(*args, **kwargs)
-                end = time.perf_counter()
-            marks.append((name, begin, end))
+                marks.append((name, began, time.perf_counter()))
             return out
 
         return wrapper

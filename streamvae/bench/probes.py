@@ -254,9 +254,10 @@ def memory_probe_main(text: str) -> int:
 
     probe = json.loads(text)
     torch.set_num_threads(int(probe["threads"]))
-    config = WanConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in probe["config"].items()}
-    )
+    fields: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in probe["config"].items()
+    }
+    config = WanConfig(**fields)
     with torch.device("meta"):
         encoder = WanEncoder(config)
     state = torch.load(probe["weights"], map_location="cpu", weights_only=True)
