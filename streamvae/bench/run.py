@@ -4,6 +4,7 @@ in interleaved repeats, then memory, live mode and the roofline; the JSON-ready 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import platform
 import time
@@ -19,6 +20,8 @@ from streamvae.bench.flops import diffusers_flops, measure_peak_flops, streamvae
 from streamvae.bench.live import run_live
 from streamvae.bench.options import MEMORY_FORMATS, BenchOptions
 from streamvae.bench.peers import (
+    OFFICIAL_WAN,
+    STREAMDIFFUSIONV2,
     DiffusersPeer,
     OfficialWanPeer,
     PeerUnavailable,
@@ -99,6 +102,11 @@ def _versions() -> dict[str, str | None]:
         versions["diffusers"] = diffusers.__version__
     except ImportError:
         versions["diffusers"] = None
+    for peer in (OFFICIAL_WAN["2_1"], STREAMDIFFUSIONV2):  # the peers' code, loaded by path
+        try:
+            versions[peer.distribution] = importlib.metadata.version(peer.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            versions[peer.distribution] = None
     return versions
 
 
