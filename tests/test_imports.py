@@ -4,11 +4,11 @@ itself back through others (no import cycle).
 The graph: one node per module of ``streamvae/`` (a package is its ``__init__``), an edge for
 every import of another ``streamvae`` module anywhere in a file, inside functions too (a lazy
 import still ties the two modules together for a reader), ``importlib.import_module("...")``
-with a literal name included. Relative imports are resolved; ``from pkg import name`` is an
-edge to ``pkg.name`` where that is a module, else to ``pkg``. Not edges: imports under
-``if TYPE_CHECKING:`` (annotations only, never run), and the implicit import of a module's
-parent packages (every submodule would otherwise form a cycle with a package ``__init__`` that
-re-exports it). Strings such as ``logging.getLogger("streamvae.fleet")`` are not imports.
+with a literal name included, and imports under ``if TYPE_CHECKING:`` too (a type-only import
+still ties the two modules together for a reader). Relative imports are resolved; ``from pkg
+import name`` is an edge to ``pkg.name`` where that is a module, else to ``pkg``. Not an edge:
+the implicit import of a module's parent packages (every submodule would otherwise form a cycle
+with a package ``__init__`` that re-exports it). Strings such as ``logging.getLogger("streamvae.fleet")`` are not imports.
 """
 
 from __future__ import annotations
@@ -47,25 +47,12 @@ def module_names(root: Path) -> dict[str, Path]:
     return names
 
 
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 class _Imports(ast.NodeVisitor):
     """Every imported module name in a file (absolute, relative ones resolved)."""
 
     def __init__(self, module: str, is_package: bool) -> None:
         self.package = module.split(".") if is_package else module.split(".")[:-1]
         self.found: list[tuple[str, tuple[str, ...]]] = []  # (module, names imported from it)
-
-    def visit_If(self, node: ast.If) -> None:
-        if _is_type_checking(node.test):
-            for child in node.orelse:
-                self.visit(child)
-            return
-        self.generic_visit(node)
 
     def visit_Import(self, node: ast.Import) -> None:
         self.found += [(alias.name, ()) for alias in node.names]
@@ -244,7 +231,8 @@ def test_find_cycles_names_a_synthetic_cycle():
 
 
 def test_import_graph_of_a_synthetic_package(tmp_path):
-    """Lazy and relative imports make edges (and so a cycle); TYPE_CHECKING-only ones do not."""
+    """Lazy, relative and TYPE_CHECKING-only imports all make edges (and so cycles); a logger's
+    dotted name does not."""
     package = tmp_path / "pkg"
     (package / "sub").mkdir(parents=True)
     (package / "__init__.py").write_text("from pkg.low import thing\n")
@@ -256,15 +244,19 @@ def test_import_graph_of_a_synthetic_package(tmp_path):
     )
     (package / "top.py").write_text(
         "import logging\nlogging.getLogger('pkg.low')\nclass Top: ...\n"
+        "def f():\n    import importlib\n    importlib.import_module('pkg.sub')\n"
     )
     (package / "sub" / "__init__.py").write_text("")
     (package / "sub" / "lazy.py").write_text("from .. import low\nfrom ..top import Top\n")
     graph = import_graph(package)
     assert graph == {
         "pkg": {"pkg.low"},
-        "pkg.low": {"pkg.sub.lazy"},
-        "pkg.top": set(),
+        "pkg.low": {"pkg.sub.lazy", "pkg.top"},
+        "pkg.top": {"pkg.sub"},
         "pkg.sub": set(),
         "pkg.sub.lazy": {"pkg.low", "pkg.top"},
     }
+    # One strongly connected component, named by its shortest cycle from its first module.
     assert find_cycles(graph) == [["pkg.low", "pkg.sub.lazy", "pkg.low"]]
+    del graph["pkg.sub.lazy"]
+    assert find_cycles(graph) == []

@@ -18,7 +18,9 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "--memory-probe":
         return memory_probe_main(argv[1])
     parser = argparse.ArgumentParser(prog="python -m streamvae.bench")
-    add_bench_command(parser.add_subparsers(dest="command", required=True))
+    add_bench_command(
+        parser.add_subparsers(dest="command", required=True), prog="python -m streamvae.bench"
+    )
     args = parser.parse_args(["bench", *argv])
     return int(args.run(args) or 0)
 

@@ -47,13 +47,15 @@ from streamvae.model_args import DTYPES, add_model_arguments, model_from_args
 __all__ = ["add_bench_command", "add_pool_arguments", "bench_command", "pool_bench_command"]
 
 
-def add_bench_command(subparsers: Any) -> None:
-    """Add ``streamvae bench`` to the CLI's subcommands."""
+def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
+    """Add ``streamvae bench`` to the CLI's subcommands (``parser_options``: more
+    ``add_parser`` options, e.g. ``prog``)."""
     parser = subparsers.add_parser(
         "bench",
-        help="latency, throughput, memory and roofline against diffusers",
+        help="latency, throughput, memory and roofline against every peer",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        **parser_options,
     )
     add_model_arguments(parser)
     parser.add_argument("--size", type=parse_size, default=(128, 128), help="HxW (128x128)")
