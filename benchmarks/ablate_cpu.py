@@ -28,14 +28,9 @@ import torch.nn.functional as F
 import streamvae.model.kernels as kernels
 import streamvae.model.layers as layers
 from streamvae import WAN21, StreamEncoder
-from streamvae.bench import (
-    Clock,
-    DiffusersPeer,
-    frames_to_video,
-    rel_err,
-    run_stream,
-    synthetic_frames,
-)
+from streamvae.bench.clips import frames_to_video, synthetic_frames
+from streamvae.bench.peers import DiffusersPeer, run_stream
+from streamvae.bench.timing import Clock, rel_err
 from streamvae.weights import random_encoder
 
 __all__ = ["FEATURES", "configure", "main"]

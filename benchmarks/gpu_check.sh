@@ -169,7 +169,7 @@ bench bench_${SIZE}_bf16 200 --dtype bfloat16 --size "$SIZE" --frames 33
 
 # 2b. Many streams through one StreamPool against as many separate StreamEncoders: 1, 2, 4, 8
 #     aligned streams at 240x416 and 480x832, bfloat16, CUDA graphs (one replay per batch),
-#     with the device time of each stage at each batch (streamvae/bench_pool.py).
+#     with the device time of each stage at each batch (streamvae/bench/pool.py).
 step pool_bf16 90 "$PYTHON" -m streamvae.cli bench "${MODEL[@]}" --device "$DEVICE" \
     --dtype bfloat16 --streams 1,2,4,8 --pool-sizes "$POOL_SIZES" --ticks 8 --repeats 2 \
     --stage-times --json "$OUT/pool_bf16.json"

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from streamvae import WAN21, StreamEncoder, narrow, random_encoder
-from streamvae.bench import Clock, parse_size, synthetic_frames
+from streamvae.bench.clips import synthetic_frames
+from streamvae.bench.options import parse_size
+from streamvae.bench.timing import Clock
 from streamvae.model import encoder as encoder_module
 from streamvae.model import kernels
 from streamvae.model.kernels import _fused_norm_applies, rms_silu_into

@@ -8,8 +8,9 @@ import argparse
 import asyncio
 
 from streamvae import StreamEncoder
-from streamvae.cli import HelpFormatter, add_model_arguments, model_from_args
 from streamvae.io import FileSink, encode_to_sinks, open_source, read_latents
+from streamvae.model_args import add_model_arguments, model_from_args
+from streamvae.usage import HelpFormatter
 
 
 async def main() -> None:

@@ -6,8 +6,8 @@ python examples/mqtt_subscriber.py --mqtt mqtt://127.0.0.1:1883/lab [--stream ca
 import argparse
 import asyncio
 
-from streamvae.cli import HelpFormatter
 from streamvae.io import LatentSubscriber, MqttSettings
+from streamvae.usage import HelpFormatter
 
 
 async def main() -> None:

@@ -11,8 +11,9 @@ import argparse
 import asyncio
 
 from streamvae import StreamEncoder
-from streamvae.cli import HelpFormatter, add_model_arguments, model_from_args
 from streamvae.io import MqttSettings, MqttSink, encode_to_sinks, open_source
+from streamvae.model_args import add_model_arguments, model_from_args
+from streamvae.usage import HelpFormatter
 
 
 async def main() -> None:

@@ -26,3 +26,7 @@ command -v nats-server >/dev/null || { echo "nats-server is not on PATH after in
 # path: they need only torch and einops. --no-deps because the wheel's requirements (flash_attn,
 # opencv-python, transformers...) are for the rest of Wan; so it is not in pyproject's extras.
 python3 -m pip install -q --no-deps "wan22==2.2.11"
+# StreamDiffusionV2's VAE (models/wan/wan_base/modules/vae.py, its stream_encode), a peer of
+# `streamvae bench`, loaded by file path (torch and einops only). --no-deps: the wheel pins
+# torch 2.6 and the rest of its pipeline.
+python3 -m pip install -q --no-deps "streamdiffusionv2==0.1.1"

@@ -1,5 +1,6 @@
-"""How the command line reports a user's mistake: exit status 2 for a bad command line, 1 for a
-run that failed, never a traceback.
+"""The command line's conventions, shared by every command: how a user's mistake is reported
+(exit status 2 for a bad command line, 1 for a run that failed, never a traceback) and how help
+is shown (plain text, every default).
 
 - Status 2 (:func:`usage_error`, as argparse's own errors): the command line cannot be run as
   given: a malformed value (``--size 64``), options that conflict or are missing, a size the
@@ -9,20 +10,29 @@ run that failed, never a traceback.
 
 >>> with user_errors():                                             # doctest: +SKIP
 ...     settings = MqttSettings.from_url(args.mqtt)  # ValueError -> status 2, OSError -> 1
+
+Help: :class:`CliParser` (the ``streamvae`` parser; ``add_subparsers`` makes its subcommands of
+the same kind) formats through :class:`HelpFormatter`; scripts can pass
+``formatter_class=HelpFormatter`` to their own ``argparse.ArgumentParser``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import math
+import re
 import sys
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 __all__ = [
+    "CliParser",
+    "HelpFormatter",
     "UsageError",
     "non_negative_seconds",
+    "plain_text",
     "positive_int",
     "positive_seconds",
     "usage_error",
@@ -95,3 +105,64 @@ def _seconds(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number of seconds, got {text!r}")
     return value
+
+
+# reStructuredText inline markup in docstrings reused as help: ``code``, :class:`Name`, **bold**.
+_RST_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`]+)`")
+_RST_LITERAL = re.compile(r"``([^`]+)``")
+_RST_STRONG = re.compile(r"\*\*([^*]+)\*\*")
+
+
+def plain_text(text: str) -> str:
+    """``text`` with reStructuredText inline markup taken out (help is read in a terminal).
+
+    >>> plain_text("The ``streamvae`` command; see :class:`StreamPool`.")
+    'The streamvae command; see StreamPool.'
+    """
+    text = _RST_ROLE.sub(r"\1", text)
+    text = _RST_LITERAL.sub(r"\1", text)
+    return _RST_STRONG.sub(r"\1", text)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Plain-text help that shows every option's default, unless its help already says it or
+    there is none to show (``None``, ``False``, an empty list)."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain_text(text))
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and _shows_default(action, ""):
+            action = copy.copy(action)  # argparse leaves out the help line of help=None
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = plain_text(action.help or "")
+        if not _shows_default(action, text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _shows_default(action: argparse.Action, text: str) -> bool:
+    default = action.default
+    return not (
+        not action.option_strings
+        or "default" in text.lower()
+        or default is None
+        or default is False
+        or default == []
+        or default is argparse.SUPPRESS
+    )
+
+
+class CliParser(argparse.ArgumentParser):
+    """The parser of ``streamvae`` and of every subcommand (``add_subparsers`` makes its own
+    kind): help through :class:`HelpFormatter`, combined with any formatter a command asks for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        asked = kwargs.get("formatter_class", argparse.HelpFormatter)
+        if not issubclass(asked, HelpFormatter):
+            asked = type(f"Help{asked.__name__}", (HelpFormatter, asked), {})
+        kwargs["formatter_class"] = asked
+        super().__init__(*args, **kwargs)

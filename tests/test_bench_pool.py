@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from io_fixtures import REPO, cli_env, streamvae_command
-from streamvae.bench_pool import bench_streams, bench_sweep, start_ticks
+from streamvae.bench.pool import bench_streams, bench_sweep, start_ticks
 
 
 def test_rows_against_separate_streams(narrow_encoder):

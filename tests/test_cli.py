@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from streamvae.cli import CliParser, HelpFormatter, build_parser, plain_text
+from streamvae.cli import build_parser
+from streamvae.usage import CliParser, HelpFormatter, plain_text
 
 # reStructuredText inline markup that a terminal shows as it is.
 RST = re.compile(r"``|:[a-z]+:`|\*\*\w|`_\b|^\.\. ", re.M)
@@ -182,7 +183,7 @@ def test_user_errors_exit_2_for_the_command_line_and_1_for_a_failed_run(
 def test_a_cuda_device_this_machine_lacks_is_refused_with_the_way_out(monkeypatch, capsys):
     import torch
 
-    from streamvae.cli import checked_device
+    from streamvae.model_args import checked_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match=r"--device cuda: no CUDA device here .*--device cpu"):

@@ -13,7 +13,7 @@ import torch
 
 from helpers import assert_bf16_close, random_encoder, random_video, rel_err, to_model_video
 from streamvae import WAN21, StreamEncoder, WanEncoder, narrow
-from streamvae.bench import DiffusersPeer
+from streamvae.bench.peers import DiffusersPeer
 from streamvae.model import encoder as encoder_module
 from streamvae.model import kernels
 from streamvae.model.kernels import PackedConv, onednn_available, rms_silu_into

@@ -538,7 +538,7 @@ def test_the_cli_runs_what_the_bench_measures():
     mode while the bench measured with both. Now both default as the bench's, with its flags."""
     import torch
 
-    from streamvae.bench import BenchOptions
+    from streamvae.bench.options import BenchOptions
     from streamvae.cli import build_parser
     from streamvae.io.commands import cuda_options
 

@@ -437,7 +437,7 @@ def test_full_config_pool_equals_own_encoders(wan21_encoder):
     assert mirror.pool.stats.batches == {2: 5}
 
 
-@pytest.mark.parametrize("name", ["streamvae.pool", "streamvae.bench_pool"])
+@pytest.mark.parametrize("name", ["streamvae.pool", "streamvae.bench.pool"])
 def test_docstring_examples(name):
     import doctest
     import importlib

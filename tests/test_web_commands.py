@@ -213,13 +213,15 @@ async def test_browser_tabs_stream_exactly_to_mqtt_and_the_page_shows_the_server
     [
         (["--size", "60x60"], "size must be HxW with H and W positive multiples of 8"),
         (["--keyfile", "key.pem"], "--keyfile needs --certfile"),
-        (["--max-sessions", "0"], "--max-sessions must be >= 1"),
-        (["--frame-timeout", "0"], "--frame-timeout must be > 0 seconds"),
+        (["--port", "70000"], "--port must be 0-65535"),
+        (["--max-sessions", "0"], "--max-sessions: expected a positive integer, got '0'"),
+        (["--frame-timeout", "0"], "--frame-timeout: expected a number of seconds > 0, got '0'"),
     ],
 )
 def test_bad_arguments_are_refused_clearly(args, says):
+    """A command line that cannot run is a usage error: status 2, the reason, no traceback."""
     from test_io_cli import run_cli
 
     result = run_cli("web", "--random-weights", "--config", "narrow8", *args)
-    assert result.returncode != 0
-    assert says in result.stderr and "streamvae web:" in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr and "Traceback" not in result.stderr

@@ -30,6 +30,7 @@ from streamvae.fleet.ingest import DEFAULT_RETAIN, ingest
 from streamvae.fleet.messages import CODECS
 from streamvae.fleet.names import CONTROL_SUBJECT, LEASES_BUCKET, validate_fleet_id
 from streamvae.fleet.worker import FleetWorker, WorkerOptions
+from streamvae.model_args import add_model_arguments, model_from_args
 from streamvae.usage import positive_int, positive_seconds, user_errors
 
 __all__ = ["add_fleet_command"]
@@ -101,8 +102,6 @@ def add_fleet_command(
         default="float32",
         help="storage dtype",
     )
-    from streamvae.cli import add_model_arguments
-
     add_model_arguments(work)
     _common_arguments(work)
     work.set_defaults(func=run_worker)
@@ -237,7 +236,6 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from streamvae.cli import model_from_args
     from streamvae.io.commands import model_labels
 
     _logging(args)

@@ -62,6 +62,7 @@ from streamvae.io.sources import (
 )
 from streamvae.io.topics import PASSWORD_ENV, validate_stream_id
 from streamvae.io.wire import STORAGE_DTYPES
+from streamvae.model_args import ModelChoice, add_model_arguments, model_from_args
 from streamvae.stream import StreamEncoder
 from streamvae.usage import (
     non_negative_seconds,
@@ -101,7 +102,7 @@ def add_encode_command(
     parser.add_argument("-o", "--output", required=True, help="the .latents file to write")
     _add_source_arguments(parser)
     _add_encoder_arguments(parser)
-    _add_cli_model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_output_arguments(parser)
     parser.set_defaults(run=run_encode)
@@ -131,7 +132,7 @@ def add_live_command(
     _add_mqtt_arguments(parser)
     _add_source_arguments(parser)
     _add_encoder_arguments(parser)
-    _add_cli_model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument(
         "--stats-interval",
         type=non_negative_seconds,
@@ -262,12 +263,6 @@ def _add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (float32 runs)")
 
 
-def _add_cli_model_arguments(parser: argparse.ArgumentParser) -> None:
-    from streamvae.cli import add_model_arguments
-
-    add_model_arguments(parser)
-
-
 # -- helpers shared by both commands ----
 
 
@@ -287,7 +282,7 @@ def default_stream_id(source: str) -> str:
     return cleaned or "stream"
 
 
-def model_labels(choice: Any, *, normalize: bool) -> dict[str, str]:
+def model_labels(choice: ModelChoice, *, normalize: bool) -> dict[str, str]:
     """Labels stored with every latent: model, config, z_dim, stride, normalisation, meaningless.
 
     ``normalization`` names the preset whose latent statistics were applied (``wan2.1``,
@@ -386,10 +381,8 @@ def _open_source_from_args(uri: str, args: argparse.Namespace) -> FrameSource:
         )
 
 
-def _model_choice(args: argparse.Namespace) -> Any:
+def _model_choice(args: argparse.Namespace) -> ModelChoice:
     """The encoder of ``--weights`` / ``--random-weights`` (saying so on stderr if random)."""
-    from streamvae.cli import model_from_args
-
     choice = model_from_args(args)
     size = parse_size(args.size) if getattr(args, "size", None) else None
     problem = None if size is None else choice.encoder.config.size_error(*size)
@@ -409,7 +402,7 @@ def _model_choice(args: argparse.Namespace) -> Any:
     return choice
 
 
-def _stream_encoder(args: argparse.Namespace) -> tuple[Any, StreamEncoder]:
+def _stream_encoder(args: argparse.Namespace) -> tuple[ModelChoice, StreamEncoder]:
     choice = _model_choice(args)
     options = cuda_options(args, choice.encoder.device)
     encoder = StreamEncoder(
@@ -590,7 +583,7 @@ def run_encode(args: argparse.Namespace) -> int:
 
 
 async def _encode(
-    args: argparse.Namespace, source: FrameSource, choice: Any, encoder: StreamEncoder
+    args: argparse.Namespace, source: FrameSource, choice: ModelChoice, encoder: StreamEncoder
 ) -> int:
     labels = model_labels(choice, normalize=not args.no_normalize)
     stats = PipelineStats()
@@ -677,7 +670,7 @@ def run_live(args: argparse.Namespace) -> int:
 async def _live(
     args: argparse.Namespace,
     source: FrameSource,
-    choice: Any,
+    choice: ModelChoice,
     encoder: StreamEncoder,
     settings: MqttSettings | None,
     stream_id: str,

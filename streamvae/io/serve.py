@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from streamvae.io.commands import (
-    _add_cli_model_arguments,
     _add_encoder_arguments,
     _add_mqtt_arguments,
     _add_output_arguments,
@@ -63,6 +62,7 @@ from streamvae.io.filesink import FileSink
 from streamvae.io.pipeline import LatentSink, PipelineStats, SinkError, _counted, latent_latency
 from streamvae.io.sources import FrameSource, SourceError
 from streamvae.io.topics import validate_stream_id
+from streamvae.model_args import add_model_arguments
 from streamvae.pool import PoolSourceError, StreamPool
 from streamvae.usage import non_negative_seconds, user_errors
 
@@ -127,7 +127,7 @@ def add_serve_command(
     _add_mqtt_arguments(parser)
     _add_source_arguments(parser)
     _add_encoder_arguments(parser)
-    _add_cli_model_arguments(parser)
+    add_model_arguments(parser)
     _add_output_arguments(parser)
     parser.set_defaults(run=run_serve)
     return parser

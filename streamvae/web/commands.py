@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from streamvae.io.commands import (
-    _add_cli_model_arguments,
     _add_encoder_arguments,
     _add_mqtt_arguments,
     _add_output_arguments,
@@ -43,7 +42,9 @@ from streamvae.io.commands import (
 from streamvae.io.pipeline import LatentSink
 from streamvae.io.serve import stream_sinks
 from streamvae.io.sources import parse_size
+from streamvae.model_args import add_model_arguments
 from streamvae.pool import StreamPool
+from streamvae.usage import non_negative_seconds, positive_int, positive_seconds, user_errors
 from streamvae.web.server import PageInfo, SessionSettings, WebServer
 
 __all__ = ["add_web_command", "run_web"]
@@ -62,13 +63,16 @@ def add_web_command(commands: Any) -> argparse.ArgumentParser:
         epilog="Off localhost, browsers give the camera only to HTTPS pages: pass --certfile and "
         "--keyfile, or put a TLS reverse proxy in front of the loopback port.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (8000; 0: any free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
     parser.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     parser.add_argument("--mqtt", metavar="URL", help="mqtt://[user@]host:port/prefix")
     parser.add_argument(
-        "-o", "--output-dir", metavar="DIR", help="append each stream's latents to DIR/ID.latents"
+        "-o",
+        "--output-dir",
+        metavar="DIR",
+        help="write each stream's latents to DIR/ID.latents (replaced if there)",
     )
     parser.add_argument(
         "--record",
@@ -78,27 +82,27 @@ def add_web_command(commands: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-sessions",
-        type=int,
+        type=positive_int,
         default=4,
-        help="streams the pool admits at once; more tabs are told the server is full (4)",
+        help="streams the pool admits at once; more tabs are told the server is full",
     )
     parser.add_argument(
         "--first-frame-timeout",
-        type=float,
+        type=positive_seconds,
         default=10.0,
-        help="seconds a new session may take to send its first frame (10)",
+        help="seconds a new session may take to send its first frame",
     )
     parser.add_argument(
         "--frame-timeout",
-        type=float,
+        type=positive_seconds,
         default=5.0,
-        help="seconds without a frame after which a session is ended (5)",
+        help="seconds without a frame after which a session is ended",
     )
     parser.add_argument(
         "--deadline",
-        type=float,
+        type=non_negative_seconds,
         default=0.025,
-        help="seconds a tick waits for late sessions once one has a frame (0.025)",
+        help="seconds a tick waits for late sessions once one has a frame",
     )
     group = parser.add_argument_group("source")
     group.add_argument(
@@ -115,13 +119,13 @@ def add_web_command(commands: Any) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--max-queued-groups",
-        type=int,
+        type=positive_int,
         default=2,
         help="groups of 4 frames waiting for the encoder per stream; the oldest are dropped beyond",
     )
     _add_mqtt_arguments(parser)
     _add_encoder_arguments(parser)
-    _add_cli_model_arguments(parser)
+    add_model_arguments(parser)
     _add_output_arguments(parser)
     parser.set_defaults(run=run_web)
     return parser
@@ -149,23 +153,16 @@ def _is_loopback(host: str) -> bool:
 def run_web(args: argparse.Namespace) -> int:
     """The ``web`` command (see the module docstring)."""
     _setup_logging(args)
-    try:
+    # A malformed or conflicting option is a usage error (status 2); a certificate that does not
+    # load is a failure (status 1): streamvae.usage's conventions.
+    with user_errors("streamvae web"):
         size = parse_size(args.size)
-        if args.max_sessions < 1:
-            raise ValueError(f"--max-sessions must be >= 1, got {args.max_sessions}")
-        for name in ("first_frame_timeout", "frame_timeout"):
-            if not getattr(args, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds")
-        if not (args.deadline >= 0):
-            raise ValueError(f"--deadline must be >= 0 seconds, got {args.deadline}")
         if not 0 <= args.port < 65536:
             raise ValueError(f"--port must be 0-65535, got {args.port}")
         if args.record and Path(args.record).exists() and any(Path(args.record).iterdir()):
             raise ValueError(f"--record {args.record}: the directory is not empty")
         context = _ssl_context(args)
         settings = mqtt_settings(args)
-    except (ValueError, OSError, ssl.SSLError) as exc:
-        raise SystemExit(f"streamvae web: {exc}") from None
     if context is None and not _is_loopback(args.host):
         print(
             f"streamvae web: warning: serving plain HTTP on {args.host}: browsers refuse the "

@@ -20,23 +20,16 @@ Sweep (``--sweep 32x32,64x64,...``): one stream per size, GFLOP/s of a steady-st
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from streamvae.bench import (
-    Clock,
-    parse_size,
-    percentiles_ms,
-    synthetic_frames,
-)
+from streamvae.bench.clips import synthetic_frames
+from streamvae.bench.timing import Clock, percentiles_ms
 from streamvae.model import WanEncoder
 from streamvae.pool import StreamPool
 from streamvae.stream import StreamEncoder
@@ -47,7 +40,9 @@ __all__ = [
     "SweepResult",
     "bench_streams",
     "bench_sweep",
-    "pool_bench_command",
+    "format_stages",
+    "format_streams",
+    "format_sweep",
     "stage_times",
     "start_ticks",
     "stream_flops",
@@ -211,13 +206,22 @@ def bench_streams(
             starts = start_ticks(count, phase)
             gather = phase.endswith("gather")
             flops = _flops(encoder, size, starts, ticks)
-            pool_runs, alone_runs = [], []
-            common = {"cuda_graphs": cuda_graphs, "clock": clock}
+            pool_runs: list[TickRun] = []
+            alone_runs: list[TickRun] = []
             for _ in range(repeats):
-                pool_runs.append(
-                    run_ticks(encoder, size, starts, ticks, pooled=True, gather=gather, **common)
-                )
-                alone_runs.append(run_ticks(encoder, size, starts, ticks, pooled=False, **common))
+                for pooled, runs in ((True, pool_runs), (False, alone_runs)):
+                    runs.append(
+                        run_ticks(
+                            encoder,
+                            size,
+                            starts,
+                            ticks,
+                            pooled=pooled,
+                            gather=gather and pooled,
+                            cuda_graphs=cuda_graphs,
+                            clock=clock,
+                        )
+                    )
             pool = min(pool_runs, key=lambda r: r.seconds)
             alone = min(alone_runs, key=lambda r: r.seconds)
             results.append(
@@ -256,15 +260,15 @@ def stage_times(
             if not timing[0]:
                 return step(*args, **kwargs)
             if cuda:
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
-                begin.record()
+                events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+                events[0].record()
                 out = step(*args, **kwargs)
-                end.record()
+                events[1].record()
+                marks.append((name, *events))
             else:
-                begin = time.perf_counter()
+                began = time.perf_counter()
                 out = step(*args, **kwargs)
-                end = time.perf_counter()
-            marks.append((name, begin, end))
+                marks.append((name, began, time.perf_counter()))
             return out
 
         return wrapper
@@ -368,85 +372,3 @@ def format_sweep(results: Sequence[SweepResult]) -> str:
         f"| {r.size[0]}x{r.size[1]} | {r.ms_per_frame:.1f} | {r.gflops:.0f} |" for r in results
     ]
     return "\n".join(lines)
-
-
-def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--streams``, ``--phases``, ``--ticks``, ``--sweep`` of ``streamvae bench``."""
-    parser.add_argument(
-        "--streams",
-        type=lambda text: [int(v) for v in text.split(",")],
-        default=None,
-        help="many streams: stream counts, comma-separated (1,2,4,8): pool vs separate encoders",
-    )
-    parser.add_argument(
-        "--phases",
-        default="aligned",
-        help=f"with --streams: phase schedules, comma-separated, of {', '.join(PHASES)}",
-    )
-    parser.add_argument("--ticks", type=int, default=8, help="with --streams: timed ticks (8)")
-    parser.add_argument(
-        "--pool-sizes",
-        type=lambda text: [parse_size(v) for v in text.split(",")],
-        default=None,
-        help="with --streams: frame sizes, comma-separated (default: --size)",
-    )
-    parser.add_argument(
-        "--reference-size",
-        type=parse_size,
-        default=None,
-        help="with --streams: also one stream at this size, for throughput per pixel (128x128)",
-    )
-    parser.add_argument(
-        "--stage-times",
-        action="store_true",
-        help="with --streams: time per stage of the encoder at each stream count (aligned)",
-    )
-    parser.add_argument(
-        "--sweep",
-        type=lambda text: [parse_size(v) for v in text.split(",")],
-        default=None,
-        help="single-stream GFLOP/s at these sizes, comma-separated (32x32,64x64,...)",
-    )
-
-
-def pool_bench_command(args: argparse.Namespace, encoder: WanEncoder) -> int:
-    """Run ``--streams`` and/or ``--sweep``; print markdown tables; ``--json`` writes them."""
-    repeats = args.repeats or 3
-    report: dict[str, Any] = {
-        "device": str(encoder.device),
-        "dtype": str(encoder.dtype).removeprefix("torch."),
-        "config": encoder.config.name,
-        "threads": torch.get_num_threads(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if args.streams:
-        phases = [p for p in args.phases.split(",") if p]
-        for phase in phases:
-            start_ticks(1, phase)  # checks the name
-        graphs = encoder.device.type == "cuda" and not getattr(args, "no_cuda_graphs", False)
-        common = {"ticks": args.ticks, "repeats": repeats, "cuda_graphs": graphs}
-        report["cuda_graphs"] = graphs
-        results = []
-        for size in args.pool_sizes or [args.size]:
-            results += bench_streams(encoder, size, args.streams, phases=phases, **common)
-        if args.reference_size:
-            results += bench_streams(encoder, args.reference_size, [1], **common)
-        print(format_streams(results), flush=True)
-        if args.stage_times:
-            report["stage_times_ms"] = {}
-            for size in args.pool_sizes or [args.size]:
-                rows = {n: stage_times(encoder, size, n, ticks=args.ticks) for n in args.streams}
-                print(f"stage times per tick at {size[0]}x{size[1]}:", flush=True)
-                print(format_stages(rows), flush=True)
-                report["stage_times_ms"][f"{size[0]}x{size[1]}"] = rows
-        report["streams"] = [
-            asdict(r) | {"speedup": r.speedup, "pixels_per_s": r.pixels_per_s()} for r in results
-        ]
-    if args.sweep:
-        sweep = bench_sweep(encoder, args.sweep, repeats=repeats)
-        print(format_sweep(sweep), flush=True)
-        report["sweep"] = [asdict(r) for r in sweep]
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return 0
