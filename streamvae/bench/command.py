@@ -43,6 +43,7 @@ from streamvae.bench.report import format_report, write_plot
 from streamvae.bench.run import run_bench
 from streamvae.model import WanEncoder
 from streamvae.model_args import DTYPES, add_model_arguments, model_from_args
+from streamvae.usage import positive_int
 
 __all__ = ["add_bench_command", "add_pool_arguments", "bench_command", "pool_bench_command"]
 
@@ -58,25 +59,31 @@ def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
         **parser_options,
     )
     add_model_arguments(parser)
-    parser.add_argument("--size", type=parse_size, default=(128, 128), help="HxW (128x128)")
-    parser.add_argument("--frames", type=int, default=9, help="frames per clip (9)")
+    parser.add_argument("--size", type=parse_size, default="128x128", help="HxW")
+    parser.add_argument("--frames", type=positive_int, default=9, help="frames per clip")
     parser.add_argument(
-        "--repeats", type=int, default=None, help="timed passes per encoder (CPU 3, CUDA 10)"
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help="timed passes per encoder (CPU 3, CUDA 10)",
     )
     parser.add_argument(
         "--fps",
         type=parse_numbers,
-        default=DEFAULT_LIVE_FPS,
-        help="live mode rates, comma-separated (16,24,30); 0 skips live mode",
+        default=",".join(str(v) for v in DEFAULT_LIVE_FPS),
+        help="live mode rates, comma-separated; 0 skips live mode",
     )
     parser.add_argument(
-        "--live-frames", type=int, default=None, help="frames per live run (max(frames, 33))"
+        "--live-frames",
+        type=positive_int,
+        default=None,
+        help="frames per live run (max(frames, 33))",
     )
     parser.add_argument(
         "--lengths",
         type=parse_numbers,
-        default=DEFAULT_LENGTHS,
-        help="stream lengths for memory vs length (17,65,257); 0 skips it",
+        default=",".join(str(v) for v in DEFAULT_LENGTHS),
+        help="stream lengths for memory vs length, comma-separated; 0 skips it",
     )
     parser.add_argument(
         "--memory-size",
@@ -84,14 +91,23 @@ def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
         default=None,
         help="frame size for memory vs length (CPU 32x32, CUDA: --size)",
     )
-    parser.add_argument("--mode", choices=["frame", "group"], default="frame")
+    parser.add_argument(
+        "--mode",
+        choices=["frame", "group"],
+        default="frame",
+        help="streamvae's step: frame (one frame a push) or group (four frames a push)",
+    )
     parser.add_argument(
         "--memory-format",
         choices=["auto", *MEMORY_FORMATS],
         default="auto",
         help="state layout (auto: the device's default)",
     )
-    parser.add_argument("--no-peers", action="store_true", help="skip diffusers")
+    parser.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="skip the peers (diffusers, Wan's official code, StreamDiffusionV2)",
+    )
     parser.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (float32 runs)")
     parser.add_argument(
         "--no-cudnn-benchmark",
@@ -166,14 +182,14 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         "--streams",
         type=lambda text: [int(v) for v in text.split(",")],
         default=None,
-        help="many streams: stream counts, comma-separated (1,2,4,8): pool vs separate encoders",
+        help="many streams: stream counts, comma-separated (e.g. 1,2,4,8): pool vs separate encoders",
     )
     parser.add_argument(
         "--phases",
         default="aligned",
         help=f"with --streams: phase schedules, comma-separated, of {', '.join(PHASES)}",
     )
-    parser.add_argument("--ticks", type=int, default=8, help="with --streams: timed ticks (8)")
+    parser.add_argument("--ticks", type=positive_int, default=8, help="with --streams: timed ticks")
     parser.add_argument(
         "--pool-sizes",
         type=lambda text: [parse_size(v) for v in text.split(",")],
@@ -184,7 +200,7 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         "--reference-size",
         type=parse_size,
         default=None,
-        help="with --streams: also one stream at this size, for throughput per pixel (128x128)",
+        help="with --streams: also one stream at this size, for throughput per pixel (e.g. 128x128)",
     )
     parser.add_argument(
         "--stage-times",
@@ -195,7 +211,7 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         "--sweep",
         type=lambda text: [parse_size(v) for v in text.split(",")],
         default=None,
-        help="single-stream GFLOP/s at these sizes, comma-separated (32x32,64x64,...)",
+        help="single-stream GFLOP/s at these sizes, comma-separated (e.g. 32x32,64x64)",
     )
 
 

@@ -95,6 +95,19 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
+_VS_TEXT = {
+    "batch_speedup": "{v}x the frames/s of its {dtype} batch encode",
+    "group_speedup": "{v}x the frames/s of its {dtype} group-by-group encode",
+    "group_latency_ratio": "its group-by-group latency after a group's last frame {v}x streamvae's",
+    "batch_float32_speedup": "{v}x the frames/s of its float32 batch encode",
+}
+
+
+def _vs_text(key: str, value: float, dtype: str) -> str:
+    """One ``vs diffusers`` figure, saying against what (which encode, which dtype)."""
+    return _VS_TEXT.get(key, key + " {v}x").format(v=value, dtype=dtype)
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The terminal table."""
     run = report["run"]
@@ -119,6 +132,7 @@ def format_report(report: dict[str, Any]) -> str:
         )
     lines += ["", *format_peers(report["peers"])]
     vs = report["vs_diffusers"]
+    dtype = report["run"]["dtype"]
     lines += [
         "",
         "streamvae: first latent {} ms (cold {} ms), last push share of a group {}, state {:.2f} MB".format(
@@ -127,7 +141,7 @@ def format_report(report: dict[str, Any]) -> str:
             report["last_push_share"],
             report["state_bytes"] / 2**20,
         ),
-        "vs diffusers: " + ", ".join(f"{k} {v}x" for k, v in vs.items() if v is not None),
+        "vs diffusers: " + ", ".join(_vs_text(k, v, dtype) for k, v in vs.items() if v is not None),
         "error: " + ", ".join(f"{k} {v:.2e}" for k, v in report["error"].items() if v is not None),
         "roofline: {} GFLOP/frame, streamvae {} GFLOP/s, device peak {} GFLOP/s "
         "(conv3d {}, matmul {})".format(
