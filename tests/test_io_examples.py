@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,12 @@ def test_webcam_to_mqtt_and_subscriber_examples(broker: Broker, test_video: Path
             "--stream-id", "desk", "--size", "32x32", "--frames", "13", *NARROW,
         )  # fmt: skip
         assert publisher.returncode == 0, publisher.stderr
-        assert "mqtt: 4/4 published, 0 discarded" in publisher.stdout
+        # 13 frames make 4 latents in one run; a file read as a webcam may also drop groups when
+        # the encoder falls behind and, at its end, reopen (a new run: one more latent), so a
+        # loaded machine can give more. Every latent sent must be published, none discarded.
+        published = re.search(r"mqtt: (\d+)/(\d+) published, 0 discarded", publisher.stdout)
+        assert published, publisher.stdout
+        assert published[1] == published[2] and int(published[1]) >= 4, publisher.stdout
         out, err = subscriber.communicate(timeout=30)
     finally:
         stop_process(subscriber)
