@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -455,6 +456,29 @@ def test_a_file_that_is_not_a_video_is_refused_before_any_output(tmp_path: Path,
     assert "could not open" in result.stderr and str(not_video) in result.stderr
     assert "not a video" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == ""  # no summary of a run that never started
+    assert not list(out.glob("*")) if out.exists() else True
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("encode", "{input}", "-o", "{out}/x.latents"),
+        ("live", "{input}", "-o", "{out}/x.latents"),
+        ("serve", "--source", "cam={input}", "--output-dir", "{out}"),
+    ],
+    ids=["encode", "live", "serve"],
+)
+def test_a_video_with_no_frame_is_refused_before_any_output(tmp_path: Path, command):
+    """A file OpenCV opens but that holds no frame: an error, not an empty output and status 0."""
+    empty = tmp_path / "empty.avi"
+    writer = cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
+    writer.release()  # a valid AVI header, no frame
+    assert cv2.VideoCapture(str(empty)).isOpened()
+    out = tmp_path / "out"
+    result = run_cli(*[a.format(input=empty, out=out) for a in command], *NARROW, "--json")
+    assert result.returncode == 1, result.stderr
+    assert "opened but gave no frame" in result.stderr and str(empty) in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
     assert not list(out.glob("*")) if out.exists() else True
 
 

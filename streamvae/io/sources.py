@@ -593,9 +593,9 @@ class FrameSource:
     async def opened(self) -> bool:
         """Wait until the source has opened for the first time (starting its reader if need be):
         ``True`` then, and ``total_frames`` and ``fps`` are known; ``False`` if it was stopped
-        first. Raises :class:`SourceError` if it ended before opening (a file that is no video,
-        a stream that gave up reconnecting), so that a command can refuse a bad input before it
-        creates any output. A reconnecting source keeps retrying meanwhile::
+        first. Raises :class:`SourceError` if it ended before opening (a file that is no video or
+        has no frame, a stream that gave up reconnecting), so that a command can refuse a bad input
+        before it creates any output. A reconnecting source keeps retrying meanwhile::
 
             async with open_source("clip.mp4") as source:
                 await source.opened()  # SourceError: could not open clip.mp4
@@ -710,10 +710,17 @@ class FrameSource:
                     run += 1
                     self.stats.reconnects += 1
                 self.total_frames, self.fps = capture.total_frames, capture.fps
-                if not self._opened:
-                    self._opened = True
-                    self._wake()
+                if self.reconnect:  # a camera or stream: opening is enough (frames may wait)
+                    self._mark_opened()
                 number = self._pump(capture, queue, run)
+                if not number and not self.reconnect and not self._stop.is_set():
+                    # a file OpenCV opens but that has no frame it can decode: refused like one
+                    # it cannot open, so that no command writes an empty output for it
+                    error = SourceError(
+                        f"{_shown(self.uri)} opened but gave no frame (expected a video with at "
+                        "least one frame OpenCV can decode)"
+                    )
+                    break
                 if number:
                     delivered_any = True
                     failures = 0
@@ -739,6 +746,11 @@ class FrameSource:
         finally:
             queue.close(error)
 
+    def _mark_opened(self) -> None:
+        if not self._opened:
+            self._opened = True
+            self._wake()
+
     def _pump(self, capture: _Capture, queue: _GroupQueue, run: int) -> int:
         """Read until the capture ends, fails or the source stops; the number of frames read."""
         number = 0
@@ -763,6 +775,7 @@ class FrameSource:
                 )
                 self.stats.frames_read += 1
                 number += 1
+                self._mark_opened()  # a file or synthetic source: opened once it gives a frame
                 if not queue.put(frame):
                     break
         finally:
