@@ -436,15 +436,15 @@ def test_progress_bar_on_a_terminal_and_on_a_pipe():
     assert pipe.getvalue().startswith("135 frames") and "\r" not in pipe.getvalue()
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        ("encode", "{input}", "-o", "{out}/x.latents"),
-        ("live", "{input}", "-o", "{out}/x.latents"),
-        ("serve", "--source", "cam={input}", "--output-dir", "{out}"),
-    ],
-    ids=["encode", "live", "serve"],
-)
+# Every command that takes a video and writes an output, with {input} and {out} to fill in.
+OUTPUT_COMMANDS = {
+    "encode": ("encode", "{input}", "-o", "{out}/x.latents"),
+    "live": ("live", "{input}", "-o", "{out}/x.latents"),
+    "serve": ("serve", "--source", "cam={input}", "--output-dir", "{out}"),
+}
+
+
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS.values(), ids=OUTPUT_COMMANDS.keys())
 def test_a_file_that_is_not_a_video_is_refused_before_any_output(tmp_path: Path, command):
     """The error comes first (no summary), exit status 1, and no output file is created."""
     not_video = tmp_path / "notes.md"
@@ -459,15 +459,7 @@ def test_a_file_that_is_not_a_video_is_refused_before_any_output(tmp_path: Path,
     assert not list(out.glob("*")) if out.exists() else True
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        ("encode", "{input}", "-o", "{out}/x.latents"),
-        ("live", "{input}", "-o", "{out}/x.latents"),
-        ("serve", "--source", "cam={input}", "--output-dir", "{out}"),
-    ],
-    ids=["encode", "live", "serve"],
-)
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS.values(), ids=OUTPUT_COMMANDS.keys())
 def test_a_video_with_no_frame_is_refused_before_any_output(tmp_path: Path, command):
     """A file OpenCV opens but that holds no frame: an error, not an empty output and status 0."""
     empty = tmp_path / "empty.avi"
