@@ -91,7 +91,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         choices=sorted(CONFIGS),
         default="wan2.1",
-        help="architecture for --random-weights: wan2.1 (default), wan2.2 (z 48, frames in "
+        help="architecture for --random-weights: wan2.1 (default), wan2.2 (z 48, frame sizes in "
         "multiples of 16), lightvae, or narrow8 / wan2.2-narrow8, the same networks 8 channels "
         "wide (fast: for tests and trying the pipeline)",
     )

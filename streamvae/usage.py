@@ -22,15 +22,19 @@ import argparse
 import contextlib
 import copy
 import math
+import os
 import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 __all__ = [
     "CliParser",
     "HelpFormatter",
     "UsageError",
+    "check_output_dir",
+    "check_output_file",
     "non_negative_seconds",
     "plain_text",
     "positive_int",
@@ -55,6 +59,36 @@ def usage_error(message: str) -> NoReturn:
     """Print ``streamvae: error: message`` on stderr and exit with status 2."""
     print(f"streamvae: error: {message}", file=sys.stderr)
     raise UsageError(message)
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """A usage error (status 2) before anything runs if ``path``, given as ``option``, cannot be
+    a file to write: a directory, a path under a file, or a folder this user cannot write in."""
+    target = Path(path)
+    if target.is_dir():
+        usage_error(f"{option} {path} is a directory; give a file name")
+    _check_parent(target, option, path)
+
+
+def check_output_dir(path: str | Path, option: str) -> None:
+    """A usage error (status 2) before anything runs if ``path``, given as ``option``, cannot be
+    a directory to write in (it is a file, lies under a file, or cannot be written)."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        usage_error(f"{option} {path} is a file, not a directory")
+    if target.is_dir():
+        if not os.access(target, os.W_OK):
+            usage_error(f"{option} {path}: cannot write in it")
+        return
+    _check_parent(target, option, path)
+
+
+def _check_parent(target: Path, option: str, path: str | Path) -> None:
+    parent = next((p for p in target.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        usage_error(f"{option} {path}: {parent} is a file, not a directory")
+    if parent is not None and not os.access(parent, os.W_OK):
+        usage_error(f"{option} {path}: cannot write in {parent}")
 
 
 @contextlib.contextmanager

@@ -147,6 +147,13 @@ NARROW = ["--random-weights", "--config", "narrow8", "--threads", "1"]
         (["live", SYNTHETIC, "--mqtt", "mqtt://h/p", "--drain-timeout", "-1"], 2, ">= 0"),
         (["live", SYNTHETIC, "--mqtt", "mqtt://h/p", "--reconnect-max", "nan"], 2, "finite"),
         (["encode", SYNTHETIC, "-o", "{tmp}/x.latents", "--device", "gpu"], 2, "not a device"),
+        (["serve", "--source", f"a={SYNTHETIC}", "--output-dir", __file__], 2, "is a file, not a"),
+        (["bench", "--frames", "3"], 2, "--frames 3: at least 5"),
+        (["bench", "--streams", "0"], 2, "counts must be >= 1"),
+        (["bench", "--streams", "two"], 2, "expected counts like 1,2,4,8"),
+        (["bench", "--streams", "2", "--phases", "bogus"], 2, "--phases bogus"),
+        (["bench", "--lengths", "2.5"], 2, "expected counts"),
+        (["bench", "--json", "{tmp}"], 2, "--json {tmp} is a directory"),
         # Well-formed, but running it failed: 1.
         (["encode", "{tmp}/missing.mp4", "-o", "{tmp}/x.latents"], 1, "no video file at"),
         (["encode", "{tmp}", "-o", "{tmp}/x.latents"], 1, "is a directory, not a video file"),
@@ -169,6 +176,7 @@ def test_user_errors_exit_2_for_the_command_line_and_1_for_a_failed_run(
     from streamvae.cli import main
 
     args = [a.format(tmp=tmp_path) for a in argv]
+    message = message.format(tmp=tmp_path)
     needs_model = "--weights" not in args and "--no-weights-given" not in args
     with pytest.raises(SystemExit) as exit_info:
         main(args + (NARROW if needs_model else ["--threads", "1"]))

@@ -26,6 +26,8 @@ from streamvae.bench.options import (
     DEFAULT_LIVE_FPS,
     MEMORY_FORMATS,
     BenchOptions,
+    parse_counts,
+    parse_lengths,
     parse_numbers,
     parse_size,
 )
@@ -43,7 +45,7 @@ from streamvae.bench.report import format_report, write_plot
 from streamvae.bench.run import run_bench
 from streamvae.model import WanEncoder
 from streamvae.model_args import DTYPES, add_model_arguments, model_from_args
-from streamvae.usage import positive_int
+from streamvae.usage import check_output_file, positive_int, usage_error
 
 __all__ = ["add_bench_command", "add_pool_arguments", "bench_command", "pool_bench_command"]
 
@@ -81,7 +83,7 @@ def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
     )
     parser.add_argument(
         "--lengths",
-        type=parse_numbers,
+        type=parse_lengths,
         default=",".join(str(v) for v in DEFAULT_LENGTHS),
         help="stream lengths for memory vs length, comma-separated; 0 skips it",
     )
@@ -127,6 +129,15 @@ def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
 
 def bench_command(args: argparse.Namespace) -> int:
     """Run ``streamvae bench`` from parsed arguments."""
+    # Outputs and names are checked before a run that may take many minutes.
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            check_output_file(path, option)
+    for phase in (p for p in getattr(args, "phases", "").split(",") if p):
+        try:
+            start_ticks(1, phase)
+        except ValueError as exc:
+            usage_error(f"--phases {args.phases}: {exc}")
     dtype = DTYPES[args.dtype]
     args32 = copy.copy(args)
     args32.dtype = "float32"
@@ -145,7 +156,7 @@ def bench_command(args: argparse.Namespace) -> int:
         repeats=args.repeats or (10 if cuda else 3),
         live_fps=tuple(args.fps),
         live_frames=args.live_frames or max(args.frames, 33),
-        lengths=tuple(int(n) for n in args.lengths),
+        lengths=args.lengths,
         memory_size=args.memory_size or (args.size if cuda else (32, 32)),
         mode=args.mode,
         memory_format=args.memory_format,
@@ -157,13 +168,14 @@ def bench_command(args: argparse.Namespace) -> int:
         command="streamvae " + " ".join(sys.argv[1:]) if sys.argv else "",
     )
     if options.frames < 1 + encoder.config.temporal_stride:
-        raise SystemExit(
-            f"streamvae bench: --frames must be at least {1 + encoder.config.temporal_stride}"
+        usage_error(
+            f"--frames {options.frames}: at least {1 + encoder.config.temporal_stride} "
+            "(frame 0 and one group)"
         )
     for flag, size in (("--size", options.size), ("--memory-size", options.memory_size)):
         problem = encoder.config.size_error(*size)
         if problem is not None:
-            raise SystemExit(f"streamvae bench: {flag} {size[0]}x{size[1]}: {problem}")
+            usage_error(f"{flag} {size[0]}x{size[1]}: {problem}")
     report = run_bench(encoder, options, reference)
     print(format_report(report))
     if args.json:
@@ -180,7 +192,7 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     """``--streams``, ``--phases``, ``--ticks``, ``--sweep`` of ``streamvae bench``."""
     parser.add_argument(
         "--streams",
-        type=lambda text: [int(v) for v in text.split(",")],
+        type=parse_counts,
         default=None,
         help="many streams: stream counts, comma-separated (e.g. 1,2,4,8): pool vs separate encoders",
     )
@@ -226,9 +238,7 @@ def pool_bench_command(args: argparse.Namespace, encoder: WanEncoder) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if args.streams:
-        phases = [p for p in args.phases.split(",") if p]
-        for phase in phases:
-            start_ticks(1, phase)  # checks the name
+        phases = [p for p in args.phases.split(",") if p]  # names checked by bench_command
         graphs = encoder.device.type == "cuda" and not getattr(args, "no_cuda_graphs", False)
         common = {"ticks": args.ticks, "repeats": repeats, "cuda_graphs": graphs}
         report["cuda_graphs"] = graphs

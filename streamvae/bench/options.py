@@ -12,6 +12,8 @@ __all__ = [
     "DEFAULT_LIVE_FPS",
     "MEMORY_FORMATS",
     "BenchOptions",
+    "parse_counts",
+    "parse_lengths",
     "parse_numbers",
     "parse_size",
 ]
@@ -55,6 +57,28 @@ def parse_size(text: str) -> tuple[int, int]:
     if height <= 0 or width <= 0 or height % 8 or width % 8:
         raise argparse.ArgumentTypeError(f"H and W must be positive multiples of 8, got {text!r}")
     return height, width
+
+
+def parse_counts(text: str) -> list[int]:
+    """``"1,2,4,8"`` -> ``[1, 2, 4, 8]``: whole numbers >= 1 (``--streams``).
+
+    >>> parse_counts("1,2,4")
+    [1, 2, 4]
+    """
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts like 1,2,4,8, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"counts must be >= 1, got {text!r}")
+    return values
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """``"17,65,257"`` -> ``(17, 65, 257)``: whole frame counts; ``"0"`` or ``"none"`` -> ``()``."""
+    if text.strip().lower() in ("", "0", "none", "off"):
+        return ()
+    return tuple(parse_counts(text))
 
 
 def parse_numbers(text: str) -> tuple[float, ...]:

@@ -65,6 +65,7 @@ from streamvae.io.wire import STORAGE_DTYPES
 from streamvae.model_args import ModelChoice, add_model_arguments, model_from_args
 from streamvae.stream import StreamEncoder
 from streamvae.usage import (
+    check_output_file,
     non_negative_seconds,
     positive_int,
     positive_seconds,
@@ -203,7 +204,7 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
         "--resize",
         choices=("resize", "crop"),
         default="resize",
-        help="how --size is reached: scale (default) or scale and centre-crop",
+        help="how --size is reached: resize scales, crop scales to cover and keeps the centre",
     )
     group.add_argument("--frames", type=positive_int, help="stop after this many frames")
     group.add_argument(
@@ -465,6 +466,21 @@ def _run_until_done(main: Coroutine[Any, Any, int]) -> int:
         return 130
     except FrameError as exc:  # e.g. a source whose frames the model cannot take (its rule)
         raise SystemExit(f"streamvae: {exc}") from None
+    except OSError as exc:  # an output that cannot be written (disk full, read-only, ...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise SystemExit(f"streamvae: {where}{exc.strerror or exc}") from None
+
+
+def _file_size(path: Path, fallback: int) -> int:
+    """The size of the file written (its header included), or ``fallback`` if it is gone."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return fallback
+
+
+def _latents(count: int) -> str:
+    return f"{count} latent" if count == 1 else f"{count} latents"
 
 
 def _ms(seconds: float) -> str:
@@ -524,14 +540,7 @@ def _print_summary(args: argparse.Namespace, summary: dict[str, Any], lines: lis
 
 def _check_output_file(path: str | Path) -> None:
     """Exit (status 2) before anything runs if ``path`` cannot be a ``.latents`` file to write."""
-    target = Path(path)
-    if target.is_dir():
-        usage_error(f"--output {path} is a directory; give a file such as x.latents")
-    parent = next((p for p in target.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        usage_error(f"--output {path}: {parent} is a file, not a directory")
-    if parent is not None and not os.access(parent, os.W_OK):
-        usage_error(f"--output {path}: cannot write in {parent}")
+    check_output_file(path, "--output")
 
 
 async def _source_opened(source: FrameSource) -> bool:
@@ -640,8 +649,8 @@ async def _encode(
                 f"removed the incomplete {args.output} ({sink.latents_written} latents written "
                 "before the failure)"
                 if outcome.removed
-                else f"wrote {args.output} ({sink.latents_written} latents, "
-                f"{sink.bytes_written} bytes)" + meaningless
+                else f"wrote {args.output} ({_latents(sink.latents_written)}, "
+                f"{_file_size(output, sink.bytes_written)} bytes)" + meaningless
             ),
             *([f"error: {error}"] if error else []),
         ],

@@ -64,7 +64,7 @@ from streamvae.io.sources import FrameSource, SourceError
 from streamvae.io.topics import validate_stream_id
 from streamvae.model_args import add_model_arguments
 from streamvae.pool import PoolSourceError, StreamPool
-from streamvae.usage import non_negative_seconds, user_errors
+from streamvae.usage import check_output_dir, non_negative_seconds, user_errors
 
 if TYPE_CHECKING:
     from streamvae.io.mqtt import MqttSettings, MqttSink
@@ -116,7 +116,7 @@ def add_serve_command(
         "--deadline",
         type=non_negative_seconds,
         default=0.025,
-        help="seconds a tick waits for late sources once one has a frame (0.025)",
+        help="seconds a tick waits for late sources once one has a frame",
     )
     parser.add_argument(
         "--stats-interval",
@@ -231,6 +231,8 @@ def run_serve(args: argparse.Namespace) -> int:
         if not (args.deadline >= 0):
             raise ValueError(f"--deadline must be >= 0 seconds, got {args.deadline}")
         settings = mqtt_settings(args)
+    if args.output_dir:
+        check_output_dir(args.output_dir, "--output-dir")
     sources = {
         spec.stream_id: _open_source_from_args(
             spec.uri, argparse.Namespace(**{**vars(args), "size": spec.size or args.size})
