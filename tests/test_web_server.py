@@ -88,7 +88,8 @@ INFO = PageInfo(
 @contextlib.asynccontextmanager
 async def running(encoder, sinks, *, max_streams=2, **settings):
     pool = StreamPool(encoder, max_streams=max_streams)
-    server = WebServer(pool, INFO, sinks, SessionSettings(size=(64, 64), **settings))
+    settings.setdefault("size", (64, 64))
+    server = WebServer(pool, INFO, sinks, SessionSettings(**settings))
     async with server, TestServer(server.app) as http, aiohttp.ClientSession() as client:
         yield server, http, client, pool
 
@@ -320,5 +321,84 @@ async def test_closing_the_server_ends_streaming_sessions_cleanly(narrow_encoder
     latents = sinks.by_stream["web-1"].latents
     assert [x.index for x in latents] == list(range(len(latents)))
     await asyncio.wait_for(peer.ended.wait(), 10)
-    assert peer.of_type("ended")[0]["latents"] == len(latents)
+    final = peer.of_type("ended")[0]
+    assert final["latents"] == len(latents)
+    await asyncio.sleep(0.05)  # its duration stopped at its end (frames per second stay right)
+    assert server.sessions["web-1"].numbers()["seconds"] == final["seconds"]
     await peer.close()
+
+
+class PoolBroke(Exception):
+    pass
+
+
+@pytest.mark.network
+async def test_an_encoder_error_fails_every_session_and_refuses_new_ones(narrow_encoder):
+    sinks = Sinks()
+    async with running(narrow_encoder, sinks) as (server, http, client, pool):
+        peers = [Peer(Pattern()), Peer(Pattern())]
+        for peer in peers:
+            assert (await peer.connect(client, http))[0] == 200
+        await until(lambda: all(len(p.of_type("latent")) >= 2 for p in peers), 60, "latents")
+
+        def broken(frames):
+            raise PoolBroke("the step went wrong")
+
+        pool.push = broken  # what pool.push may raise (FrameError, PoolStepError, ...)
+        for peer in peers:
+            await asyncio.wait_for(peer.ended.wait(), 30)
+            final = peer.of_type("ended")[0]
+            assert final["state"] == "failed"
+            assert final["error"] == "the encoder stopped: PoolBroke: the step went wrong"
+        late = Peer(Pattern())
+        status, body = await late.connect(client, http)
+        assert status == 503
+        assert body["error"] == "the encoder stopped: PoolBroke: the step went wrong"
+        for peer in [*peers, late]:
+            await peer.close()
+    # Leaving the server did not raise; every session's outputs were closed, the pool is empty.
+    assert sorted(sinks.closed) == ["web-1", "web-2"] and len(pool) == 0
+    assert server._ticker is not None and server._ticker.done()
+
+
+@pytest.mark.network
+async def test_a_camera_size_the_encoder_cannot_take_ends_only_its_session(narrow_encoder):
+    sinks = Sinks()
+    async with running(narrow_encoder, sinks, size=None) as (server, http, client, _pool):
+        odd, good = Peer(Pattern(first=(60, 64))), Peer(Pattern())
+        assert (await odd.connect(client, http))[0] == 200
+        assert (await good.connect(client, http))[0] == 200
+        await asyncio.wait_for(odd.ended.wait(), 30)
+        final = odd.of_type("ended")[0]
+        assert final["state"] == "failed"
+        assert "web-1: the camera sends 60x64, which the encoder cannot take" in final["error"]
+        count = len(good.of_type("latent"))
+        await until(lambda: len(good.of_type("latent")) >= count + 3, 60, "web-2 going on")
+        assert server.failure is None
+        for peer in (odd, good):
+            await peer.close()
+        await until(lambda: server.sessions["web-2"].state == "ended", 30, "web-2's end")
+
+
+@pytest.mark.network
+async def test_an_offer_cancelled_once_admitted_frees_its_slot(narrow_encoder):
+    sinks = Sinks()
+    pool = StreamPool(narrow_encoder, max_streams=1)
+    server = WebServer(pool, INFO, sinks, SessionSettings(size=(64, 64)))
+    async with server:
+        assert server._latents is not None
+        admit = server._latents.add
+
+        async def admitted_then_cancelled(*args, **kwargs):
+            await admit(*args, **kwargs)
+            assert len(pool) == 1
+            raise asyncio.CancelledError  # the offer cancelled as the admission comes back
+
+        server._latents.add = admitted_then_cancelled
+        peer = Peer(Pattern())
+        await peer.pc.setLocalDescription(await peer.pc.createOffer())
+        with pytest.raises(asyncio.CancelledError):
+            await server.offer(peer.pc.localDescription.sdp, "offer")
+        await until(lambda: len(pool) == 0, 30, "the slot freed")
+        await peer.close()
+    assert server.sessions == {}

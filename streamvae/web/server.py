@@ -57,15 +57,23 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdatachannel import RTCDataChannel
 
+from streamvae.frames import SPATIAL_MULTIPLE
 from streamvae.io.pipeline import LatentSink, PipelineStats, SinkError, latent_latency, percentiles
-from streamvae.io.sources import ResizeMode, SourceFrame
+from streamvae.io.sources import ResizeMode, SourceError, SourceFrame
 from streamvae.pool import AdmissionError, PoolStream, StreamPool
 from streamvae.stream import Latent
 from streamvae.web.record import FrameRecorder
 from streamvae.web.rtcp import SenderClock
 from streamvae.web.source import TrackSource
 
-__all__ = ["PageInfo", "SessionSettings", "WebServer", "latent_picture", "make_app"]
+__all__ = [
+    "EncoderStopped",
+    "PageInfo",
+    "SessionSettings",
+    "WebServer",
+    "latent_picture",
+    "make_app",
+]
 
 log = logging.getLogger("streamvae.web")
 
@@ -77,6 +85,11 @@ HELD_MESSAGES = 256
 
 LATENCY_WINDOW = 100
 """Latencies (the most recent) the page's and the API's percentiles are taken over."""
+
+
+class EncoderStopped(RuntimeError):
+    """The pool's stream stopped on an error: the server takes no more sessions."""
+
 
 SinkFactory = Callable[[str], AbstractAsyncContextManager[Sequence[LatentSink]]]
 
@@ -172,7 +185,7 @@ class _Session:
             "session": self.id,
             "state": self.state,
             "error": self.error,
-            "seconds": round(now - self.started, 3),
+            "seconds": round((stats.finished or now) - self.started, 3),
             "frames_received": source.frames_read,
             "frames_encoded": stats.frames,
             "frames_per_second": round((source.frames_read - frames_then) / span, 2)
@@ -255,6 +268,9 @@ class WebServer:
         self._consumer: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self.failure: str | None = None
+        """Why the pool's stream stopped (an encoder error), if it did: then every session has
+        failed with it and new offers are refused (HTTP 503)."""
         self.app = make_app(self)
 
     # -- lifetime ----
@@ -279,15 +295,19 @@ class WebServer:
             session.source.finish()
         if self._latents is not None:
             self._latents.end_input()
-        if self._consumer is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._consumer
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        try:
+            if self._consumer is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._consumer
+        finally:
+            try:
+                if self._tasks:
+                    await asyncio.gather(*self._tasks, return_exceptions=True)
+            finally:
+                if self._ticker is not None:
+                    self._ticker.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._ticker
 
     def stop(self) -> None:
         """Make :meth:`serve` return (it then closes the listener; leaving the ``async with``
@@ -323,11 +343,15 @@ class WebServer:
     async def offer(self, sdp: str, kind: str) -> dict[str, Any]:
         """Answer a browser's offer: admit its video track as a new stream.
 
-        Raises :class:`~streamvae.AdmissionError` when the pool refuses it and ``ValueError``
-        for an offer without video (nothing is left behind either way).
+        Raises :class:`~streamvae.AdmissionError` when the pool refuses it,
+        :class:`EncoderStopped` once the pool's stream has stopped on an error, and
+        ``ValueError`` for an offer without video (nothing is left behind either way, also when
+        this is cancelled: a stream the pool had already admitted is ended, freeing its slot).
         """
         if self._latents is None:
             raise RuntimeError("the server is not running (use it as an async context manager)")
+        if self.failure is not None:
+            raise EncoderStopped(self.failure)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         tracks: list[Any] = []
         channels: list[RTCDataChannel] = []
@@ -352,7 +376,18 @@ class WebServer:
                 capture_clock=None if clock is None else clock.capture_time,
             )
             session = _Session(sid, pc, source)
-            ended = await self._latents.add(sid, self._frames(session), size=settings.size)
+            try:
+                ended = await self._latents.add(sid, self._frames(session), size=settings.size)
+            except AdmissionError:
+                raise
+            except RuntimeError as exc:  # the pool's stream ended meanwhile
+                raise EncoderStopped(self.failure or str(exc)) from exc
+            except BaseException:
+                # Cancelled (or failed) after the pool may have admitted it: its frames end at
+                # once, so the stream (if in) ends and frees its slot.
+                source.stop()
+                session.ready.set()
+                raise
         except BaseException:
             await pc.close()
             raise
@@ -398,10 +433,21 @@ class WebServer:
             on_open()
 
     async def _frames(self, session: _Session) -> AsyncIterator[SourceFrame]:
-        """The session's frames as the pool reads them: once its sinks are open; recorded."""
+        """The session's frames as the pool reads them: once its sinks are open; recorded.
+
+        Without a ``size``, a camera whose size the encoder cannot take ends this session
+        only (a :class:`~streamvae.io.SourceError`), not the pool."""
         await session.ready.wait()
         async with session.source as source:
             async for frame in source:
+                height, width = frame.image.shape[:2]
+                if height % SPATIAL_MULTIPLE or width % SPATIAL_MULTIPLE or not height * width:
+                    raise SourceError(
+                        f"{session.id}: the camera sends {height}x{width}, which the encoder "
+                        f"cannot take (height and width must be positive multiples of "
+                        f"{SPATIAL_MULTIPLE}): choose another camera size, or start the "
+                        "server with --size HxW"
+                    )
                 session.stats.frames += 1
                 if session.recorder is not None:
                     session.recorder.add(frame)
@@ -428,6 +474,16 @@ class WebServer:
             outcome = "ended"
             try:
                 session.dropped_by_encoder = await ended
+            except asyncio.CancelledError:
+                if not ended.cancelled():
+                    raise  # this task itself was cancelled
+                outcome = "failed"  # the pool's stream stopped before this one ended
+                session.error = session.error or (
+                    f"the encoder stopped: {self.failure}"
+                    if self.failure is not None
+                    else "the encoder stopped before this stream ended"
+                )
+                log.warning("%s: %s", session.id, session.error)
             except Exception as exc:
                 outcome = "failed"
                 session.error = session.error or str(exc)
@@ -455,6 +511,18 @@ class WebServer:
             await session.pc.close()
 
     async def _consume(self, latents: PoolStream) -> None:
+        try:
+            await self._consume_latents(latents)
+        except Exception as exc:  # FrameError, AdmissionError, PoolStepError...: the pool's
+            # stream is over; every live session fails with the reason, new offers get a 503
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.error("the encoder stopped, ending every session: %s", self.failure)
+            for session in list(self.sessions.values()):
+                if session.state in ("starting", "streaming"):
+                    session.error = session.error or f"the encoder stopped: {self.failure}"
+                    session.source.stop()
+
+    async def _consume_latents(self, latents: PoolStream) -> None:
         async with latents:
             async for sid, latent in latents:
                 session = self.sessions.get(sid)
@@ -557,6 +625,8 @@ def make_app(server: WebServer) -> web.Application:
             return web.json_response(await server.offer(sdp, kind))
         except AdmissionError as exc:
             return web.json_response({"error": f"the server is full: {exc}"}, status=503)
+        except EncoderStopped as exc:
+            return web.json_response({"error": f"the encoder stopped: {exc}"}, status=503)
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
 
