@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestServer  # noqa: E402
 from aiortc.mediastreams import MediaStreamTrack  # noqa: E402
 
 from streamvae import StreamEncoder, StreamPool  # noqa: E402
+from streamvae.io.pipeline import SinkError  # noqa: E402
 from streamvae.io.sources import synthetic_frame  # noqa: E402
 from streamvae.web.record import read_recording  # noqa: E402
 from streamvae.web.server import PageInfo, SessionSettings, WebServer, latent_picture  # noqa: E402
@@ -299,7 +300,11 @@ async def test_a_failing_output_ends_only_its_own_session(narrow_encoder):
         assert (await good.connect(client, http))[0] == 200
         await asyncio.wait_for(bad.ended.wait(), 30)
         final = bad.of_type("ended")[0]
-        assert final["state"] == "failed" and "ValueError: labels may not" in final["error"]
+        assert final["state"] == "failed"
+        assert (
+            final["error"] == "output failed (RefusingSink, sending a latent): see the server log"
+        )
+        assert server.sessions["web-1"].output_failed
         count = len(good.of_type("latent"))
         await until(lambda: len(good.of_type("latent")) >= count + 3, 60, "web-2 going on")
         for peer in (bad, good):
@@ -402,3 +407,41 @@ async def test_an_offer_cancelled_once_admitted_frees_its_slot(narrow_encoder):
         await until(lambda: len(pool) == 0, 30, "the slot freed")
         await peer.close()
     assert server.sessions == {}
+
+
+URL = "mqtt://alice:s3cret-pw@127.0.0.1:47123/streams"
+
+
+class LeakySink:
+    """Fails as an MQTT sink does: its message names the broker, the user, a raw error."""
+
+    async def send(self, latent) -> None:
+        raise SinkError(f"the MQTT sink for {URL} stopped: ConnectionRefusedError({URL!r})")
+
+
+@pytest.mark.network
+async def test_an_output_failure_shows_no_broker_user_or_password(narrow_encoder, caplog):
+    @contextlib.asynccontextmanager
+    async def factory(stream_id: str):
+        if stream_id == "web-1":
+            raise OSError(f"could not connect to {URL}: [Errno 111] Connection refused")
+        yield [LeakySink()]
+
+    async with running(narrow_encoder, factory) as (_server, http, client, _pool):
+        peers = [Peer(Pattern()), Peer(Pattern())]
+        for peer in peers:
+            assert (await peer.connect(client, http))[0] == 200
+        for peer in peers:
+            await asyncio.wait_for(peer.ended.wait(), 30)
+        api = await (await client.get(http.make_url("/api/sessions"))).text()
+        for peer in peers:
+            await peer.close()
+    shown = api + json.dumps([p.messages for p in peers])
+    for secret in ("alice", "s3cret", "127.0.0.1:47123", "47123", "Connection refused"):
+        assert secret not in shown
+    errors = [json.loads(api)[sid]["error"] for sid in ("web-1", "web-2")]
+    assert errors == [
+        "output failed (outputs, opening its outputs): see the server log",
+        "output failed (LeakySink, sending a latent): see the server log",
+    ]
+    assert "47123" in caplog.text  # the detail is in the server's log

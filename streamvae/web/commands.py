@@ -234,7 +234,7 @@ def _summary(args: argparse.Namespace, server: WebServer, random: bool) -> int:
             for s in numbers["sinks"]
             if s["kind"] == "MqttSink"
         )
-        failed |= undelivered > 0
+        failed |= undelivered > 0 or session.output_failed
         lines.append(
             f"{sid}: {numbers['frames_received']} frames received -> {numbers['latents']} "
             f"latents, {numbers['gaps']} gap(s), dropped {numbers['dropped_groups']} group(s), "

@@ -168,6 +168,8 @@ class _Session:
     recorder: FrameRecorder | None = None
     state: str = "starting"
     error: str | None = None
+    output_failed: bool = False
+    """Whether ``error`` came from its outputs (its detail is in the server's log only)."""
     dropped_by_encoder: int = 0
     last_latent: dict[str, Any] | None = None
     rates: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=8))
@@ -221,6 +223,15 @@ class _Session:
         while self.held:
             channel.send(self.held.popleft())
         channel.send(text)
+
+
+def _output_failed(session: _Session, doing: str, kind: str, error: BaseException) -> None:
+    """An output's failure: the detail (it may name a broker, a user) to the server's log only;
+    the page and the API get its kind."""
+    detail = str(error) if isinstance(error, SinkError) else f"{type(error).__name__}: {error}"
+    log.warning("%s: its output failed (%s), ending it: %s", session.id, doing, detail)
+    session.output_failed = True
+    session.error = session.error or f"output failed ({kind}, {doing}): see the server log"
 
 
 def _ms(seconds: list[float]) -> dict[str, float]:
@@ -465,7 +476,7 @@ class WebServer:
                         FrameRecorder(self.settings.record_dir / session.id)
                     )
             except BaseException as exc:
-                session.error = f"could not open the stream's outputs: {exc}"
+                _output_failed(session, "opening its outputs", "outputs", exc)
                 session.source.stop()
                 raise
             finally:
@@ -499,7 +510,7 @@ class WebServer:
             try:
                 await session.stack.aclose()  # flushed by now: MQTT offline, files closed
             except Exception as exc:
-                session.error = session.error or f"closing its outputs failed: {exc}"
+                _output_failed(session, "closing its outputs", "outputs", exc)
                 outcome = "failed"
             if session.error is not None:  # an output failed, though the stream ended cleanly
                 outcome = "failed"
@@ -537,10 +548,7 @@ class WebServer:
                         await sink.send(latent)
                 except Exception as exc:  # SinkError, or a sink refusing the latent: this
                     # session ends (its source stopped); the other sessions go on
-                    session.error = (
-                        str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
-                    )
-                    log.warning("%s: its output failed, ending it: %s", sid, session.error)
+                    _output_failed(session, "sending a latent", type(sink).__name__, exc)
                     session.source.stop()
                     continue
                 self._count(session, latent)
