@@ -235,7 +235,23 @@ async def test_a_full_pool_refuses_a_session_and_a_silent_one_times_out(narrow_e
 
 async def test_bad_offers_are_refused_clearly(narrow_encoder):
     async with running(narrow_encoder, Sinks()) as (server, http, client, _):
-        async with client.post(http.make_url("/api/offer"), data=b"not json") as response:
+        url = http.make_url("/api/offer")
+        async with client.post(url, data=b"x", headers={"Content-Type": "text/plain"}) as plain:
+            assert plain.status == 415  # a cross-site form or no-preflight fetch takes no slot
+            assert "application/json" in (await plain.json())["error"]
+        rebound = {"Host": "attacker.example:8000"}  # DNS rebinding: another site's name
+        for path in ("/", "/api/sessions", "/api/info"):
+            async with client.get(http.make_url(path), headers=rebound) as response:
+                assert response.status == 403
+        async with client.post(url, json={}, headers=rebound) as response:
+            assert response.status == 403
+        async with client.get(http.make_url("/"), headers={"Host": "localhost:1"}) as response:
+            assert response.status == 200
+        server.allowed_hosts = ("attacker.example",)  # --allow-host: a proxy's public name
+        async with client.get(http.make_url("/"), headers=rebound) as response:
+            assert response.status == 200
+        json_type = {"Content-Type": "application/json"}
+        async with client.post(url, data=b"not json", headers=json_type) as response:
             assert response.status == 400
             assert "expected JSON" in (await response.json())["error"]
         no_video = Peer(None)
@@ -252,6 +268,7 @@ async def test_the_page_and_its_info_hold_no_secrets(narrow_encoder):
         info = await (await client.get(http.make_url("/api/info"))).json()
         icon = await client.get(http.make_url("/favicon.ico"))
     assert "RANDOM WEIGHTS" in page and 'src="/app.js"' in page
+    assert '"Content-Type": "application/json"' in script  # what /api/offer requires
     assert "RTCPeerConnection" in script and "http" not in script.replace("/api/", "")
     assert info["size"] == "64x64" and info["random_weights"] and info["sinks"] == ["mqtt"]
     assert set(info) == {

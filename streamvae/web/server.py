@@ -37,10 +37,12 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import ipaddress
 import itertools
 import json
 import logging
 import math
+import socket
 import ssl
 import time
 from collections import deque
@@ -266,8 +268,11 @@ class WebServer:
         settings: SessionSettings | None = None,
         *,
         deadline: float = 0.025,
+        allowed_hosts: Sequence[str] = (),
     ) -> None:
         self.pool = pool
+        self.allowed_hosts = tuple(allowed_hosts)
+        """More names a ``Host`` header may give (a reverse proxy's public name)."""
         self.info = info
         self.settings = settings or SessionSettings(size=info.size)
         self._open_sinks = open_sinks
@@ -279,6 +284,8 @@ class WebServer:
         self._consumer: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self.host: str | None = None
+        """The host :meth:`serve` listens on (a ``Host`` header may name it)."""
         self.failure: str | None = None
         """Why the pool's stream stopped (an encoder error), if it did: then every session has
         failed with it and new offers are refused (HTTP 503)."""
@@ -335,6 +342,7 @@ class WebServer:
     ) -> None:
         """Listen on ``host:port`` (``0``: a free port) until :meth:`stop`; ``listening`` is
         called with the page's URL once the socket is open."""
+        self.host = host
         runner = web.AppRunner(self.app, access_log=None)
         await runner.setup()
         try:
@@ -600,10 +608,51 @@ def _static(name: str) -> bytes:
     return resources.files("streamvae.web").joinpath(STATIC, name).read_bytes()
 
 
+def allowed_host(header: str, bound: str | None, more: Sequence[str] = ()) -> bool:
+    """Whether a request's ``Host`` header may be served: an IP address, ``localhost``, the
+    host the server listens on, this machine's name, or one of ``more``. A DNS name pointing elsewhere (DNS
+    rebinding: a page on another site made to reach this server) is not.
+
+    >>> allowed_host("127.0.0.1:8000", None), allowed_host("evil.example:8000", "127.0.0.1")
+    (True, False)
+    """
+    name = header.strip().lower()
+    if name.startswith("["):  # [IPv6]:port
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    name = name.rstrip(".")
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(name)
+        return True
+    names = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
+    names.update(n.lower().rstrip(".") for n in more)
+    if bound:
+        names.add(bound.lower().strip("[]"))
+    return name in names or name.endswith(".localhost")
+
+
 def make_app(server: WebServer) -> web.Application:
     """The aiohttp application: ``/`` (the page), ``/app.js``, ``/api/info``, ``/api/offer``,
-    ``/api/sessions``."""
-    app = web.Application(client_max_size=1 << 20)
+    ``/api/sessions``.
+
+    Requests whose ``Host`` is not :func:`allowed_host` get 403; ``/api/offer`` takes
+    ``Content-Type: application/json`` only (415 otherwise: a cross-site page cannot POST it
+    without the browser asking first)."""
+
+    @web.middleware
+    async def check_host(
+        request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
+        if not allowed_host(request.headers.get("Host", ""), server.host, server.allowed_hosts):
+            return web.json_response(
+                {"error": "this server answers only to its own address (Host refused)"},
+                status=403,
+            )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app = web.Application(client_max_size=1 << 20, middlewares=[check_host])
 
     async def page(request: web.Request) -> web.Response:
         return web.Response(body=_static("index.html"), content_type="text/html")
@@ -620,6 +669,10 @@ def make_app(server: WebServer) -> web.Application:
         )
 
     async def offer(request: web.Request) -> web.Response:
+        if request.content_type != "application/json":
+            return web.json_response(
+                {"error": "expected Content-Type: application/json"}, status=415
+            )
         try:
             body = await request.json()
             sdp, kind = body["sdp"], body["type"]
