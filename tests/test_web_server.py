@@ -337,6 +337,11 @@ async def test_closing_the_server_ends_streaming_sessions_cleanly(narrow_encoder
         peer = Peer(Pattern())
         assert (await peer.connect(client, http))[0] == 200
         await until(lambda: len(peer.of_type("latent")) >= 3, 60, "3 latents")
+        session = server.sessions["web-1"]
+        samples = list(session.rates)
+        for _ in range(20):  # reading the numbers (GET /api/sessions) leaves the rates' window
+            (await client.get(http.make_url("/api/sessions"))).close()
+        assert len([r for r in session.rates if r not in samples]) <= 1  # a tick's, at most
     # Leaving the server (Ctrl-C in `streamvae web`) flushed the stream and closed its outputs.
     assert server.sessions["web-1"].state == "ended" and sinks.closed == ["web-1"]
     assert len(pool) == 0

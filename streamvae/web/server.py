@@ -82,6 +82,9 @@ log = logging.getLogger("streamvae.web")
 STATS_INTERVAL = 0.5
 """Seconds between the ``stats`` messages each session's page gets."""
 
+CLOCKED_FRAMES = 1024
+"""Frames per session remembered as stamped with the browser's capture time."""
+
 HELD_MESSAGES = 256
 """Messages to a page kept while its data channel is still opening (the oldest go beyond)."""
 
@@ -177,13 +180,21 @@ class _Session:
     rates: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=8))
     end_to_end: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
+    clocked: dict[float, None] = field(default_factory=dict)
+    """Timestamps of the recent frames stamped with the browser's capture time (the newest
+    :data:`CLOCKED_FRAMES`): a latent is on that clock if its group's first frame is."""
+
+    def sample(self) -> None:
+        """Note the counts now (every :data:`STATS_INTERVAL`): the rates are over the samples."""
+        self.rates.append((time.monotonic(), self.source.stats.frames_read, self.stats.latents))
+
     def numbers(self) -> dict[str, Any]:
-        """The session's numbers as the page shows them (the server's)."""
+        """The session's numbers as the page shows them (the server's); reading them changes
+        nothing (the rates are over the ticks' samples, to now or the session's end)."""
         now = time.monotonic()
         stats, source = self.stats, self.source.stats
-        self.rates.append((now, source.frames_read, stats.latents))
-        then, frames_then, latents_then = self.rates[0]
-        span = now - then
+        then, frames_then, latents_then = self.rates[0] if self.rates else (self.started, 0, 0)
+        span = (stats.finished or now) - then
         latencies = list(stats.latencies)[-LATENCY_WINDOW:]
         return {
             "session": self.id,
@@ -459,6 +470,12 @@ class WebServer:
         await session.ready.wait()
         async with session.source as source:
             async for frame in source:
+                since = session.source.capture_times_since
+                stamped = since is not None and (frame.captured or -math.inf) >= since
+                if stamped and frame.timestamp is not None:
+                    session.clocked[frame.timestamp] = None
+                    if len(session.clocked) > CLOCKED_FRAMES:
+                        del session.clocked[next(iter(session.clocked))]
                 height, width = frame.image.shape[:2]
                 if height % SPATIAL_MULTIPLE or width % SPATIAL_MULTIPLE or not height * width:
                     raise SourceError(
@@ -547,8 +564,8 @@ class WebServer:
                 session = self.sessions.get(sid)
                 if session is None or session.error is not None:
                     continue
-                since = session.source.capture_times_since
-                browser = since is not None and (latent.captured or -math.inf) >= since
+                first = latent.timestamps[0] if latent.timestamps else None
+                browser = first is not None and first in session.clocked
                 clock = "browser-capture" if browser else "server-receive"
                 latent = dataclasses.replace(latent, meta={**latent.meta, "capture_clock": clock})
                 try:
@@ -598,6 +615,7 @@ class WebServer:
             await asyncio.sleep(STATS_INTERVAL)
             for session in list(self.sessions.values()):
                 if session.state in ("starting", "streaming"):
+                    session.sample()
                     session.send({"type": "stats", **session.numbers()})
 
 
