@@ -17,7 +17,9 @@ status ``offline``).
 own (host candidates only, no STUN: loopback needs none) and admits the session's video track as
 a :class:`~streamvae.web.TrackSource` into the pool (``PoolStream.add``): several tabs are
 several streams of one pool, stepped together; a session the pool refuses (``max_streams``,
-memory) gets HTTP 503 with the reason, which the page shows. The session's data channel carries
+memory) gets HTTP 503 with the reason, which the page shows. An error of the pool itself
+(an encoder step failing) ends every session as failed with the reason, and later offers get
+503 ("the encoder stopped: ..."). The session's data channel carries
 the server's numbers to the page (JSON: ``hello``, ``stats`` twice a second, ``latent`` per
 latent with its picture, ``ended``); the page sends ``{"type": "stop"}`` to end its stream
 cleanly. A closed tab (the connection closed or failed) ends its stream the same way: flushed,
@@ -73,6 +75,7 @@ __all__ = [
     "PageInfo",
     "SessionSettings",
     "WebServer",
+    "allowed_host",
     "latent_picture",
     "make_app",
 ]
