@@ -741,6 +741,10 @@ class PoolStream(AsyncIterator[tuple[str, Latent]]):
         :class:`AdmissionError`: nothing changed), and ``RuntimeError`` if the stream is not
         open-ended, was told :meth:`end_input`, or has ended. It waits for the iteration to
         reach a tick boundary, so the stream must be being iterated (by another task).
+
+        Cancelled while waiting: a source not yet admitted is never admitted; one the pool
+        admitted just before the cancellation stays in the pool (its slot held) until its
+        source ends, so the caller must make it end (e.g. stop the source it passed).
         """
         control = self._control
         if control.finished:

@@ -3,7 +3,9 @@ a real mosquitto, checked against a StreamEncoder over the frames the server rec
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -14,12 +16,14 @@ from pathlib import Path
 
 import pytest
 from test_io_serve import Subscriber, statuses
+from test_web_server import Pattern, Peer, running
 
 import io_fixtures
 from helpers import rel_err, require
 from io_fixtures import REPO, Broker, cli_env, streamvae_command
 from streamvae import StreamEncoder, narrow
 from streamvae.io import MqttSettings, read_latents
+from streamvae.web.commands import _summary
 from streamvae.weights import random_encoder
 from web_fixtures import banner_shown, chromium, page_numbers
 
@@ -225,3 +229,19 @@ def test_bad_arguments_are_refused_clearly(args, says):
     result = run_cli("web", "--random-weights", "--config", "narrow8", *args)
     assert result.returncode == 2, result.stderr
     assert says in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.network
+async def test_the_exit_status_is_1_when_a_sessions_output_failed(narrow_encoder, capsys):
+    @contextlib.asynccontextmanager
+    async def factory(stream_id: str):
+        raise OSError("the broker refused")
+        yield []
+
+    async with running(narrow_encoder, factory) as (server, http, client, _pool):
+        peer = Peer(Pattern())
+        assert (await peer.connect(client, http))[0] == 200
+        await asyncio.wait_for(peer.ended.wait(), 30)
+        await peer.close()
+    assert _summary(argparse.Namespace(json=False), server, True) == 1
+    assert "output failed (outputs, opening its outputs)" in capsys.readouterr().out

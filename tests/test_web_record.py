@@ -43,3 +43,23 @@ def test_a_directory_in_use_is_refused(tmp_path):
     (tmp_path / "rec" / "frames.jsonl").write_text("")
     with pytest.raises(FileExistsError, match="is not empty"):
         FrameRecorder(tmp_path / "rec")
+
+
+def test_the_first_write_error_is_raised_not_lost(tmp_path, monkeypatch):
+    import streamvae.web.record as record
+
+    written = []
+
+    def imwrite(path, image):  # the first write fails, the later ones succeed
+        written.append(path)
+        return len(written) > 1
+
+    monkeypatch.setattr(record.cv2, "imwrite", imwrite)
+    frame = SourceFrame(np.zeros((8, 8, 3), np.uint8), 0.0)
+    recorder = FrameRecorder(tmp_path / "rec")
+    recorder.add(frame)
+    with pytest.raises(OSError, match=r"could not write .*000000\.png"):
+        try:  # the second add raises it if the first write has failed by then
+            recorder.add(frame)
+        finally:
+            recorder.close()

@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestServer  # noqa: E402
 from aiortc.mediastreams import MediaStreamTrack  # noqa: E402
 
 from streamvae import StreamEncoder, StreamPool  # noqa: E402
+from streamvae.io.pipeline import SinkError  # noqa: E402
 from streamvae.io.sources import synthetic_frame  # noqa: E402
 from streamvae.web.record import read_recording  # noqa: E402
 from streamvae.web.server import PageInfo, SessionSettings, WebServer, latent_picture  # noqa: E402
@@ -88,7 +89,8 @@ INFO = PageInfo(
 @contextlib.asynccontextmanager
 async def running(encoder, sinks, *, max_streams=2, **settings):
     pool = StreamPool(encoder, max_streams=max_streams)
-    server = WebServer(pool, INFO, sinks, SessionSettings(size=(64, 64), **settings))
+    settings.setdefault("size", (64, 64))
+    server = WebServer(pool, INFO, sinks, SessionSettings(**settings))
     async with server, TestServer(server.app) as http, aiohttp.ClientSession() as client:
         yield server, http, client, pool
 
@@ -233,7 +235,23 @@ async def test_a_full_pool_refuses_a_session_and_a_silent_one_times_out(narrow_e
 
 async def test_bad_offers_are_refused_clearly(narrow_encoder):
     async with running(narrow_encoder, Sinks()) as (server, http, client, _):
-        async with client.post(http.make_url("/api/offer"), data=b"not json") as response:
+        url = http.make_url("/api/offer")
+        async with client.post(url, data=b"x", headers={"Content-Type": "text/plain"}) as plain:
+            assert plain.status == 415  # a cross-site form or no-preflight fetch takes no slot
+            assert "application/json" in (await plain.json())["error"]
+        rebound = {"Host": "attacker.example:8000"}  # DNS rebinding: another site's name
+        for path in ("/", "/api/sessions", "/api/info"):
+            async with client.get(http.make_url(path), headers=rebound) as response:
+                assert response.status == 403
+        async with client.post(url, json={}, headers=rebound) as response:
+            assert response.status == 403
+        async with client.get(http.make_url("/"), headers={"Host": "localhost:1"}) as response:
+            assert response.status == 200
+        server.allowed_hosts = ("attacker.example",)  # --allow-host: a proxy's public name
+        async with client.get(http.make_url("/"), headers=rebound) as response:
+            assert response.status == 200
+        json_type = {"Content-Type": "application/json"}
+        async with client.post(url, data=b"not json", headers=json_type) as response:
             assert response.status == 400
             assert "expected JSON" in (await response.json())["error"]
         no_video = Peer(None)
@@ -250,6 +268,7 @@ async def test_the_page_and_its_info_hold_no_secrets(narrow_encoder):
         info = await (await client.get(http.make_url("/api/info"))).json()
         icon = await client.get(http.make_url("/favicon.ico"))
     assert "RANDOM WEIGHTS" in page and 'src="/app.js"' in page
+    assert '"Content-Type": "application/json"' in script  # what /api/offer requires
     assert "RTCPeerConnection" in script and "http" not in script.replace("/api/", "")
     assert info["size"] == "64x64" and info["random_weights"] and info["sinks"] == ["mqtt"]
     assert set(info) == {
@@ -298,7 +317,11 @@ async def test_a_failing_output_ends_only_its_own_session(narrow_encoder):
         assert (await good.connect(client, http))[0] == 200
         await asyncio.wait_for(bad.ended.wait(), 30)
         final = bad.of_type("ended")[0]
-        assert final["state"] == "failed" and "ValueError: labels may not" in final["error"]
+        assert final["state"] == "failed"
+        assert (
+            final["error"] == "output failed (RefusingSink, sending a latent): see the server log"
+        )
+        assert server.sessions["web-1"].output_failed
         count = len(good.of_type("latent"))
         await until(lambda: len(good.of_type("latent")) >= count + 3, 60, "web-2 going on")
         for peer in (bad, good):
@@ -314,11 +337,133 @@ async def test_closing_the_server_ends_streaming_sessions_cleanly(narrow_encoder
         peer = Peer(Pattern())
         assert (await peer.connect(client, http))[0] == 200
         await until(lambda: len(peer.of_type("latent")) >= 3, 60, "3 latents")
+        session = server.sessions["web-1"]
+        samples = list(session.rates)
+        for _ in range(20):  # reading the numbers (GET /api/sessions) leaves the rates' window
+            (await client.get(http.make_url("/api/sessions"))).close()
+        assert len([r for r in session.rates if r not in samples]) <= 1  # a tick's, at most
     # Leaving the server (Ctrl-C in `streamvae web`) flushed the stream and closed its outputs.
     assert server.sessions["web-1"].state == "ended" and sinks.closed == ["web-1"]
     assert len(pool) == 0
     latents = sinks.by_stream["web-1"].latents
     assert [x.index for x in latents] == list(range(len(latents)))
     await asyncio.wait_for(peer.ended.wait(), 10)
-    assert peer.of_type("ended")[0]["latents"] == len(latents)
+    final = peer.of_type("ended")[0]
+    assert final["latents"] == len(latents)
+    await asyncio.sleep(0.05)  # its duration stopped at its end (frames per second stay right)
+    assert server.sessions["web-1"].numbers()["seconds"] == final["seconds"]
     await peer.close()
+
+
+class PoolBroke(Exception):
+    pass
+
+
+@pytest.mark.network
+async def test_an_encoder_error_fails_every_session_and_refuses_new_ones(narrow_encoder):
+    sinks = Sinks()
+    async with running(narrow_encoder, sinks) as (server, http, client, pool):
+        peers = [Peer(Pattern()), Peer(Pattern())]
+        for peer in peers:
+            assert (await peer.connect(client, http))[0] == 200
+        await until(lambda: all(len(p.of_type("latent")) >= 2 for p in peers), 60, "latents")
+
+        def broken(frames):
+            raise PoolBroke("the step went wrong")
+
+        pool.push = broken  # what pool.push may raise (FrameError, PoolStepError, ...)
+        for peer in peers:
+            await asyncio.wait_for(peer.ended.wait(), 30)
+            final = peer.of_type("ended")[0]
+            assert final["state"] == "failed"
+            assert final["error"] == "the encoder stopped: PoolBroke: the step went wrong"
+        late = Peer(Pattern())
+        status, body = await late.connect(client, http)
+        assert status == 503
+        assert body["error"] == "the encoder stopped: PoolBroke: the step went wrong"
+        for peer in [*peers, late]:
+            await peer.close()
+    # Leaving the server did not raise; every session's outputs were closed, the pool is empty.
+    assert sorted(sinks.closed) == ["web-1", "web-2"] and len(pool) == 0
+    assert server._ticker is not None and server._ticker.done()
+
+
+@pytest.mark.network
+async def test_a_camera_size_the_encoder_cannot_take_ends_only_its_session(narrow_encoder):
+    sinks = Sinks()
+    async with running(narrow_encoder, sinks, size=None) as (server, http, client, _pool):
+        odd, good = Peer(Pattern(first=(60, 64))), Peer(Pattern())
+        assert (await odd.connect(client, http))[0] == 200
+        assert (await good.connect(client, http))[0] == 200
+        await asyncio.wait_for(odd.ended.wait(), 30)
+        final = odd.of_type("ended")[0]
+        assert final["state"] == "failed"
+        assert "web-1: the camera sends 60x64, which the encoder cannot take" in final["error"]
+        count = len(good.of_type("latent"))
+        await until(lambda: len(good.of_type("latent")) >= count + 3, 60, "web-2 going on")
+        assert server.failure is None
+        for peer in (odd, good):
+            await peer.close()
+        await until(lambda: server.sessions["web-2"].state == "ended", 30, "web-2's end")
+
+
+@pytest.mark.network
+async def test_an_offer_cancelled_once_admitted_frees_its_slot(narrow_encoder):
+    sinks = Sinks()
+    pool = StreamPool(narrow_encoder, max_streams=1)
+    server = WebServer(pool, INFO, sinks, SessionSettings(size=(64, 64)))
+    async with server:
+        assert server._latents is not None
+        admit = server._latents.add
+
+        async def admitted_then_cancelled(*args, **kwargs):
+            await admit(*args, **kwargs)
+            assert len(pool) == 1
+            raise asyncio.CancelledError  # the offer cancelled as the admission comes back
+
+        server._latents.add = admitted_then_cancelled
+        peer = Peer(Pattern())
+        await peer.pc.setLocalDescription(await peer.pc.createOffer())
+        with pytest.raises(asyncio.CancelledError):
+            await server.offer(peer.pc.localDescription.sdp, "offer")
+        await until(lambda: len(pool) == 0, 30, "the slot freed")
+        await peer.close()
+    assert server.sessions == {}
+
+
+URL = "mqtt://alice:s3cret-pw@127.0.0.1:47123/streams"
+
+
+class LeakySink:
+    """Fails as an MQTT sink does: its message names the broker, the user, a raw error."""
+
+    async def send(self, latent) -> None:
+        raise SinkError(f"the MQTT sink for {URL} stopped: ConnectionRefusedError({URL!r})")
+
+
+@pytest.mark.network
+async def test_an_output_failure_shows_no_broker_user_or_password(narrow_encoder, caplog):
+    @contextlib.asynccontextmanager
+    async def factory(stream_id: str):
+        if stream_id == "web-1":
+            raise OSError(f"could not connect to {URL}: [Errno 111] Connection refused")
+        yield [LeakySink()]
+
+    async with running(narrow_encoder, factory) as (_server, http, client, _pool):
+        peers = [Peer(Pattern()), Peer(Pattern())]
+        for peer in peers:
+            assert (await peer.connect(client, http))[0] == 200
+        for peer in peers:
+            await asyncio.wait_for(peer.ended.wait(), 30)
+        api = await (await client.get(http.make_url("/api/sessions"))).text()
+        for peer in peers:
+            await peer.close()
+    shown = api + json.dumps([p.messages for p in peers])
+    for secret in ("alice", "s3cret", "127.0.0.1:47123", "47123", "Connection refused"):
+        assert secret not in shown
+    errors = [json.loads(api)[sid]["error"] for sid in ("web-1", "web-2")]
+    assert errors == [
+        "output failed (outputs, opening its outputs): see the server log",
+        "output failed (LeakySink, sending a latent): see the server log",
+    ]
+    assert "47123" in caplog.text  # the detail is in the server's log

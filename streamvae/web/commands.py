@@ -65,6 +65,15 @@ def add_web_command(commands: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name the page may be reached by besides IP addresses, localhost, --host and "
+        "this machine's name (a reverse proxy's public name); other Host headers get 403 "
+        "(DNS rebinding). Repeatable",
+    )
     parser.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     parser.add_argument("--mqtt", metavar="URL", help="mqtt://[user@]host:port/prefix")
@@ -206,7 +215,14 @@ def run_web(args: argparse.Namespace) -> int:
             yield s.sinks
 
     async def main() -> int:
-        server = WebServer(pool, info, open_sinks, sessions, deadline=args.deadline)
+        server = WebServer(
+            pool,
+            info,
+            open_sinks,
+            sessions,
+            deadline=args.deadline,
+            allowed_hosts=args.allow_host,
+        )
         async with server:
             with _stop_on_signals(server.stop):
                 await server.serve(
@@ -234,7 +250,7 @@ def _summary(args: argparse.Namespace, server: WebServer, random: bool) -> int:
             for s in numbers["sinks"]
             if s["kind"] == "MqttSink"
         )
-        failed |= undelivered > 0
+        failed |= undelivered > 0 or session.output_failed
         lines.append(
             f"{sid}: {numbers['frames_received']} frames received -> {numbers['latents']} "
             f"latents, {numbers['gaps']} gap(s), dropped {numbers['dropped_groups']} group(s), "

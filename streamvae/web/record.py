@@ -17,7 +17,7 @@ numbers carry them).
 from __future__ import annotations
 
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -47,12 +47,13 @@ class FrameRecorder:
         self.count = 0
         self._index = (self.directory / INDEX).open("w")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamvae-record")
-        self._last: Future[None] | None = None
+        self._error: BaseException | None = None  # the first write's error, kept
 
     def add(self, frame: SourceFrame) -> None:
-        """Queue ``frame`` for writing (its pixels are copied now); raises an earlier write's error."""
-        if self._last is not None and self._last.done():
-            self._last.result()
+        """Queue ``frame`` for writing (its pixels are copied now); raises the first earlier
+        write's error (once one failed, nothing more is written)."""
+        if self._error is not None:
+            raise self._error
         name = f"{self.count:06d}.png"
         entry = {
             "file": name,
@@ -64,20 +65,28 @@ class FrameRecorder:
         }
         image = np.array(frame.image, copy=True)
         self.count += 1
-        self._last = self._executor.submit(self._write, name, image, entry)
+        self._executor.submit(self._write, name, image, entry)
 
     def _write(self, name: str, image: np.ndarray, entry: dict[str, object]) -> None:
+        if self._error is not None:
+            return
+        try:
+            self._write_one(name, image, entry)
+        except Exception as error:
+            self._error = error
+
+    def _write_one(self, name: str, image: np.ndarray, entry: dict[str, object]) -> None:
         if not cv2.imwrite(str(self.directory / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
             raise OSError(f"could not write {self.directory / name}")
         self._index.write(json.dumps(entry) + "\n")
         self._index.flush()
 
     def close(self) -> None:
-        """Wait for the writes and close the index (raises a write's error)."""
+        """Wait for the writes and close the index (raises the first write's error)."""
         self._executor.shutdown(wait=True)
         self._index.close()
-        if self._last is not None:
-            self._last.result()
+        if self._error is not None:
+            raise self._error
 
     def __enter__(self) -> FrameRecorder:
         return self

@@ -17,7 +17,9 @@ status ``offline``).
 own (host candidates only, no STUN: loopback needs none) and admits the session's video track as
 a :class:`~streamvae.web.TrackSource` into the pool (``PoolStream.add``): several tabs are
 several streams of one pool, stepped together; a session the pool refuses (``max_streams``,
-memory) gets HTTP 503 with the reason, which the page shows. The session's data channel carries
+memory) gets HTTP 503 with the reason, which the page shows. An error of the pool itself
+(an encoder step failing) ends every session as failed with the reason, and later offers get
+503 ("the encoder stopped: ..."). The session's data channel carries
 the server's numbers to the page (JSON: ``hello``, ``stats`` twice a second, ``latent`` per
 latent with its picture, ``ended``); the page sends ``{"type": "stop"}`` to end its stream
 cleanly. A closed tab (the connection closed or failed) ends its stream the same way: flushed,
@@ -37,10 +39,12 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import ipaddress
 import itertools
 import json
 import logging
 import math
+import socket
 import ssl
 import time
 from collections import deque
@@ -57,26 +61,43 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdatachannel import RTCDataChannel
 
+from streamvae.frames import SPATIAL_MULTIPLE
 from streamvae.io.pipeline import LatentSink, PipelineStats, SinkError, latent_latency, percentiles
-from streamvae.io.sources import ResizeMode, SourceFrame
+from streamvae.io.sources import ResizeMode, SourceError, SourceFrame
 from streamvae.pool import AdmissionError, PoolStream, StreamPool
 from streamvae.stream import Latent
 from streamvae.web.record import FrameRecorder
 from streamvae.web.rtcp import SenderClock
 from streamvae.web.source import TrackSource
 
-__all__ = ["PageInfo", "SessionSettings", "WebServer", "latent_picture", "make_app"]
+__all__ = [
+    "EncoderStopped",
+    "PageInfo",
+    "SessionSettings",
+    "WebServer",
+    "allowed_host",
+    "latent_picture",
+    "make_app",
+]
 
 log = logging.getLogger("streamvae.web")
 
 STATS_INTERVAL = 0.5
 """Seconds between the ``stats`` messages each session's page gets."""
 
+CLOCKED_FRAMES = 1024
+"""Frames per session remembered as stamped with the browser's capture time."""
+
 HELD_MESSAGES = 256
 """Messages to a page kept while its data channel is still opening (the oldest go beyond)."""
 
 LATENCY_WINDOW = 100
 """Latencies (the most recent) the page's and the API's percentiles are taken over."""
+
+
+class EncoderStopped(RuntimeError):
+    """The pool's stream stopped on an error: the server takes no more sessions."""
+
 
 SinkFactory = Callable[[str], AbstractAsyncContextManager[Sequence[LatentSink]]]
 
@@ -155,24 +176,34 @@ class _Session:
     recorder: FrameRecorder | None = None
     state: str = "starting"
     error: str | None = None
+    output_failed: bool = False
+    """Whether ``error`` came from its outputs (its detail is in the server's log only)."""
     dropped_by_encoder: int = 0
     last_latent: dict[str, Any] | None = None
     rates: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=8))
     end_to_end: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
+    clocked: dict[float, None] = field(default_factory=dict)
+    """Timestamps of the recent frames stamped with the browser's capture time (the newest
+    :data:`CLOCKED_FRAMES`): a latent is on that clock if its group's first frame is."""
+
+    def sample(self) -> None:
+        """Note the counts now (every :data:`STATS_INTERVAL`): the rates are over the samples."""
+        self.rates.append((time.monotonic(), self.source.stats.frames_read, self.stats.latents))
+
     def numbers(self) -> dict[str, Any]:
-        """The session's numbers as the page shows them (the server's)."""
+        """The session's numbers as the page shows them (the server's); reading them changes
+        nothing (the rates are over the ticks' samples, to now or the session's end)."""
         now = time.monotonic()
         stats, source = self.stats, self.source.stats
-        self.rates.append((now, source.frames_read, stats.latents))
-        then, frames_then, latents_then = self.rates[0]
-        span = now - then
+        then, frames_then, latents_then = self.rates[0] if self.rates else (self.started, 0, 0)
+        span = (stats.finished or now) - then
         latencies = list(stats.latencies)[-LATENCY_WINDOW:]
         return {
             "session": self.id,
             "state": self.state,
             "error": self.error,
-            "seconds": round(now - self.started, 3),
+            "seconds": round((stats.finished or now) - self.started, 3),
             "frames_received": source.frames_read,
             "frames_encoded": stats.frames,
             "frames_per_second": round((source.frames_read - frames_then) / span, 2)
@@ -210,6 +241,15 @@ class _Session:
         channel.send(text)
 
 
+def _output_failed(session: _Session, doing: str, kind: str, error: BaseException) -> None:
+    """An output's failure: the detail (it may name a broker, a user) to the server's log only;
+    the page and the API get its kind."""
+    detail = str(error) if isinstance(error, SinkError) else f"{type(error).__name__}: {error}"
+    log.warning("%s: its output failed (%s), ending it: %s", session.id, doing, detail)
+    session.output_failed = True
+    session.error = session.error or f"output failed ({kind}, {doing}): see the server log"
+
+
 def _ms(seconds: list[float]) -> dict[str, float]:
     return {k: round(v * 1000, 2) for k, v in percentiles(seconds).items()}
 
@@ -242,8 +282,11 @@ class WebServer:
         settings: SessionSettings | None = None,
         *,
         deadline: float = 0.025,
+        allowed_hosts: Sequence[str] = (),
     ) -> None:
         self.pool = pool
+        self.allowed_hosts = tuple(allowed_hosts)
+        """More names a ``Host`` header may give (a reverse proxy's public name)."""
         self.info = info
         self.settings = settings or SessionSettings(size=info.size)
         self._open_sinks = open_sinks
@@ -255,6 +298,11 @@ class WebServer:
         self._consumer: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self.host: str | None = None
+        """The host :meth:`serve` listens on (a ``Host`` header may name it)."""
+        self.failure: str | None = None
+        """Why the pool's stream stopped (an encoder error), if it did: then every session has
+        failed with it and new offers are refused (HTTP 503)."""
         self.app = make_app(self)
 
     # -- lifetime ----
@@ -279,15 +327,19 @@ class WebServer:
             session.source.finish()
         if self._latents is not None:
             self._latents.end_input()
-        if self._consumer is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._consumer
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        try:
+            if self._consumer is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._consumer
+        finally:
+            try:
+                if self._tasks:
+                    await asyncio.gather(*self._tasks, return_exceptions=True)
+            finally:
+                if self._ticker is not None:
+                    self._ticker.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._ticker
 
     def stop(self) -> None:
         """Make :meth:`serve` return (it then closes the listener; leaving the ``async with``
@@ -304,6 +356,7 @@ class WebServer:
     ) -> None:
         """Listen on ``host:port`` (``0``: a free port) until :meth:`stop`; ``listening`` is
         called with the page's URL once the socket is open."""
+        self.host = host
         runner = web.AppRunner(self.app, access_log=None)
         await runner.setup()
         try:
@@ -323,11 +376,15 @@ class WebServer:
     async def offer(self, sdp: str, kind: str) -> dict[str, Any]:
         """Answer a browser's offer: admit its video track as a new stream.
 
-        Raises :class:`~streamvae.AdmissionError` when the pool refuses it and ``ValueError``
-        for an offer without video (nothing is left behind either way).
+        Raises :class:`~streamvae.AdmissionError` when the pool refuses it,
+        :class:`EncoderStopped` once the pool's stream has stopped on an error, and
+        ``ValueError`` for an offer without video (nothing is left behind either way, also when
+        this is cancelled: a stream the pool had already admitted is ended, freeing its slot).
         """
         if self._latents is None:
             raise RuntimeError("the server is not running (use it as an async context manager)")
+        if self.failure is not None:
+            raise EncoderStopped(self.failure)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         tracks: list[Any] = []
         channels: list[RTCDataChannel] = []
@@ -352,7 +409,18 @@ class WebServer:
                 capture_clock=None if clock is None else clock.capture_time,
             )
             session = _Session(sid, pc, source)
-            ended = await self._latents.add(sid, self._frames(session), size=settings.size)
+            try:
+                ended = await self._latents.add(sid, self._frames(session), size=settings.size)
+            except AdmissionError:
+                raise
+            except RuntimeError as exc:  # the pool's stream ended meanwhile
+                raise EncoderStopped(self.failure or str(exc)) from exc
+            except BaseException:
+                # Cancelled (or failed) after the pool may have admitted it: its frames end at
+                # once, so the stream (if in) ends and frees its slot.
+                source.stop()
+                session.ready.set()
+                raise
         except BaseException:
             await pc.close()
             raise
@@ -398,10 +466,27 @@ class WebServer:
             on_open()
 
     async def _frames(self, session: _Session) -> AsyncIterator[SourceFrame]:
-        """The session's frames as the pool reads them: once its sinks are open; recorded."""
+        """The session's frames as the pool reads them: once its sinks are open; recorded.
+
+        Without a ``size``, a camera whose size the encoder cannot take ends this session
+        only (a :class:`~streamvae.io.SourceError`), not the pool."""
         await session.ready.wait()
         async with session.source as source:
             async for frame in source:
+                since = session.source.capture_times_since
+                stamped = since is not None and (frame.captured or -math.inf) >= since
+                if stamped and frame.timestamp is not None:
+                    session.clocked[frame.timestamp] = None
+                    if len(session.clocked) > CLOCKED_FRAMES:
+                        del session.clocked[next(iter(session.clocked))]
+                height, width = frame.image.shape[:2]
+                if height % SPATIAL_MULTIPLE or width % SPATIAL_MULTIPLE or not height * width:
+                    raise SourceError(
+                        f"{session.id}: the camera sends {height}x{width}, which the encoder "
+                        f"cannot take (height and width must be positive multiples of "
+                        f"{SPATIAL_MULTIPLE}): choose another camera size, or start the "
+                        "server with --size HxW"
+                    )
                 session.stats.frames += 1
                 if session.recorder is not None:
                     session.recorder.add(frame)
@@ -419,7 +504,7 @@ class WebServer:
                         FrameRecorder(self.settings.record_dir / session.id)
                     )
             except BaseException as exc:
-                session.error = f"could not open the stream's outputs: {exc}"
+                _output_failed(session, "opening its outputs", "outputs", exc)
                 session.source.stop()
                 raise
             finally:
@@ -428,6 +513,16 @@ class WebServer:
             outcome = "ended"
             try:
                 session.dropped_by_encoder = await ended
+            except asyncio.CancelledError:
+                if not ended.cancelled():
+                    raise  # this task itself was cancelled
+                outcome = "failed"  # the pool's stream stopped before this one ended
+                session.error = session.error or (
+                    f"the encoder stopped: {self.failure}"
+                    if self.failure is not None
+                    else "the encoder stopped before this stream ended"
+                )
+                log.warning("%s: %s", session.id, session.error)
             except Exception as exc:
                 outcome = "failed"
                 session.error = session.error or str(exc)
@@ -443,7 +538,7 @@ class WebServer:
             try:
                 await session.stack.aclose()  # flushed by now: MQTT offline, files closed
             except Exception as exc:
-                session.error = session.error or f"closing its outputs failed: {exc}"
+                _output_failed(session, "closing its outputs", "outputs", exc)
                 outcome = "failed"
             if session.error is not None:  # an output failed, though the stream ended cleanly
                 outcome = "failed"
@@ -455,13 +550,25 @@ class WebServer:
             await session.pc.close()
 
     async def _consume(self, latents: PoolStream) -> None:
+        try:
+            await self._consume_latents(latents)
+        except Exception as exc:  # FrameError, AdmissionError, PoolStepError...: the pool's
+            # stream is over; every live session fails with the reason, new offers get a 503
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.error("the encoder stopped, ending every session: %s", self.failure)
+            for session in list(self.sessions.values()):
+                if session.state in ("starting", "streaming"):
+                    session.error = session.error or f"the encoder stopped: {self.failure}"
+                    session.source.stop()
+
+    async def _consume_latents(self, latents: PoolStream) -> None:
         async with latents:
             async for sid, latent in latents:
                 session = self.sessions.get(sid)
                 if session is None or session.error is not None:
                     continue
-                since = session.source.capture_times_since
-                browser = since is not None and (latent.captured or -math.inf) >= since
+                first = latent.timestamps[0] if latent.timestamps else None
+                browser = first is not None and first in session.clocked
                 clock = "browser-capture" if browser else "server-receive"
                 latent = dataclasses.replace(latent, meta={**latent.meta, "capture_clock": clock})
                 try:
@@ -469,10 +576,7 @@ class WebServer:
                         await sink.send(latent)
                 except Exception as exc:  # SinkError, or a sink refusing the latent: this
                     # session ends (its source stopped); the other sessions go on
-                    session.error = (
-                        str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
-                    )
-                    log.warning("%s: its output failed, ending it: %s", sid, session.error)
+                    _output_failed(session, "sending a latent", type(sink).__name__, exc)
                     session.source.stop()
                     continue
                 self._count(session, latent)
@@ -514,6 +618,7 @@ class WebServer:
             await asyncio.sleep(STATS_INTERVAL)
             for session in list(self.sessions.values()):
                 if session.state in ("starting", "streaming"):
+                    session.sample()
                     session.send({"type": "stats", **session.numbers()})
 
 
@@ -524,10 +629,51 @@ def _static(name: str) -> bytes:
     return resources.files("streamvae.web").joinpath(STATIC, name).read_bytes()
 
 
+def allowed_host(header: str, bound: str | None, more: Sequence[str] = ()) -> bool:
+    """Whether a request's ``Host`` header may be served: an IP address, ``localhost``, the
+    host the server listens on, this machine's name, or one of ``more``. A DNS name pointing elsewhere (DNS
+    rebinding: a page on another site made to reach this server) is not.
+
+    >>> allowed_host("127.0.0.1:8000", None), allowed_host("evil.example:8000", "127.0.0.1")
+    (True, False)
+    """
+    name = header.strip().lower()
+    if name.startswith("["):  # [IPv6]:port
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    name = name.rstrip(".")
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(name)
+        return True
+    names = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
+    names.update(n.lower().rstrip(".") for n in more)
+    if bound:
+        names.add(bound.lower().strip("[]"))
+    return name in names or name.endswith(".localhost")
+
+
 def make_app(server: WebServer) -> web.Application:
     """The aiohttp application: ``/`` (the page), ``/app.js``, ``/api/info``, ``/api/offer``,
-    ``/api/sessions``."""
-    app = web.Application(client_max_size=1 << 20)
+    ``/api/sessions``.
+
+    Requests whose ``Host`` is not :func:`allowed_host` get 403; ``/api/offer`` takes
+    ``Content-Type: application/json`` only (415 otherwise: a cross-site page cannot POST it
+    without the browser asking first)."""
+
+    @web.middleware
+    async def check_host(
+        request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
+        if not allowed_host(request.headers.get("Host", ""), server.host, server.allowed_hosts):
+            return web.json_response(
+                {"error": "this server answers only to its own address (Host refused)"},
+                status=403,
+            )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app = web.Application(client_max_size=1 << 20, middlewares=[check_host])
 
     async def page(request: web.Request) -> web.Response:
         return web.Response(body=_static("index.html"), content_type="text/html")
@@ -544,6 +690,10 @@ def make_app(server: WebServer) -> web.Application:
         )
 
     async def offer(request: web.Request) -> web.Response:
+        if request.content_type != "application/json":
+            return web.json_response(
+                {"error": "expected Content-Type: application/json"}, status=415
+            )
         try:
             body = await request.json()
             sdp, kind = body["sdp"], body["type"]
@@ -557,6 +707,8 @@ def make_app(server: WebServer) -> web.Application:
             return web.json_response(await server.offer(sdp, kind))
         except AdmissionError as exc:
             return web.json_response({"error": f"the server is full: {exc}"}, status=503)
+        except EncoderStopped as exc:
+            return web.json_response({"error": f"the encoder stopped: {exc}"}, status=503)
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
 
