@@ -228,6 +228,11 @@ def _memory_point(
     return round(value / 2**20, 2)
 
 
+# The package whose __main__ runs a probe in a fresh process (python -m streamvae.bench): a
+# process to start, not a module to import.
+_PROBE_PACKAGE = __name__.rpartition(".")[0]
+
+
 def _run_probe(probe: dict[str, Any]) -> float | str:
     import subprocess
 
@@ -236,7 +241,7 @@ def _run_probe(probe: dict[str, Any]) -> float | str:
     # retention would otherwise add tens of MB of noise). Costs speed; the child is not timed.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
     done = subprocess.run(
-        [sys.executable, "-m", "streamvae.bench", "--memory-probe", json.dumps(probe)],
+        [sys.executable, "-m", _PROBE_PACKAGE, "--memory-probe", json.dumps(probe)],
         capture_output=True,
         text=True,
         check=False,
