@@ -56,7 +56,7 @@ __all__ = [
     "retrying",
 ]
 
-log = logging.getLogger("streamvae.fleet")
+log = logging.getLogger(__name__.rpartition(".")[0])  # one logger for the fleet: streamvae.fleet
 
 NATS_PASSWORD_ENV = "STREAMVAE_NATS_PASSWORD"
 """The environment variable the NATS password is read from (unless a password file is given)."""

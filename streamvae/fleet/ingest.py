@@ -45,7 +45,7 @@ from streamvae.receptive import receptive_field
 
 __all__ = ["DEFAULT_RETAIN", "IngestStats", "ingest", "minimum_retain"]
 
-log = logging.getLogger("streamvae.fleet")
+log = logging.getLogger(__name__.rpartition(".")[0])  # one logger for the fleet: streamvae.fleet
 
 DEFAULT_RETAIN = 256
 

@@ -97,7 +97,7 @@ from streamvae.stream import Latent, StreamEncoder
 
 __all__ = ["EncoderSlot", "FleetWorker", "StreamStats", "WorkerOptions", "group_start"]
 
-log = logging.getLogger("streamvae.fleet")
+log = logging.getLogger(__name__.rpartition(".")[0])  # one logger for the fleet: streamvae.fleet
 
 
 def group_start(frame: int, group: int = 4) -> int:

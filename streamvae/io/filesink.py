@@ -47,7 +47,7 @@ from streamvae.stream import Latent
 
 __all__ = ["FILE_MAGIC", "FileSink", "iter_latents", "read_latents"]
 
-log = logging.getLogger("streamvae.io.filesink")
+log = logging.getLogger(__name__)
 
 FILE_MAGIC = b"STREAMVAE-LATENTS/2\n"
 """The first line of a ``.latents`` file this version writes."""

@@ -95,7 +95,7 @@ __all__ = [
     "validate_stream_id",
 ]
 
-log = logging.getLogger("streamvae.io.mqtt")
+log = logging.getLogger(__name__)
 
 _PACKET_OVERHEAD = 64 * 1024  # topic, properties and MQTT framing around a payload
 

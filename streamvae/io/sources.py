@@ -76,7 +76,7 @@ __all__ = [
     "synthetic_frame",
 ]
 
-log = logging.getLogger("streamvae.io.sources")
+log = logging.getLogger(__name__)
 
 GROUP_FRAMES = 4
 """Frames per latent after the first (Wan 2.1's temporal stride): the unit live sources drop."""

@@ -80,7 +80,9 @@ __all__ = [
     "make_app",
 ]
 
-log = logging.getLogger("streamvae.web")
+# streamvae.web: the package that holds this module (its logger name and its static/ files)
+_PACKAGE = __name__.rpartition(".")[0]
+log = logging.getLogger(_PACKAGE)
 
 STATS_INTERVAL = 0.5
 """Seconds between the ``stats`` messages each session's page gets."""
@@ -626,7 +628,7 @@ STATIC = "static"
 
 
 def _static(name: str) -> bytes:
-    return resources.files("streamvae.web").joinpath(STATIC, name).read_bytes()
+    return resources.files(_PACKAGE).joinpath(STATIC, name).read_bytes()
 
 
 def allowed_host(header: str, bound: str | None, more: Sequence[str] = ()) -> bool:
