@@ -538,11 +538,6 @@ def _print_summary(args: argparse.Namespace, summary: dict[str, Any], lines: lis
         print("\n".join(lines), flush=True)
 
 
-def _check_output_file(path: str | Path) -> None:
-    """Exit (status 2) before anything runs if ``path`` cannot be a ``.latents`` file to write."""
-    check_output_file(path, "--output")
-
-
 async def _source_opened(source: FrameSource) -> bool:
     """Wait for ``source`` to open; exit with its error (status 1) if it cannot. ``False``:
     stopped (Ctrl-C) before it opened."""
@@ -585,7 +580,7 @@ def _removed_on_failure(path: Path, created: bool) -> Iterator[_Outcome]:
 def run_encode(args: argparse.Namespace) -> int:
     """The ``encode`` command (see :func:`add_encode_command`)."""
     _setup_logging(args)
-    _check_output_file(args.output)
+    check_output_file(args.output, "--output")
     source = _open_source_from_args(args.input, args)
     choice, encoder = _stream_encoder(args)
     return _run_until_done(_encode(args, source, choice, encoder))
@@ -670,7 +665,7 @@ def run_live(args: argparse.Namespace) -> int:
         stream_id = validate_stream_id(args.stream_id or default_stream_id(args.source))
         settings = mqtt_settings(args)
     if args.output:
-        _check_output_file(args.output)
+        check_output_file(args.output, "--output")
     source = _open_source_from_args(args.source, args)
     choice, encoder = _stream_encoder(args)
     return _run_until_done(_live(args, source, choice, encoder, settings, stream_id))

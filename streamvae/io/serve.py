@@ -75,6 +75,7 @@ __all__ = [
     "add_serve_command",
     "read_sources",
     "run_serve",
+    "stream_output_path",
     "stream_sinks",
 ]
 
@@ -196,6 +197,11 @@ class StreamSinks:
         return [sink for sink in (self.mqtt, self.file) if sink is not None]
 
 
+def stream_output_path(output_dir: str | Path, stream_id: str) -> Path:
+    """Where ``--output-dir`` puts a stream's latents: ``<output_dir>/<stream_id>.latents``."""
+    return Path(output_dir) / f"{stream_id}.latents"
+
+
 @contextlib.asynccontextmanager
 async def stream_sinks(
     args: argparse.Namespace,
@@ -212,7 +218,7 @@ async def stream_sinks(
             mqtt = await stack.enter_async_context(mqtt_sink(args, settings, stream_id, labels))
         file = None
         if args.output_dir:
-            path = Path(args.output_dir) / f"{stream_id}.latents"
+            path = stream_output_path(args.output_dir, stream_id)
             path.parent.mkdir(parents=True, exist_ok=True)
             file = stack.enter_context(FileSink(path, labels=labels, dtype=args.latent_dtype))
         yield StreamSinks(mqtt, file)
@@ -273,7 +279,7 @@ async def _serve(
     created: set[str] = set()
     async with contextlib.AsyncExitStack() as stack:
         for sid in sources:
-            if args.output_dir and not (Path(args.output_dir) / f"{sid}.latents").exists():
+            if args.output_dir and not stream_output_path(args.output_dir, sid).exists():
                 created.add(sid)
             opened = await stack.enter_async_context(
                 stream_sinks(args, settings, sid, {**base, "stream": sid})
