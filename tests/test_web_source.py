@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import require
+from io_fixtures import wait_until
 from streamvae.io import SourceError
 from streamvae.stream import StreamEncoder
 
@@ -92,25 +93,24 @@ async def test_frames_are_brought_to_size_as_any_source_does():
     assert source.resolution == (48, 64)
 
 
-async def test_a_slow_consumer_loses_whole_groups_and_frame_zero_stays():
+@pytest.mark.parametrize("max_queued_groups", [1, 2])
+async def test_a_slow_consumer_loses_whole_groups_and_frame_zero_stays(max_queued_groups):
+    """Issue 24 item 2: a consumer that has not read yet gets frame 0 and the newest
+    ``max_queued_groups`` whole groups, exactly: the queue the source builds is its bound."""
     track = FakeTrack()
-    source = TrackSource(track, max_queued_groups=1)
+    source = TrackSource(track, max_queued_groups=max_queued_groups)
     for n in range(1 + 4 * 6):  # frame 0 and six groups, before the consumer reads any
         track.put(image(n))
     track.end()
     async with source:
-        await asyncio.sleep(0.5)  # the reader thread queues (and drops) all of them
+        # The last frame read: the last group's first frame (which made the drops) is queued.
+        await wait_until(lambda: source.stats.frames_read == 25, 30, "all 25 frames read")
         frames = [f async for f in source]
     numbers = [f.number for f in frames]
-    assert numbers[0] == 0
-    rest = numbers[1:]
-    assert len(rest) % 4 == 0 and rest  # only whole groups, and the newest is kept
-    for start in range(0, len(rest), 4):
-        group = rest[start : start + 4]
-        assert group == list(range(group[0], group[0] + 4)) and (group[0] - 1) % 4 == 0
-    assert rest[-1] == 24
-    assert source.stats.dropped_groups == 6 - len(rest) // 4 > 0
-    assert source.stats.dropped_frames == 25 - len(numbers)
+    kept = 4 * max_queued_groups
+    assert numbers == [0, *range(25 - kept, 25)]  # frame 0 stays, the newest groups, whole
+    assert source.stats.dropped_groups == 6 - max_queued_groups
+    assert source.stats.dropped_frames == 25 - len(numbers) == 24 - kept
 
 
 async def test_a_new_resolution_starts_a_new_run_with_a_gap(narrow_encoder):
@@ -161,7 +161,7 @@ async def test_finish_delivers_what_arrived_then_ends():
         track.put(image(n))
     async with source:
         first = await take(source, 1)
-        await asyncio.sleep(0.2)  # the other two are in
+        await wait_until(lambda: source.stats.frames_read == 3, 30, "the other two frames")
         source.finish()
         rest = [f async for f in source]
     assert [f.number for f in first + rest] == [0, 1, 2]
@@ -174,7 +174,7 @@ async def test_stop_ends_at_once_and_counts_what_it_discards():
         track.put(image(n))
     async with source:
         await take(source, 1)
-        await asyncio.sleep(0.3)
+        await wait_until(lambda: source.stats.frames_read == 5, 30, "all five frames read")
         source.stop()
         rest = [f async for f in source]
     assert rest == []
