@@ -7,6 +7,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import subprocess
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -18,8 +19,10 @@ from streamvae import WanConfig, WanEncoder
 from streamvae.weights import diffusers_config, diffusers_to_streamvae_name, streamvae_to_wan_name
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MEGAMIND = SHARED / "data" / "Megamind.avi"
+SHARED_ENV = "STREAMVAE_SHARED"
+"""The environment variable naming the ``shared`` folder (``data/Megamind.avi``, ...), for a
+checkout that is not beside it."""
+MEGAMIND = Path("data") / "Megamind.avi"
 
 
 def in_ci() -> bool:
@@ -41,6 +44,48 @@ def require(name: str) -> ModuleType:
             "installs it",
             pytrace=False,
         )
+
+
+def _git(*args: str) -> Path | None:
+    """A path ``git`` prints for the checkout the tests are in (``None`` without git)."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = done.stdout.strip()
+    return (Path(__file__).parent / text).resolve() if done.returncode == 0 and text else None
+
+
+def shared_candidates() -> list[Path]:
+    """Where the ``shared`` folder may be, in order: ``$STREAMVAE_SHARED``; ``shared`` beside
+    the tests folder or any folder above it; beside the git checkout (``git rev-parse
+    --show-toplevel``/..); beside the main checkout of a git worktree (``--git-common-dir``)."""
+    places = [Path(os.environ[SHARED_ENV])] if os.environ.get(SHARED_ENV) else []
+    places += [folder / "shared" for folder in Path(__file__).resolve().parents]
+    top = _git("rev-parse", "--show-toplevel")
+    if top is not None:
+        places.append(top.parent / "shared")
+    common = _git("rev-parse", "--git-common-dir")  # a worktree's: the main checkout's .git
+    if common is not None:
+        places.append(common.parent.parent / "shared")
+    return list(dict.fromkeys(places))
+
+
+def shared_file(relative: Path | str) -> Path:
+    """A file of the ``shared`` folder (see :func:`shared_candidates`). Where it is nowhere:
+    skip, except in CI, where that is a failure (a test on real data must not turn into a skip
+    because the checkout moved)."""
+    places = shared_candidates()
+    for place in places:
+        if (place / relative).is_file():
+            return place / relative
+    looked = ", ".join(str(place / relative) for place in places)
+    message = f"{relative} is not in any shared folder (looked at {looked}; set ${SHARED_ENV})"
+    if in_ci():
+        pytest.fail(f"CI: {message}", pytrace=False)
+    pytest.skip(message)
 
 
 def wan21_keys() -> list[tuple[str, tuple[int, ...]]]:

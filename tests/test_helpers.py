@@ -35,3 +35,20 @@ def test_the_channel_check_sees_what_the_global_measure_hides():
     with pytest.raises(AssertionError):
         assert_bf16_close(got, expected)
     assert_bf16_close(expected * (1 + 1e-3), expected)
+
+
+def test_a_shared_file_is_found_from_anywhere_and_missing_fails_in_ci(monkeypatch, tmp_path):
+    """Issue 24 item 4: the real clip skipped when the checkout was not beside ``shared``."""
+    from helpers import SHARED_ENV, shared_file
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "clip.avi").write_bytes(b"x")
+    monkeypatch.setenv(SHARED_ENV, str(tmp_path))
+    assert shared_file("data/clip.avi") == tmp_path / "data" / "clip.avi"
+    monkeypatch.delenv(SHARED_ENV)
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match=r"no_such_clip\.avi"):
+        shared_file("data/no_such_clip.avi")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=rf"CI: .*no_such_clip\.avi.*{SHARED_ENV}"):
+        shared_file("data/no_such_clip.avi")
