@@ -292,7 +292,8 @@ def test_docstring_examples(name):
     import doctest
     import importlib
 
-    assert doctest.testmod(importlib.import_module(name)).failed == 0
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0 and result.failed == 0, result
 
 
 @pytest.mark.parametrize("mode", ["frame", "group"])

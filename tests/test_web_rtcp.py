@@ -65,8 +65,6 @@ def test_a_receiver_without_aiortcs_internals_gives_no_times():
 @pytest.mark.parametrize(
     "name",
     [
-        "streamvae.web",
-        "streamvae.web.commands",
         "streamvae.web.record",
         "streamvae.web.rtcp",
         "streamvae.web.server",
@@ -79,4 +77,5 @@ def test_docstring_examples(name: str):
 
     require("aiohttp")
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0
+    # streamvae.web and streamvae.web.commands have no examples: they are not listed.
+    assert result.attempted > 0 and result.failed == 0, result
