@@ -407,18 +407,25 @@ async def test_cancelling_the_consumer_leaves_no_thread_and_no_stream(narrow_enc
             yield frame
 
     pool = StreamPool(narrow_encoder)
+    started = asyncio.Event()
 
     async def consume():
         async for _ in pool.stream({"a": endless(), "b": _frames(frames_of(51, 100, 16, 16))}):
-            pass
+            started.set()
+
+    def pool_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("streamvae-pool")]
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.3)
+    # Issue 24 item 7: cancel once the pool runs (a latent out), not after a guess at the time
+    # it takes to start: cancelled before, this would test nothing.
+    await asyncio.wait_for(started.wait(), 60)
+    assert sorted(pool.stream_ids) == ["a", "b"] and pool_threads()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert len(pool) == 0
-    assert not [t for t in threading.enumerate() if t.name.startswith("streamvae-pool")]
+    assert not pool_threads()
 
 
 def test_deadline_is_checked(narrow_encoder):
