@@ -50,8 +50,24 @@ class Subscriber:
         await asyncio.wait_for(self._ready.wait(), 10)
         return self
 
+    async def until_received(self, counts: dict[str, int], timeout: float = 60) -> None:
+        """Wait until ``counts[stream]`` latents of each stream have arrived (those still in
+        flight when the publisher ended); the timeout only ends a hung test."""
+        await io_fixtures.wait_until(
+            lambda: all(len(self.by_stream.get(sid, [])) >= n for sid, n in counts.items()),
+            timeout,
+            f"the subscriber to receive {counts} (has "
+            f"{ {sid: len(got) for sid, got in self.by_stream.items()} })",
+        )
+
+    async def until_published(self, summary: dict, timeout: float = 60) -> None:
+        """Wait for every latent ``serve``'s summary says it published."""
+        await self.until_received(
+            {sid: entry["mqtt"]["published"] for sid, entry in summary["streams"].items()},
+            timeout,
+        )
+
     async def __aexit__(self, *exc) -> None:
-        await asyncio.sleep(0.3)  # the last messages in flight
         assert self._task is not None
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
@@ -70,26 +86,46 @@ async def statuses(settings: MqttSettings, streams: list[str]) -> dict[str, dict
 
 
 async def serve_until(
-    args: list[str], until, what: str, *, settle: float = 0.0
+    args: list[str], until, what: str, *, logged: tuple[str, ...] = ()
 ) -> tuple[int, dict, str]:
-    """Run ``serve`` until ``until()`` holds, then Ctrl-C it; its exit code, summary, stderr."""
+    """Run ``serve`` until ``until()`` holds and its stderr so far has each of ``logged``, then
+    Ctrl-C it; its exit code, summary, stderr."""
     process = await asyncio.create_subprocess_exec(
         *streamvae_command("serve", *args, "--json"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=cli_env(),
     )
+    assert process.stdout is not None and process.stderr is not None
+    err: list[bytes] = []
+
+    async def read_stderr(stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            err.append(line)
+
+    reading = [
+        asyncio.ensure_future(process.stdout.read()),
+        asyncio.ensure_future(read_stderr(process.stderr)),
+    ]
+
+    def done() -> bool:
+        text = b"".join(err).decode(errors="replace")
+        return until() and all(part in text for part in logged)
+
     try:
-        await io_fixtures.wait_until(until, 120, what)
-        await asyncio.sleep(settle)
+        await io_fixtures.wait_until(done, 120, what + "".join(f", {x!r} logged" for x in logged))
         process.send_signal(signal.SIGINT)
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+        await asyncio.wait_for(process.wait(), 60)
+        stdout = (await asyncio.wait_for(asyncio.gather(*reading), 60))[0]
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
-    assert process.returncode == 0, stderr.decode()
-    return process.returncode, json.loads(stdout.decode().strip().splitlines()[-1]), stderr.decode()
+        for task in reading:
+            task.cancel()
+    stderr = b"".join(err).decode(errors="replace")
+    assert process.returncode == 0, stderr
+    return process.returncode, json.loads(stdout.decode().strip().splitlines()[-1]), stderr
 
 
 async def run_serve(*args: str, timeout: float = 180) -> tuple[int, dict, str]:
@@ -126,7 +162,8 @@ async def test_serve_many_sources_to_mqtt_and_files(
             str(config), "--source", f"clip={test_video}", "--output-dir", str(tmp_path / "out"),
             *NARROW,
         )  # fmt: skip
-    assert code == 0, stderr
+        assert code == 0, stderr
+        await subscriber.until_published(summary)
     frames = {
         "syn-a": [synthetic_frame(n, 32, 32) for n in range(9)],
         "syn-b": [synthetic_frame(n, 16, 32) for n in range(13)],
@@ -162,8 +199,9 @@ async def test_ctrl_c_drains_every_stream(broker: Broker):
             ],
             lambda: all(len(subscriber.by_stream.get(s, [])) >= 3 for s in ("north", "south")),
             "three latents on each stream",
-            settle=1.2,  # a stats line or two
+            logged=("north: in ", "south: in "),  # a stats line of each
         )  # fmt: skip
+        await subscriber.until_published(summary)
     assert "stopping" in text and "north: in " in text and "south: in " in text
     for sid in ("north", "south"):
         entry = summary["streams"][sid]
@@ -197,6 +235,7 @@ async def test_a_failing_source_reconnects_and_flags_a_gap_on_its_own_stream(
             ),
             "a gap latent on cam and one after it",
         )  # fmt: skip
+        await subscriber.until_published(summary)
     cam, steady = subscriber.by_stream["cam"], subscriber.by_stream["steady"]
     gaps = [x for x in cam if x.gap]
     assert len(gaps) == 1 and gaps[0].index == 0

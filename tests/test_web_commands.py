@@ -174,8 +174,9 @@ async def test_browser_tabs_stream_exactly_to_mqtt_and_the_page_shows_the_server
                 final = await asyncio.to_thread(
                     wait_page, driver, lambda n: n["state"].startswith("ended"), 30, "the end"
                 )
-            await asyncio.sleep(0.5)  # the last MQTT messages in flight
-        sessions = server.api("/api/sessions")
+            sessions = server.api("/api/sessions")  # both ended: their final numbers
+            # The last MQTT messages in flight: wait for every latent the server counted.
+            await subscriber.until_received({sid: sessions[sid]["latents"] for sid in sessions})
         code, summary = await asyncio.to_thread(server.stop)
     finally:
         if server.process.poll() is None:
