@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -437,45 +438,51 @@ async def test_frames_are_rgb(tmp_path: Path):
     assert mean[0] > 200 and mean[1] < 60 and mean[2] < 60, mean
 
 
-class _EmptyCapture:
-    """A capture that opens and then yields nothing (a stream that answers, then ends)."""
-
-    total_frames = None
-    fps = None
-
-    def read(self):
-        return None
-
-    def release(self) -> None:
-        pass
-
-
-async def test_a_source_that_opens_but_yields_nothing_obeys_max_reconnects(
-    test_video: Path, monkeypatch: pytest.MonkeyPatch
-):
+@pytest.mark.network
+async def test_a_source_that_opens_but_yields_nothing_obeys_max_reconnects(tmp_path: Path):
     """Issue 17 item 8: it reconnected forever whatever max_reconnects said (199 reopens in
-    2 s with max_reconnects=2)."""
-    from streamvae.io.sources import FrameSource, SourceError
+    2 s with max_reconnects=2). Issue 24 item 8: a real endpoint, not a stand-in for
+    ``FrameSource._open``: an HTTP server on loopback whose video is an AVI header without a
+    frame, so that FFmpeg opens the stream each time and it ends at once."""
+    (tmp_path / "www").mkdir()
+    subprocess.run(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+         "testsrc=size=32x32:rate=10", "-frames:v", "0", "-c:v", "mpeg4",
+         str(tmp_path / "www" / "empty.avi")],
+        check=True, timeout=60,
+    )  # fmt: skip
+    port = io_fixtures.free_port()
+    log = tmp_path / "http.log"
+    with log.open("w") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-u", "-m", "http.server", "--bind", io_fixtures.HOST, str(port),
+             "--directory", str(tmp_path / "www")],
+            stdout=subprocess.DEVNULL, stderr=log_file,
+        )  # fmt: skip
+    try:
+        io_fixtures.wait_for_port(port, timeout=30, process=server)
+        source = open_source(
+            f"http://{io_fixtures.HOST}:{port}/empty.avi",
+            max_reconnects=2,
+            backoff=Backoff(initial=0.01, maximum=0.01),
+        )
+        assert source.kind == "network" and source.reconnect
 
-    opens = 0
+        async def read_all() -> list:
+            async with source:
+                return [frame async for frame in source]
 
-    def open_empty(self):
-        nonlocal opens
-        opens += 1
-        return _EmptyCapture()
-
-    monkeypatch.setattr(FrameSource, "_open", open_empty)
-    source = open_source(
-        test_video, kind="webcam", max_reconnects=2, backoff=Backoff(initial=0.01, maximum=0.01)
-    )
-
-    async def read_all() -> list:
-        async with source:
-            return [frame async for frame in source]
-
-    with pytest.raises(SourceError, match=r"gave no frame 3 times in a row \(max_reconnects=2\)"):
-        await asyncio.wait_for(read_all(), 20)
-    assert opens == 3 and source.stats.disconnects == 3
+        with pytest.raises(
+            SourceError, match=r"gave no frame 3 times in a row \(max_reconnects=2\)"
+        ):
+            await asyncio.wait_for(read_all(), 30)
+    finally:
+        io_fixtures.stop_process(server)  # by its PID: SIGTERM, then SIGKILL
+    assert server.poll() is not None
+    assert source.has_opened and source.stats.disconnects == 3
+    assert source.stats.frames_read == 0
+    # The server saw the three opens, one request each, and nothing after the source gave up.
+    assert log.read_text().count('"GET /empty.avi HTTP/1.1" 200') == 3, log.read_text()
 
 
 async def test_secrets_in_a_camera_url_stay_out_of_errors_and_logs(
