@@ -164,7 +164,7 @@ async def test_ctrl_c_drains_every_stream(broker: Broker):
             "three latents on each stream",
             settle=1.2,  # a stats line or two
         )  # fmt: skip
-    assert "stopping" in text and "north: in " in text and "south: in " in text
+    assert "stopping" in text and "north: last " in text and "south: last " in text
     for sid in ("north", "south"):
         entry = summary["streams"][sid]
         received = subscriber.by_stream[sid]
