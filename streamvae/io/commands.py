@@ -77,8 +77,10 @@ if TYPE_CHECKING:
     from streamvae.io.mqtt import MqttSettings, MqttSink
 
 __all__ = [
+    "RESIZE_HELP",
     "add_encode_command",
     "add_live_command",
+    "add_resize_argument",
     "default_stream_id",
     "model_labels",
     "mqtt_settings",
@@ -155,7 +157,7 @@ def _add_mqtt_arguments(parser: argparse.ArgumentParser) -> None:
         "--buffer-messages",
         type=positive_int,
         default=256,
-        help="latents held while the broker is away; the oldest are discarded beyond (default 256)",
+        help="latents held while the broker is away; the oldest are discarded beyond",
     )
     mqtt.add_argument(
         "--mqtt-password-file", help=f"file whose first line is the password (else ${PASSWORD_ENV})"
@@ -199,13 +201,10 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("source")
-    group.add_argument("--size", help="HxW, multiples of 8 (e.g. 480x832); default: the source's")
     group.add_argument(
-        "--resize",
-        choices=("resize", "crop"),
-        default="resize",
-        help="how --size is reached: resize scales, crop scales to cover and keeps the centre",
+        "--size", help="HxW, multiples of 8, e.g. 480x832 (default: the source's own size)"
     )
+    add_resize_argument(group)
     group.add_argument("--frames", type=positive_int, help="stop after this many frames")
     group.add_argument(
         "--max-queued-groups",
@@ -225,6 +224,14 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
         help="file whose first line is the stream's password, put into rtsp://USER@host/... "
         f"(else ${SOURCE_PASSWORD_ENV}; keeps it out of the command line)",
     )
+
+
+RESIZE_HELP = "how --size is reached: resize scales, crop scales to cover and keeps the centre"
+
+
+def add_resize_argument(group: argparse._ActionsContainer) -> None:
+    """``--resize {resize,crop}`` (default ``resize``), the same in every command."""
+    group.add_argument("--resize", choices=("resize", "crop"), default="resize", help=RESIZE_HELP)
 
 
 MODE_HELP = (

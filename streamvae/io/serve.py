@@ -97,10 +97,13 @@ def add_serve_command(
         "serve",
         help="encode many sources through one batched pool, to MQTT and/or files",
         description=__doc__.split("::")[0].strip().splitlines()[0],
-        epilog="See the README's 'Many streams' section for the TOML file's keys.",
+        epilog="See the README's 'Many sources: streamvae serve' section for the TOML file's keys.",
     )
     parser.add_argument(
-        "sources_file", nargs="?", metavar="FILE.toml", help="sources (and defaults) in TOML"
+        "sources_file",
+        nargs="?",
+        metavar="FILE.toml",
+        help="sources, and settings for all of them, in TOML",
     )
     parser.add_argument(
         "--source",
