@@ -6,13 +6,12 @@ python examples/mqtt_subscriber.py --mqtt mqtt://127.0.0.1:1883/lab [--stream ca
 import argparse
 import asyncio
 
-from streamvae.io import LatentSubscriber, MqttSettings
-from streamvae.usage import HelpFormatter
+import streamvae
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+        description=__doc__.splitlines()[0], formatter_class=streamvae.HelpFormatter
     )
     parser.add_argument("--mqtt", default="mqtt://127.0.0.1:1883/streamvae", help="the broker")
     parser.add_argument("--stream", default="+", help="stream id (default: all)")
@@ -20,9 +19,9 @@ async def main() -> None:
     parser.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024)
     args = parser.parse_args()
 
-    settings = MqttSettings.from_url(args.mqtt)
+    settings = streamvae.MqttSettings.from_url(args.mqtt)
     received = 0
-    async with LatentSubscriber(
+    async with streamvae.LatentSubscriber(
         settings, streams=args.stream, max_payload_bytes=args.max_bytes
     ) as latents:
         print("subscribed", flush=True)

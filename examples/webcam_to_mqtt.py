@@ -13,41 +13,51 @@ import argparse
 import asyncio
 import contextlib
 
-from streamvae import StreamEncoder
-from streamvae.io import MqttSettings, MqttSink, encode_to_sinks, open_source
-from streamvae.model_args import add_model_arguments, model_from_args
-from streamvae.usage import HelpFormatter
+import streamvae
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+        description=__doc__.splitlines()[0], formatter_class=streamvae.HelpFormatter
     )
     parser.add_argument("--camera", default="0", help="index or device path (/dev/video0)")
     parser.add_argument("--mqtt", default="mqtt://127.0.0.1:1883/streamvae")
     parser.add_argument("--stream-id", default="webcam")
     parser.add_argument("--size", default="480x640", help="HxW, multiples of 8")
     parser.add_argument("--frames", type=int, help="stop after this many frames")
-    add_model_arguments(parser)
+    streamvae.add_model_arguments(parser)
     args = parser.parse_args()
-    model = model_from_args(args)
+    model = streamvae.model_from_args(args)
     labels = {"model": model.label, "meaningless": str(model.random).lower()}
 
-    source = open_source(args.camera, kind="webcam", size=args.size, resize="crop")
+    source = streamvae.open_source(args.camera, kind="webcam", size=args.size, resize="crop")
+    settings = streamvae.MqttSettings.from_url(args.mqtt)
+    stats = None
     async with (
         source,
-        MqttSink(MqttSettings.from_url(args.mqtt), stream_id=args.stream_id, labels=labels) as sink,
+        streamvae.MqttSink(settings, stream_id=args.stream_id, labels=labels) as sink,
     ):
-        try:
-            stats = await encode_to_sinks(
-                source, StreamEncoder(model.encoder), [sink], max_frames=args.frames
-            )
-        except asyncio.CancelledError:  # Ctrl-C
-            stats = None
-    print(stats.summary() if stats else "stopped")
-    print(f"source: {source.stats}")
-    print(
-        f"mqtt: {sink.stats.published}/{sink.stats.sent} published, {sink.stats.discarded} discarded"
+        with contextlib.suppress(asyncio.CancelledError):  # Ctrl-C
+            encoder = streamvae.StreamEncoder(model.encoder)
+            stats = await streamvae.encode_to_sinks(source, encoder, [sink], max_frames=args.frames)
+    print(summary(stats, source, sink))
+
+
+def summary(
+    stats: streamvae.PipelineStats | None, source: streamvae.FrameSource, sink: streamvae.MqttSink
+) -> str:
+    """What happened, in three lines."""
+    encoded = (
+        f"encoded {stats.frames} frames -> {stats.latents} latents in {stats.elapsed:.1f} s"
+        if stats
+        else "stopped"
+    )
+    s, m = source.stats, sink.stats
+    return (
+        f"{encoded}\n"
+        f"source: {s.frames_read} frames read, {s.dropped_frames} dropped in "
+        f"{s.dropped_groups} whole groups, {s.reconnects} reconnect(s)\n"
+        f"mqtt: {m.published}/{m.sent} published, {m.discarded} discarded"
     )
 
 

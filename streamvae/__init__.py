@@ -6,9 +6,13 @@
 >>> for frame in frames:                                               # doctest: +SKIP
 ...     for latent in stream.push(frame):
 ...         print(latent.index, latent.data.shape)
+
+Scripts that choose their model as the CLI does (``--weights`` or ``--random-weights``,
+``--dtype``, ``--device``, ...) use :func:`add_model_arguments` and :func:`model_from_args`,
+with :class:`HelpFormatter` for help that shows every default (see ``examples/``).
 """
 
-from typing import Any
+from typing import Any as _Any
 
 from streamvae.config import LIGHTVAE, PRESETS, QWEN_IMAGE, WAN21, WAN22, WanConfig, narrow
 from streamvae.frames import Frame, FrameError
@@ -29,10 +33,12 @@ from streamvae.io import (
     read_latents,
 )
 from streamvae.model import EncoderState, WanEncoder, state_nbytes
+from streamvae.model_args import ModelChoice, add_model_arguments, model_from_args
 from streamvae.pool import AdmissionError, PoolSourceError, PoolStepError, StreamPool
 from streamvae.receptive import latent_dependencies, receptive_field
 from streamvae.snapshot import SnapshotError
 from streamvae.stream import Latent, LatentStream, StreamBroken, StreamEncoder
+from streamvae.usage import HelpFormatter
 from streamvae.weights import CheckpointError, load_encoder, random_encoder
 
 __all__ = [
@@ -48,10 +54,12 @@ __all__ = [
     "Frame",
     "FrameError",
     "FrameSource",
+    "HelpFormatter",
     "Latent",
     "LatentSink",
     "LatentStream",
     "LatentSubscriber",
+    "ModelChoice",
     "MqttSettings",
     "MqttSink",
     "PipelineStats",
@@ -68,12 +76,14 @@ __all__ = [
     "WanConfig",
     "WanEncoder",
     "WireError",
+    "add_model_arguments",
     "decode_latent",
     "encode_latent",
     "encode_to_sinks",
     "iter_latents",
     "latent_dependencies",
     "load_encoder",
+    "model_from_args",
     "narrow",
     "open_source",
     "random_encoder",
@@ -85,7 +95,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     """The MQTT names need aiomqtt (``pip install 'streamvae[mqtt]'``): imported on first use."""
     import streamvae.io
 

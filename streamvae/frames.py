@@ -85,9 +85,7 @@ def _describe(frame: Any) -> str:
     return f"{type(frame).__name__}"
 
 
-_EXPECTED = (
-    "expected numpy uint8 [H, W, 3] RGB, or torch [3, H, W] uint8 (0..255) or float in [-1, 1]"
-)
+_EXPECTED = "expected numpy [H, W, 3] RGB or torch [3, H, W], uint8 (0..255) or float in [-1, 1]"
 
 
 def _frame_number(number: object) -> int | None:

@@ -91,11 +91,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         choices=sorted(CONFIGS),
         default="wan2.1",
-        help="architecture for --random-weights: wan2.1 (default), wan2.2 (z 48, frame sizes in "
+        help="architecture for --random-weights: wan2.1, wan2.2 (z 48, frame sizes in "
         "multiples of 16), lightvae, or narrow8 / wan2.2-narrow8, the same networks 8 channels "
         "wide (fast: for tests and trying the pipeline)",
     )
-    group.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
+    group.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     group.add_argument(
         "--threads",
         type=positive_int,

@@ -21,7 +21,7 @@ at most ``deadline`` seconds for the others once one has a frame)::
         async for stream_id, latent in latents:
             ...
 
-How streams are batched (see the README's "Many streams" section for the measurements):
+How streams are batched (docs/design.md has the measurements):
 streams of one frame size share a *bank*, one batched state with a slot per stream; each
 stream's own state object is a view of its slot (allocated when the stream is admitted, never
 growing). A tick groups the streams given a frame into *cohorts* of equal step signature (the

@@ -94,6 +94,25 @@ class Latent:
     ready_monotonic: float | None = None
     approximate: bool = False
 
+    def __repr__(self) -> str:
+        """One line: the tensor by dtype and shape (never its values), then the labels."""
+        dtype = str(self.data.dtype).removeprefix("torch.")
+        shape = ", ".join(str(n) for n in self.data.shape)
+        flags = "".join(
+            f", {name}={value!r}"
+            for name, value in (
+                ("padded", self.padded),
+                ("gap", self.gap),
+                ("dropped_before", self.dropped_before),
+                ("approximate", self.approximate),
+            )
+            if value
+        )
+        return (
+            f"Latent(index={self.index}, frames={self.frames.start}:{self.frames.stop}, "
+            f"data={dtype}[{shape}] on {self.data.device}{flags})"
+        )
+
 
 class StreamBroken(RuntimeError):
     """The model raised mid-step; the stream's state is undefined until :meth:`StreamEncoder.reset`."""

@@ -248,9 +248,10 @@ class StreamServer:
     Runs in a thread; :meth:`close` stops ffmpeg for good.
     """
 
-    def __init__(self, kind: str, port: int) -> None:
+    def __init__(self, kind: str, port: int, path: str = "live") -> None:
         self.kind = kind
         self.port = port
+        self.path = path
         self.sessions = 0
         self._process: subprocess.Popen | None = None
         self._closed = threading.Event()
@@ -259,7 +260,7 @@ class StreamServer:
     @property
     def url(self) -> str:
         return (
-            f"rtsp://{HOST}:{self.port}/live"
+            f"rtsp://{HOST}:{self.port}/{self.path}"
             if self.kind == "rtsp"
             else f"http://{HOST}:{self.port}/"
         )

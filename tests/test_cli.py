@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,7 @@ def commands(
 
 
 COMMANDS = dict(commands(build_parser()))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_command_is_covered():
@@ -227,3 +229,67 @@ def test_fleet_ingest_refuses_a_file_that_is_no_video_before_reaching_nats(tmp_p
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "could not open" in err and "not a video" in err and "NATS" not in err
+
+
+# -- the help texts agree with each other and with the README (issue 23) ----
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_a_description_and_every_argument_help(name: str):
+    parser = COMMANDS[name]
+    assert parser.description, f"`{name} --help` has no description"
+    bare = [
+        action.metavar or action.dest
+        for action in parser._actions
+        if not action.help and not isinstance(action, argparse._SubParsersAction)
+    ]
+    assert not bare, f"`{name} --help`: no help for {bare}"
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_defaults_are_shown_once_in_one_style(name: str):
+    """``(default: X)``, once per option: not ``(default X)``, ``X (default)`` or twice."""
+    parser = COMMANDS[name]
+    for action in parser._actions:
+        text = _help_of(parser, action)
+        where = f"`{name} --help` {'/'.join(action.option_strings)}: {text}"
+        assert text.count("default:") <= 1, where
+        assert not re.search(r"\(default\)|default [0-9]|\(default [^:]", text), where
+        assert "default:" not in text or "(default: " in text, where
+
+
+def test_resize_has_one_default_and_one_order_everywhere():
+    found = {}
+    for name, parser in COMMANDS.items():
+        for action in parser._actions:
+            if "--resize" in action.option_strings:
+                found[name] = (action.default, tuple(action.choices), _help_of(parser, action))
+    expected = {"streamvae encode", "streamvae live", "streamvae serve"}
+    assert expected <= set(found), sorted(found)
+    assert len(set(found.values())) == 1, found
+
+
+def test_help_that_points_to_the_readme_names_a_section_it_has():
+    headings = {
+        line.lstrip("#").strip()
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("#")
+    }
+    for name, parser in COMMANDS.items():
+        text = " ".join(parser.format_help().split())
+        for section in re.findall(r"README's '([^']+)' section", text):
+            assert section in headings, f"`{name} --help` points to a README section {section!r}"
+
+
+def test_web_listening_on_all_interfaces_prints_urls_a_browser_opens():
+    pytest.importorskip("aiohttp")
+    import socket
+
+    from streamvae.web.commands import _open_text
+
+    assert _open_text("http://127.0.0.1:8000/") == "open http://127.0.0.1:8000/"
+    text = _open_text("https://0.0.0.0:8443/")
+    assert text.startswith("open https://127.0.0.1:8443/ on this machine, or ")
+    assert f"https://{socket.gethostname()}:8443/ from another" in text
+    assert "0.0.0.0" not in text
+    assert _open_text("http://[::]:8000/").startswith("open http://127.0.0.1:8000/ on this")

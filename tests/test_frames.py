@@ -114,6 +114,17 @@ def test_float64_and_float_frames_are_accepted(narrow_encoder):
     assert stream.push(torch.full((3, H, W), -1.0005, dtype=torch.float64)) == []
 
 
+def test_numpy_float_frames_in_minus_one_to_one_are_documented_and_equal_uint8(narrow_encoder):
+    """Issue 23: numpy float frames in [-1, 1] are accepted (decided: documented, not refused):
+    the same latent as the uint8 frame they scale from; the refusal names them as accepted."""
+    image = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    (from_uint8,) = StreamEncoder(narrow_encoder).push(image)
+    (from_float,) = StreamEncoder(narrow_encoder).push(image.astype(np.float32) / 127.5 - 1)
+    assert torch.equal(from_uint8.data, from_float.data)
+    with pytest.raises(FrameError, match=r"numpy \[H, W, 3\] RGB .* float in \[-1, 1\]"):
+        StreamEncoder(narrow_encoder).push(np.zeros((H, W, 4), np.float32))
+
+
 def _is_valid(frame) -> bool:
     """An independent statement of what a valid 8x16 frame is."""
     if isinstance(frame, np.ndarray):

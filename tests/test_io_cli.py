@@ -9,7 +9,9 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import cv2
@@ -134,9 +136,9 @@ def test_a_size_the_model_cannot_take_is_refused_with_its_rule(tmp_path: Path):
     assert "got 40x64 frames" in native.stderr and "multiples of 16" in native.stderr
 
 
-@pytest.mark.slow
 def test_readme_first_command_is_true(tmp_path: Path):
-    """The README's first command, as written (the full-size model at 64x64, 33 frames)."""
+    """The README's first command, as written (the narrow network at 64x64, 33 frames): it says
+    what ran, the encoder's own latency and the queue's share, and how long it all took."""
     readme = (REPO / "README.md").read_text()
     block = re.search(r"```bash\n(.*?)\n```", readme, re.S)[1]
     command = block.split("&&", 1)[1].strip()
@@ -147,8 +149,65 @@ def test_readme_first_command_is_true(tmp_path: Path):
     result = run_cli(*args[1:], "--json", timeout=300)
     summary = summary_of(result)
     assert (summary["frames"], summary["latents"]) == (33, 9)
+    assert len(summary["encoder_latency_ms"]) == len(summary["queue_wait_ms"]) == 4
+    assert summary["command_seconds"] > 0
     latents = read_latents(tmp_path / output.name)
     assert len(latents) == 9 and latents[0].data.shape == (16, 8, 8)
+    text = run_cli(*args[1:], "--quiet", timeout=300)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert "; the whole command took " in lines[0]
+    assert "narrow" in lines[1] and "not the real model's speed" in lines[1]
+    assert lines[2].startswith("encoder latency p50 ") and "(push of a latent's last" in lines[2]
+    assert lines[3].startswith("read-ahead queue p50 ") and "mostly queueing" in lines[3]
+
+
+def test_encode_of_a_camera_that_does_not_exist_fails_fast(tmp_path: Path):
+    """Issue 23: ``encode 3`` without /dev/video3 hung behind OpenCV's warnings; a finite job
+    now gives up after a few failed opens, with the reason, status 1 and no output."""
+    if not Path("/dev").is_dir() or sys.platform != "linux":
+        pytest.skip("the device check is Linux's /dev/videoN")
+    index = next(n for n in range(90, 200) if not Path(f"/dev/video{n}").exists())
+    output = tmp_path / "camera.latents"
+    result = run_cli("encode", str(index), "-o", str(output), *NARROW, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert f"no camera at /dev/video{index}" in result.stderr
+    assert "Traceback" not in result.stderr and not output.exists()
+
+
+def test_a_mistyped_scheme_is_refused_as_typed_with_a_hint(tmp_path: Path):
+    output = tmp_path / "x.latents"
+    result = run_cli("encode", "rstp://127.0.0.1:8554/x", "-o", str(output), *NARROW)
+    assert result.returncode == 2, result.stderr
+    assert "'rstp://127.0.0.1:8554/x'" in result.stderr and "did you mean rtsp://?" in result.stderr
+    assert not output.exists()
+
+
+async def test_live_stopped_before_its_camera_opened_leaves_no_file(tmp_path: Path):
+    """Issue 23: Ctrl-C before the camera ever opened left an empty .latents file."""
+    if not Path("/dev").is_dir() or sys.platform != "linux":
+        pytest.skip("the device check is Linux's /dev/videoN")
+    index = next(n for n in range(90, 200) if not Path(f"/dev/video{n}").exists())
+    output = tmp_path / "camera.latents"
+    process = await asyncio.create_subprocess_exec(
+        *streamvae_command("live", str(index), "-o", str(output), *NARROW, "--stats-interval", "0.2"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=cli_env(), cwd=REPO,
+    )  # fmt: skip
+    try:
+        seen = b""
+        while b"source not open yet" not in seen:
+            line = await asyncio.wait_for(process.stderr.readline(), 60)
+            assert line, seen.decode()
+            seen += line
+        assert b"no camera at" in seen
+        process.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert not output.exists()
+    assert "removed" in out.decode() and "the source never opened" in out.decode()
 
 
 def test_without_weights_the_cli_says_how_to_get_them(tmp_path: Path):
@@ -278,7 +337,7 @@ async def test_live_stops_cleanly_on_sigint(broker: Broker, cli_encoder):
         await asyncio.sleep(0.2)
         await stop_task(task)
     assert process.returncode == 0, stderr.decode()
-    assert "stopping" in stderr.decode() and " fps | out " in stderr.decode()  # live stats lines
+    assert "stopping" in stderr.decode() and " frames/s, out " in stderr.decode()  # stats lines
     summary = json.loads(stdout.decode().splitlines()[-1])
     mqtt = summary["mqtt"]
     assert mqtt["published"] == mqtt["sent"] == summary["latents"] == len(received)
@@ -597,3 +656,22 @@ async def test_the_stats_line_says_when_a_source_is_not_open_yet(tmp_path: Path)
     async with open_source("synthetic://moving?frames=2", size="16x16") as up:
         assert await up.opened() and up.has_opened
         assert _not_open_text(up) == ""
+
+
+async def test_the_stats_line_says_which_figures_are_current_and_which_cumulative():
+    """Issue 23: rates were per interval but latencies and drops cumulative, unlabelled. The
+    line gives the last interval's rates and latencies, then the counts since the start."""
+    from streamvae.io import PipelineStats, open_source
+    from streamvae.io.commands import _live_stats_line
+
+    stats = PipelineStats()
+    stats.latents, stats.latencies = 12, deque([1.0] * 10 + [0.010, 0.020])
+    async with open_source("synthetic://moving?frames=2", size="16x16") as source:
+        await source.opened()
+        source.stats.frames_read, source.stats.dropped_frames = 50, 8
+        line = _live_stats_line(2.0, 40, 10, source, stats, None)
+    assert line.startswith("last 2.0 s: in 5.0 frames/s, out 1.0 latents/s, latency p50 15.0 ms")
+    assert "max 20.0 ms" in line  # only the interval's two latents, not the 1 s ones before
+    assert "| since start: 12 latents, dropped 8 frames" in line
+    quiet = _live_stats_line(2.0, source.stats.frames_read, 12, source, stats, None)
+    assert "in 0.0 frames/s, out 0.0 latents/s, latency n/a" in quiet

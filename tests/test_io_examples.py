@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -30,7 +31,36 @@ def test_encode_file_example(tmp_path: Path, test_video: Path):
     output = tmp_path / "clip.latents"
     result = run_example("encode_file.py", str(test_video), str(output), "--size", "32x32", *NARROW)
     assert result.returncode == 0, result.stderr
-    assert f"{output}: 6 latents of shape (16, 4, 4)" in result.stdout
+    assert f"{output}: 6 latents of shape (16, 4, 4) (meaningless: random weights)" in result.stdout
+    assert "encoded 21 frames -> 6 latents" in result.stdout  # a sentence, not a dict's repr
+    # The file says what the CLI's outputs say: random weights make meaningless latents.
+    from streamvae.io import read_latents
+
+    assert {latent.meta.get("meaningless") for latent in read_latents(output)} == {"true"}
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_examples_use_the_public_api_only(example: str):
+    tree = ast.parse((EXAMPLES / example).read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    used = {
+        f"streamvae.{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "streamvae"
+    }
+    ours = {name for name in imported if name.split(".")[0] == "streamvae"}
+    assert ours <= {"streamvae", "streamvae.io"}, f"{example} imports {sorted(ours)}"
+    import streamvae
+
+    assert all(name.split(".")[1] in streamvae.__all__ for name in used), sorted(used)
 
 
 @pytest.mark.network

@@ -8,18 +8,26 @@ starts a new run, whose first latent says so.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import shlex
+import subprocess
+import sys
 import threading
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 import io_fixtures
-from io_fixtures import StreamServer
+from io_fixtures import Broker, StreamServer
 from streamvae import StreamEncoder
-from streamvae.io import Backoff, encode_to_sinks, open_source
+from streamvae.io import Backoff, encode_to_sinks, open_source, read_latents
 
 pytestmark = pytest.mark.network
 
 stream_server = io_fixtures.stream_server  # fixtures
+broker = io_fixtures.broker
 one_torch_thread = io_fixtures.one_torch_thread
 
 
@@ -93,3 +101,66 @@ async def test_stream_dies_and_comes_back(
         f"{stream_server.kind}: {stats.frames} frames, {len(sink.latents)} latents, "
         f"{source.stats.dropped_frames} dropped, {source.stats.reconnects} reconnect(s)"
     )
+
+
+README = io_fixtures.REPO / "README.md"
+
+
+def readme_listen_command() -> list[str]:
+    """The README's documented RTSP-push command, as written (``streamvae live rtsp://... --ffmpeg-option
+    rtsp_flags=listen ...``)."""
+    for line in README.read_text().splitlines():
+        if line.startswith("streamvae live rtsp://") and "rtsp_flags=listen" in line:
+            return shlex.split(line.split("#")[0])
+    pytest.fail("the README documents no `streamvae live rtsp://... rtsp_flags=listen` command")
+
+
+def test_the_readmes_rtsp_push_command_receives_a_push(tmp_path: Path):
+    """Issue 23: the documented form failed (FFmpeg refused its default listen_timeout) and the
+    tests always added one. This runs the README's command as written, on a free port, with an
+    ffmpeg pushing to it; only the port and the output path change, and --frames ends it."""
+    args = readme_listen_command()
+    url = next(a for a in args if a.startswith("rtsp://"))
+    assert "listen_timeout" not in " ".join(args)
+    port = io_fixtures.free_port()
+    parts = urlsplit(url)
+    server = StreamServer("rtsp", port, path=parts.path.strip("/"))
+    args[args.index(url)] = f"rtsp://{parts.hostname}:{port}{parts.path}"
+    output = tmp_path / "pushed.latents"
+    if "-o" in args:
+        args[args.index("-o") + 1] = str(output)
+    else:
+        args += ["-o", str(output)]
+    server.serve(8.0)
+    try:
+        result = subprocess.run(
+            io_fixtures.streamvae_command(*args[1:], "--frames", "9", "--json"),
+            capture_output=True, text=True, timeout=120, env=io_fixtures.cli_env(),
+            cwd=tmp_path, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["frames"] == 9 and summary["latents"] >= 3, summary
+    assert len(read_latents(output)) == summary["latents"]
+
+
+def test_the_rtsp_example_listens_for_a_push(broker: Broker):
+    """Issue 23: ``examples/rtsp_to_mqtt.py --listen`` receives a push and publishes it."""
+    server = StreamServer("rtsp", io_fixtures.free_port(), path="cam")
+    server.serve(8.0)
+    try:
+        result = subprocess.run(
+            [sys.executable, str(io_fixtures.REPO / "examples" / "rtsp_to_mqtt.py"), server.url,
+             "--listen", "--mqtt", broker.url, "--size", "32x32", "--frames", "9",
+             "--random-weights", "--config", "narrow8", "--threads", "1"],
+            capture_output=True, text=True, timeout=120, env=io_fixtures.cli_env(),
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr
+    assert "encoded 9 frames" in result.stdout, result.stdout
+    published = re.search(r"mqtt: (\d+)/(\d+) published, 0 discarded", result.stdout)
+    assert published and published[1] == published[2] and int(published[1]) >= 3, result.stdout

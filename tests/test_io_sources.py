@@ -599,3 +599,44 @@ async def test_opened_waits_for_the_source_and_reports_a_bad_one(test_video: Pat
         assert not waiting.done() and source.stats.last_error is not None
         source.stop()
         assert await asyncio.wait_for(waiting, 5) is False
+
+
+def test_a_mistyped_scheme_is_kept_as_typed_and_the_scheme_suggested():
+    """Issue 23: ``rstp://`` was taken for a file and shown as ``rstp:/...`` (a slash lost)."""
+    with pytest.raises(ValueError) as caught:
+        open_source("rstp://127.0.0.1:8554/x")
+    message = str(caught.value)
+    assert "'rstp://127.0.0.1:8554/x'" in message and "did you mean rtsp://?" in message
+    with pytest.raises(ValueError, match="did you mean synthetic://"):
+        open_source("sythetic://moving?frames=3")
+    with pytest.raises(ValueError, match=r"unknown scheme 'foo://'") as caught:
+        open_source("foo://x")
+    assert "did you mean" not in str(caught.value)
+    with pytest.raises(FileNotFoundError, match=r"no video file at 'missing/clip\.mp4'"):
+        open_source("missing/clip.mp4")
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev") or os.uname().sysname != "Linux", reason="Linux only")
+async def test_a_camera_that_does_not_exist_is_named():
+    """Issue 23: a camera index with no device node is refused by name (OpenCV only warns)."""
+    index = next(n for n in range(90, 200) if not os.path.exists(f"/dev/video{n}"))
+    for uri in (index, f"/dev/video{index}"):
+        source = open_source(uri, reconnect=False)
+        assert source.kind == "webcam"
+        async with source:
+            with pytest.raises(SourceError, match=f"no camera at /dev/video{index}"):
+                await source.opened()
+
+
+def test_an_rtsp_listener_gets_a_valid_listen_timeout():
+    """Issue 23: FFmpeg's default listen_timeout (-1) is refused by its TCP layer, so a listener
+    without one never opened; one is set, and OpenCV's open timeout outlasts it."""
+    from streamvae.io.sources import LISTEN_TIMEOUT, _listen_options, _listens
+
+    assert _listens({"rtsp_flags": "listen"}) and _listens({"rtsp_flags": "prefer_tcp+listen"})
+    assert not _listens({"rtsp_transport": "tcp"}) and not _listens({"rtsp_flags": "filter_src"})
+    options, open_timeout = _listen_options({"rtsp_flags": "listen"}, 10.0)
+    assert options == {"rtsp_flags": "listen", "listen_timeout": str(LISTEN_TIMEOUT)}
+    assert open_timeout > LISTEN_TIMEOUT
+    given, open_timeout = _listen_options({"rtsp_flags": "listen", "listen_timeout": "30"}, 10.0)
+    assert given["listen_timeout"] == "30" and open_timeout > 30

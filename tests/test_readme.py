@@ -109,3 +109,15 @@ def test_documented_commands_and_options_exist():
             if flag not in options:
                 problems.append(f"{where}: streamvae {' '.join(path)} has no option {flag}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_readmes_test_command_is_what_ci_runs():
+    """The Quick start's check-and-test command is the one `.ci/run` runs, part by part."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"Run the checks and the tests.*?```bash\n(.*?)\n```", readme, re.S)
+    assert block, "the README's Quick start has no test command"
+    parts = [part.strip() for part in block[1].split("&&")]
+    ci = (ROOT / ".ci" / "run").read_text()
+    for part in parts:
+        assert re.search(rf"^\s*{re.escape(part)}(?=\s|$)", ci, re.M) or f"&& {part}" in ci, part
+    assert parts[-1] == "python3 -m pytest"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -88,6 +89,33 @@ def test_latent_fields(narrow_encoder):
     assert all(latent.data.device.type == "cpu" for latent in latents)
     assert latents[0].ready_time <= latents[1].ready_time <= latents[2].ready_time
     assert not any(latent.gap or latent.padded for latent in latents)
+
+
+def test_a_latents_repr_is_one_short_line(narrow_encoder):
+    """Issue 23: a Latent's repr printed its whole tensor."""
+    stream = StreamEncoder(narrow_encoder)
+    (latent,) = stream.push(np.zeros((64, 64, 3), np.uint8))
+    text = repr(latent)
+    assert text == "Latent(index=0, frames=0:1, data=float32[16, 8, 8] on cpu)"
+    assert "tensor" not in text and "\n" not in text
+    flagged = dataclasses.replace(latent, gap=True, dropped_before=8)
+    assert repr(flagged).endswith("on cpu, gap=True, dropped_before=8)")
+
+
+def test_the_package_exports_only_what_all_names():
+    """Issue 23: ``streamvae.Any`` (typing's) was reachable as if it were the package's."""
+    import types
+
+    import streamvae
+
+    public = {
+        name
+        for name in dir(streamvae)
+        if not name.startswith("_") and not isinstance(getattr(streamvae, name), types.ModuleType)
+    }
+    assert public <= set(streamvae.__all__), sorted(public - set(streamvae.__all__))
+    assert not hasattr(streamvae, "Any")
+    assert all(getattr(streamvae, name, None) is not None for name in streamvae.__all__)
 
 
 def test_unknown_timestamps_are_none(narrow_encoder):

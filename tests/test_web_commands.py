@@ -25,7 +25,7 @@ from streamvae import StreamEncoder, narrow
 from streamvae.io import MqttSettings, read_latents
 from streamvae.web.commands import _summary
 from streamvae.weights import random_encoder
-from web_fixtures import banner_shown, chromium, page_numbers
+from web_fixtures import banner_shown, chromium, layout, page_numbers
 
 broker = io_fixtures.broker  # a fixture
 
@@ -122,13 +122,16 @@ async def test_browser_tabs_stream_exactly_to_mqtt_and_the_page_shows_the_server
         async with Subscriber(settings) as subscriber:
             with chromium(tmp_path) as driver:
                 # Tab 1: the page, the banner, the model; then streaming.
+                driver.set_window_size(1280, 1000)
                 await asyncio.to_thread(driver.get, url)
                 first = driver.current_window_handle
                 info = await asyncio.to_thread(
                     wait_page, driver, lambda n: n["dtype"] == "float32", 20, "the model info"
                 )
-                assert banner_shown(driver)
-                assert info["size"] == "64x64" and "RANDOM WEIGHTS" in info["model-name"]
+                assert banner_shown(driver)  # random weights: said once, by the banner
+                assert info["size"] == "64x64" and info["model-name"] == "random"
+                assert driver.page_source.count("RANDOM WEIGHTS") == 1
+                before = layout(driver)
                 page_text = driver.page_source
                 assert broker.url not in page_text and "mqtt://" not in page_text
                 start_tab(driver)
@@ -170,10 +173,21 @@ async def test_browser_tabs_stream_exactly_to_mqtt_and_the_page_shows_the_server
                 )
                 driver.save_screenshot(str(tmp_path / "web.png"))
                 assert (tmp_path / "web.png").stat().st_size > 10_000
+                # Streaming moved nothing, and the plot is above the fold at 1280x1000.
+                streaming = layout(driver)
+                assert streaming == before, (before, streaming)
+                assert streaming["plot"]["bottom"] <= streaming["view"]["bottom"], streaming
+                numbers = page_numbers(driver)
+                assert float(numbers["fps"]) > 0 and float(numbers["lps"]) > 0
+                assert re.fullmatch(
+                    r"MQTT \d+ of \d+ published, file \d+ written", numbers["outputs"]
+                )
                 driver.find_element("id", "stop").click()
                 final = await asyncio.to_thread(
                     wait_page, driver, lambda n: n["state"].startswith("ended"), 30, "the end"
                 )
+                # The rates are current: a stream that has ended has none.
+                assert (final["fps"], final["lps"]) == ("0.0", "0.00"), final
             sessions = server.api("/api/sessions")  # both ended: their final numbers
             # The last MQTT messages in flight: wait for every latent the server counted.
             await subscriber.until_received({sid: sessions[sid]["latents"] for sid in sessions})

@@ -88,12 +88,25 @@ def page_numbers(driver: Any) -> dict[str, str]:
         "resets",
         "resolution",
         "model-name",
+        "fps",
+        "lps",
+        "outputs",
         "dtype",
         "size",
         "config",
     )
     script = "return Object.fromEntries(arguments[0].map((id) => [id, document.getElementById(id).textContent]));"
     return driver.execute_script(script, list(ids))
+
+
+def layout(driver: Any) -> dict[str, dict[str, float]]:
+    """Where the page's parts are (CSS pixels), and the window's height: what must not move."""
+    script = """
+    const box = (el) => { const r = el.getBoundingClientRect(); return {x: r.x, y: r.y, bottom: r.bottom}; };
+    return {table: box(document.querySelector('table')), plot: box(document.getElementById('plot')),
+            picture: box(document.getElementById('picture')), view: {x: 0, y: 0, bottom: window.innerHeight}};
+    """
+    return driver.execute_script(script)
 
 
 def banner_shown(driver: Any) -> bool:

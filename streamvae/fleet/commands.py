@@ -49,7 +49,12 @@ def add_fleet_command(
     )
     sub = parser.add_subparsers(dest="fleet_command", required=True)
 
-    ing = sub.add_parser("ingest", help="publish a source's frames to JetStream")
+    ing = sub.add_parser(
+        "ingest",
+        help="publish a source's frames to JetStream",
+        description="Read SOURCE and publish every frame (index, capture time, run id) to "
+        "svae.frames.<stream-id> on JetStream, which keeps the last --retain frames for replays.",
+    )
     ing.add_argument("source", metavar="SOURCE", help="anything open_source takes")
     _nats_arguments(ing)
     ing.add_argument("--stream-id", required=True, help="the stream's id (one subject token)")
@@ -58,7 +63,7 @@ def add_fleet_command(
         "--resize",
         choices=("resize", "crop"),
         default="resize",
-        help="how --size is reached: scale, or scale and centre-crop",
+        help="how --size is reached: resize scales, crop scales to cover and keeps the centre",
     )
     ing.add_argument(
         "--frame-codec", choices=CODECS, default="jpeg", help="how frames travel in messages"
@@ -68,14 +73,20 @@ def add_fleet_command(
         "--retain",
         type=int,
         default=DEFAULT_RETAIN,
-        help=f"frames kept per stream for replays (>= R + 8; default {DEFAULT_RETAIN})",
+        help="frames kept per stream for replays (>= R + 8)",
     )
     ing.add_argument("--frames", type=positive_int, help="stop after this many frames")
     ing.add_argument("--run-id", help="run id (default: time and a random suffix)")
     _common_arguments(ing)
     ing.set_defaults(func=run_ingest)
 
-    work = sub.add_parser("worker", help="claim streams, encode them, publish latents")
+    work = sub.add_parser(
+        "worker",
+        help="claim streams, encode them, publish latents",
+        description="Claim up to --capacity streams through leases in a JetStream KV bucket, "
+        "encode their frames and publish the latents to svae.latents.<stream> (and MQTT and/or "
+        "files); a dead worker's streams are taken over once its leases expire.",
+    )
     _nats_arguments(work)
     work.add_argument("--capacity", type=positive_int, required=True, help="most streams at once")
     work.add_argument("--worker-id", help="this worker's id (default: host-pid)")
@@ -106,8 +117,14 @@ def add_fleet_command(
     _common_arguments(work)
     work.set_defaults(func=run_worker)
 
-    move = sub.add_parser("move", help="ask a stream's owner to hand it over (planned move)")
-    move.add_argument("stream_id", metavar="STREAM")
+    move = sub.add_parser(
+        "move",
+        help="ask a stream's owner to hand it over (planned move)",
+        description="Ask the worker that owns STREAM to hand it over: it stops after a latent, at "
+        "a group boundary, writes its progress and releases the lease; the next owner (--to, "
+        "else the least loaded worker) replays up to that latent without publishing it again.",
+    )
+    move.add_argument("stream_id", metavar="STREAM", help="the id of the stream to move")
     _nats_arguments(move)
     move.add_argument("--to", help="the worker that should take it (default: least loaded)")
     _common_arguments(move)

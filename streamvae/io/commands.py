@@ -77,8 +77,10 @@ if TYPE_CHECKING:
     from streamvae.io.mqtt import MqttSettings, MqttSink
 
 __all__ = [
+    "RESIZE_HELP",
     "add_encode_command",
     "add_live_command",
+    "add_resize_argument",
     "default_stream_id",
     "model_labels",
     "mqtt_settings",
@@ -155,7 +157,7 @@ def _add_mqtt_arguments(parser: argparse.ArgumentParser) -> None:
         "--buffer-messages",
         type=positive_int,
         default=256,
-        help="latents held while the broker is away; the oldest are discarded beyond (default 256)",
+        help="latents held while the broker is away; the oldest are discarded beyond",
     )
     mqtt.add_argument(
         "--mqtt-password-file", help=f"file whose first line is the password (else ${PASSWORD_ENV})"
@@ -199,13 +201,10 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("source")
-    group.add_argument("--size", help="HxW, multiples of 8 (e.g. 480x832); default: the source's")
     group.add_argument(
-        "--resize",
-        choices=("resize", "crop"),
-        default="resize",
-        help="how --size is reached: resize scales, crop scales to cover and keeps the centre",
+        "--size", help="HxW, multiples of 8, e.g. 480x832 (default: the source's own size)"
     )
+    add_resize_argument(group)
     group.add_argument("--frames", type=positive_int, help="stop after this many frames")
     group.add_argument(
         "--max-queued-groups",
@@ -225,6 +224,14 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
         help="file whose first line is the stream's password, put into rtsp://USER@host/... "
         f"(else ${SOURCE_PASSWORD_ENV}; keeps it out of the command line)",
     )
+
+
+RESIZE_HELP = "how --size is reached: resize scales, crop scales to cover and keeps the centre"
+
+
+def add_resize_argument(group: argparse._ActionsContainer) -> None:
+    """``--resize {resize,crop}`` (default ``resize``), the same in every command."""
+    group.add_argument("--resize", choices=("resize", "crop"), default="resize", help=RESIZE_HELP)
 
 
 MODE_HELP = (
@@ -362,7 +369,14 @@ def source_password(args: argparse.Namespace) -> str | None:
     return os.environ.get(SOURCE_PASSWORD_ENV) or None
 
 
-def _open_source_from_args(uri: str, args: argparse.Namespace) -> FrameSource:
+FINITE_JOB_RECONNECTS = 2
+"""Failed opens in a row after which ``encode`` (a finite job) gives up on a camera or stream
+(``live`` and ``serve`` keep retrying, and their stats lines say so)."""
+
+
+def _open_source_from_args(
+    uri: str, args: argparse.Namespace, *, finite: bool = False
+) -> FrameSource:
     if isinstance(uri, str) and redact_url(uri) != uri:
         print(
             "streamvae: warning: the source URL holds a secret, visible in the process list "
@@ -379,6 +393,7 @@ def _open_source_from_args(uri: str, args: argparse.Namespace) -> FrameSource:
             max_queued_groups=args.max_queued_groups,
             ffmpeg_options=_ffmpeg_options(args.ffmpeg_option),
             password=password if source_kind(uri) == "network" else None,
+            max_reconnects=FINITE_JOB_RECONNECTS if finite else None,
         )
 
 
@@ -487,11 +502,67 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def _latency_text(values: Any) -> str:
+def _latency_text(values: Any, name: str = "latency") -> str:
     points = percentiles(values)
     if not points:
-        return "latency n/a"
-    return "latency " + "  ".join(f"{name} {_ms(value)}" for name, value in points.items())
+        return f"{name} n/a"
+    return f"{name} " + "  ".join(f"{key} {_ms(value)}" for key, value in points.items())
+
+
+def _latency_lines(stats: PipelineStats, source: FrameSource) -> list[str]:
+    """The summary's latency lines. A live source (a camera, a stream, a paced synthetic one) is
+    read as it comes, so capture -> ready is its latency; a file or an unpaced synthetic source
+    is read ahead of the encoder, so its capture -> ready is mostly time in the read-ahead queue
+    and the encoder's own time (push -> ready) comes first."""
+    own, waits = percentiles(stats.encoder_latencies), percentiles(stats.queue_waits)
+    if source.live:
+        parts = (
+            f"; the encoder p50 {_ms(own['p50'])}, queued p50 {_ms(waits['p50'])}"
+            if own and waits
+            else ""
+        )
+        return [
+            f"{_latency_text(stats.latencies)} (capture of a latent's last frame -> latent ready"
+            f"{parts})"
+        ]
+    encoder = (
+        f"{_latency_text(stats.encoder_latencies, 'encoder latency')} "
+        "(push of a latent's last frame -> latent ready)"
+    )
+    if not waits:
+        return [encoder]
+    total = percentiles(stats.latencies)
+    return [
+        encoder,
+        f"{_latency_text(stats.queue_waits, 'read-ahead queue')} (a latent's last frame waited "
+        "this long before the encoder took it: this source is read ahead, so its capture -> "
+        f"latent, p50 {_ms(total['p50'])}, is mostly queueing)",
+    ]
+
+
+def _process_seconds() -> float | None:
+    """Seconds since this process started (Linux: from /proc), or ``None`` where unknown."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _model_text(choice: ModelChoice) -> str:
+    """What ran, for the summary: a narrow or random network says what it is good for."""
+    config = choice.encoder.config
+    line = f"model: {config.name}"
+    if "narrow" in config.name:
+        line += (
+            f" (the {config.name.split('-narrow')[0]} network 8 channels wide: for trying the "
+            "pipeline, not the real model's speed)"
+        )
+    if choice.random:
+        line += ", random weights"
+    return line
 
 
 class _ProgressBar:
@@ -581,7 +652,7 @@ def run_encode(args: argparse.Namespace) -> int:
     """The ``encode`` command (see :func:`add_encode_command`)."""
     _setup_logging(args)
     check_output_file(args.output, "--output")
-    source = _open_source_from_args(args.input, args)
+    source = _open_source_from_args(args.input, args, finite=True)
     choice, encoder = _stream_encoder(args)
     return _run_until_done(_encode(args, source, choice, encoder))
 
@@ -631,13 +702,17 @@ async def _encode(
         "error": error,
     }
     meaningless = " (RANDOM WEIGHTS: latents are meaningless)" if choice.random else ""
+    took = _process_seconds()
+    summary["command_seconds"] = None if took is None else round(took, 2)
     _print_summary(
         args,
         summary,
         [
             f"encoded {stats.frames} frames -> {stats.latents} latents in {stats.elapsed:.2f} s "
-            f"({stats.frames_per_second:.1f} frames/s)",
-            f"{_latency_text(stats.latencies)} (capture of a latent's last frame -> latent ready)",
+            f"({stats.frames_per_second:.1f} frames/s)"
+            + ("" if took is None else f"; the whole command took {took:.1f} s"),
+            _model_text(choice),
+            *_latency_lines(stats, source),
             f"dropped: {stats.dropped_by_encoder} frame(s) of a partial last group, "
             f"{source.stats.dropped_frames} by the source",
             (
@@ -734,7 +809,8 @@ async def _live(
     lines = [
         f"{stream_id}: {stats.frames} frames -> {stats.latents} latents in {stats.elapsed:.2f} s "
         f"({stats.frames_per_second:.1f} frames/s), {stats.gaps} gap(s)",
-        _latency_text(stats.latencies),
+        _model_text(choice),
+        *_latency_lines(stats, source),
         f"dropped: {source.stats.dropped_frames} frames in {source.stats.dropped_groups} whole "
         f"groups by the source, {stats.dropped_by_encoder} in partial groups by the encoder",
     ]
@@ -757,10 +833,12 @@ async def _live(
 
     if file_sink is not None:
         summary["output"] = str(args.output)
-        if error and created and not file_sink.latents_written and output is not None:
+        never_opened = not source.has_opened
+        if (error or never_opened) and created and not file_sink.latents_written and output:
             output.unlink(missing_ok=True)  # a failed run leaves no empty file behind
             summary["output_removed"] = True
-            lines.append(f"removed {args.output} (no latents written)")
+            why = "the source never opened" if never_opened else "no latents written"
+            lines.append(f"removed {args.output} ({why})")
         else:
             lines.append(f"wrote {args.output} ({file_sink.latents_written} latents)")
     if error:
@@ -787,21 +865,40 @@ async def _report_live(
         await asyncio.sleep(interval)
         now = time.monotonic()
         span, last = now - last, now
-        fps_in = (source.stats.frames_read - frames) / span
-        fps_out = (stats.latents - latents) / span
-        frames, latents = source.stats.frames_read, stats.latents
-        recent = list(stats.latencies)[-100:]
-        line = (
-            f"in {fps_in:5.1f} fps | out {fps_out:5.1f} latents/s | {_latency_text(recent)} | "
-            f"dropped {source.stats.dropped_frames} frames"
+        print(
+            _live_stats_line(span, frames, latents, source, stats, mqtt),
+            file=sys.stderr,
+            flush=True,
         )
-        if source.stats.disconnects:
-            line += f" | source reconnects {source.stats.reconnects}/{source.stats.disconnects}"
-        line += _not_open_text(source)
-        if mqtt is not None:
-            state = "connected" if mqtt.stats.connected else "DISCONNECTED"
-            line += (
-                f" | mqtt {state}, {mqtt.stats.published} published, "
-                f"{mqtt.stats.buffered} buffered, {mqtt.stats.discarded} discarded"
-            )
-        print(line, file=sys.stderr, flush=True)
+        frames, latents = source.stats.frames_read, stats.latents
+
+
+def _live_stats_line(
+    span: float,
+    frames: int,
+    latents: int,
+    source: FrameSource,
+    stats: PipelineStats,
+    mqtt: MqttSink | None,
+) -> str:
+    """``live``'s stats line: the last ``span`` seconds' rates and latencies first (``frames``
+    and ``latents``: the counts at its start), then the counts since the start, labelled so."""
+    fps_in = (source.stats.frames_read - frames) / span
+    new = stats.latents - latents
+    fps_out = new / span
+    recent = list(stats.latencies)[-new:] if new else []
+    line = (
+        f"last {span:.1f} s: in {fps_in:.1f} frames/s, out {fps_out:.1f} latents/s, "
+        f"{_latency_text(recent)} | since start: {stats.latents} latents, dropped "
+        f"{source.stats.dropped_frames} frames"
+    )
+    if source.stats.disconnects:
+        line += f", source reconnects {source.stats.reconnects}/{source.stats.disconnects}"
+    line += _not_open_text(source)
+    if mqtt is not None:
+        state = "connected" if mqtt.stats.connected else "DISCONNECTED"
+        line += (
+            f" | mqtt {state}, since start {mqtt.stats.published} published, "
+            f"{mqtt.stats.discarded} discarded; {mqtt.stats.buffered} buffered now"
+        )
+    return line

@@ -77,6 +77,11 @@ class PipelineStats:
     finished: float | None = None
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
     """Capture of a latent's last frame -> latent ready, seconds (the most recent 100k)."""
+    encoder_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    """The encoder's own time: push of a latent's last frame -> latent ready, seconds."""
+    queue_waits: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    """Capture of a latent's last frame -> its push: the time it waited before the encoder took
+    it (a file or an unpaced synthetic source is read ahead, so this is most of ``latencies``)."""
     dropped_by_encoder: int = 0
     """Frames of partial groups the encoder dropped (a source ending or restarting mid-group)."""
 
@@ -99,21 +104,48 @@ class PipelineStats:
             "gaps": self.gaps,
             "seconds": round(self.elapsed, 3),
             "frames_per_second": round(self.frames_per_second, 2),
-            "latency_ms": {k: round(v * 1000, 2) for k, v in self.latency_percentiles().items()},
+            "latency_ms": _milliseconds(self.latencies),
+            "encoder_latency_ms": _milliseconds(self.encoder_latencies),
+            "queue_wait_ms": _milliseconds(self.queue_waits),
             "dropped_by_encoder": self.dropped_by_encoder,
         }
 
 
+def _milliseconds(values: Iterable[float]) -> dict[str, float]:
+    return {k: round(v * 1000, 2) for k, v in percentiles(values).items()}
+
+
 async def _counted(
-    frames: AsyncIterable[Frame], stats: PipelineStats, max_frames: int | None
+    frames: AsyncIterable[Frame],
+    stats: PipelineStats,
+    max_frames: int | None,
+    pushed: deque[tuple[float, float]] | None = None,
 ) -> AsyncIterator[Frame]:
     if max_frames is not None and max_frames <= 0:
         return
     async for frame in frames:
         stats.frames += 1
+        captured = getattr(frame, "captured", None)
+        if pushed is not None and captured is not None:  # what this yields is pushed at once
+            pushed.append((captured, time.monotonic()))
         yield frame
         if max_frames is not None and stats.frames >= max_frames:
             return
+
+
+def _split_latency(
+    latent: Latent, pushed: deque[tuple[float, float]], stats: PipelineStats
+) -> None:
+    """Record the encoder's own time and the queue's wait for ``latent``, from the push time of
+    its last frame (found by its monotonic capture time; older entries are let go)."""
+    if latent.captured is None or latent.ready_monotonic is None:
+        return
+    while pushed and pushed[0][0] < latent.captured:
+        pushed.popleft()
+    if pushed and pushed[0][0] == latent.captured:
+        push_time = pushed[0][1]
+        stats.encoder_latencies.append(latent.ready_monotonic - push_time)
+        stats.queue_waits.append(push_time - latent.captured)
 
 
 async def encode_to_sinks(
@@ -136,8 +168,9 @@ async def encode_to_sinks(
     """
     stats = stats or PipelineStats()
     dropped_before = encoder.dropped_frames
+    pushed: deque[tuple[float, float]] = deque()  # (captured, pushed) of frames, oldest first
     try:
-        async with encoder.stream(_counted(frames, stats, max_frames)) as latents:
+        async with encoder.stream(_counted(frames, stats, max_frames, pushed)) as latents:
             async for latent in latents:
                 if meta:
                     latent = dataclasses.replace(latent, meta={**latent.meta, **meta})
@@ -148,6 +181,7 @@ async def encode_to_sinks(
                 latency = latent_latency(latent)
                 if latency is not None:
                     stats.latencies.append(latency)
+                _split_latency(latent, pushed, stats)
                 if on_latent is not None:
                     on_latent(latent, stats)
     finally:

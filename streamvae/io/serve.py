@@ -47,8 +47,8 @@ from streamvae.io.commands import (
     _add_output_arguments,
     _add_source_arguments,
     _latency_text,
+    _live_stats_line,
     _model_choice,
-    _not_open_text,
     _open_source_from_args,
     _print_summary,
     _run_until_done,
@@ -97,10 +97,13 @@ def add_serve_command(
         "serve",
         help="encode many sources through one batched pool, to MQTT and/or files",
         description=__doc__.split("::")[0].strip().splitlines()[0],
-        epilog="See the README's 'Many streams' section for the TOML file's keys.",
+        epilog="See the README's 'Many sources: streamvae serve' section for the TOML file's keys.",
     )
     parser.add_argument(
-        "sources_file", nargs="?", metavar="FILE.toml", help="sources (and defaults) in TOML"
+        "sources_file",
+        nargs="?",
+        metavar="FILE.toml",
+        help="sources, and settings for all of them, in TOML",
     )
     parser.add_argument(
         "--source",
@@ -408,20 +411,8 @@ async def _report(
             frames, latents = seen[sid]
             record = stats[sid]
             seen[sid] = (source.stats.frames_read, record.latents)
-            line = (
-                f"{sid}: in {(source.stats.frames_read - frames) / span:5.1f} fps | out "
-                f"{(record.latents - latents) / span:5.1f} latents/s | "
-                f"{_latency_text(list(record.latencies)[-100:])} | "
-                f"dropped {source.stats.dropped_frames} frames"
-            )
-            if source.stats.disconnects:
-                line += f" | reconnects {source.stats.reconnects}/{source.stats.disconnects}"
-            line += _not_open_text(source)
-            if sid in mqtt:
-                m = mqtt[sid].stats
-                state = "connected" if m.connected else "DISCONNECTED"
-                line += f" | mqtt {state}, {m.published} published, {m.buffered} buffered"
-            print(line, file=sys.stderr, flush=True)
+            line = _live_stats_line(span, frames, latents, source, record, mqtt.get(sid))
+            print(f"{sid}: {line}", file=sys.stderr, flush=True)
         print(
             f"pool: {len(pool)} streams, mean batch {pool.stats.mean_batch:.2f}",
             file=sys.stderr,

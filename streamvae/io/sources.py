@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 from collections import deque
@@ -321,6 +323,52 @@ class _SyntheticCapture:
 
     def release(self) -> None:
         pass
+
+
+LISTEN_TIMEOUT = 10
+"""Seconds an RTSP listener (``rtsp_flags=listen``) waits for a push per attempt when no
+``listen_timeout`` is given (FFmpeg's own default, -1, is refused by its TCP layer)."""
+
+
+def _listens(options: Mapping[str, str]) -> bool:
+    """Whether FFmpeg's options make it wait for an RTSP push (``rtsp_flags=listen``)."""
+    return "listen" in str(options.get("rtsp_flags", "")).replace("+", " ").split()
+
+
+def _listen_options(
+    options: Mapping[str, str], open_timeout: float
+) -> tuple[dict[str, str], float]:
+    """A listener's FFmpeg options with a valid ``listen_timeout`` (seconds), and an OpenCV open
+    timeout that outlasts it (else OpenCV interrupts the wait for the push).
+
+    FFmpeg's default ``listen_timeout`` of -1 ("wait for ever") is passed on to its TCP layer as
+    -1000 ms, which refuses it (``Value -1000.000000 for parameter 'listen_timeout' out of
+    range``): without a timeout of its own, a listener never opens.
+    """
+    chosen = dict(options)
+    if "listen_timeout" not in chosen:
+        chosen["listen_timeout"] = str(max(LISTEN_TIMEOUT, math.ceil(open_timeout)))
+    try:
+        seconds = float(chosen["listen_timeout"])
+    except ValueError:
+        seconds = open_timeout
+    return chosen, max(open_timeout, seconds + 5)
+
+
+def _check_camera_exists(target: int | str) -> None:
+    """On Linux, refuse a camera whose device node does not exist (OpenCV would only warn)."""
+    if not sys.platform.startswith("linux") or not os.path.isdir("/dev"):
+        return
+    if isinstance(target, int):
+        node = f"/dev/video{target}"
+    elif target.startswith("/dev/video"):
+        node = target
+    else:
+        return  # a file read through the webcam code path (kind="webcam")
+    if not os.path.exists(node):
+        found = sorted(str(p) for p in Path("/dev").glob("video*"))
+        here = ", ".join(found) if found else "none"
+        raise SourceError(f"no camera at {node} (cameras on this machine: {here})")
 
 
 def _shown(target: int | str) -> str:
@@ -659,16 +707,22 @@ class FrameSource:
             target = with_password(target, self._password)
         backend = cv2.CAP_ANY if self.kind in ("webcam", "file") else cv2.CAP_FFMPEG
         params: list[int] = []
+        ffmpeg_options = self._ffmpeg_options
         if self.kind == "network":
+            open_timeout = self._open_timeout
+            if _listens(ffmpeg_options):
+                ffmpeg_options, open_timeout = _listen_options(ffmpeg_options, open_timeout)
             params = [
                 cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
-                int(self._open_timeout * 1000),
+                int(open_timeout * 1000),
                 cv2.CAP_PROP_READ_TIMEOUT_MSEC,
                 int(self._read_timeout * 1000),
             ]
+        if self.kind == "webcam":
+            _check_camera_exists(target)
         try:
             capture = _OpenCvCapture(
-                target, backend=backend, params=params, ffmpeg_options=self._ffmpeg_options
+                target, backend=backend, params=params, ffmpeg_options=ffmpeg_options
             )
         except SourceError as exc:
             if self.kind != "file":
@@ -811,6 +865,20 @@ def _synthetic_options(uri: str | int) -> tuple[int | None, float | None, tuple[
     return frames, fps, parse_size(query["size"]) if "size" in query else None
 
 
+def _unknown_scheme(uri: str) -> str:
+    """The message for ``scheme://...`` with a scheme no source reads (a typo, most often)."""
+    scheme = uri.split("://", 1)[0]
+    known = sorted(NETWORK_SCHEMES | {"synthetic", "file"})
+    swapped = [name for name in known if sorted(name) == sorted(scheme.lower())]  # rstp -> rtsp
+    close = swapped or difflib.get_close_matches(scheme.lower(), known, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}://? " if close else ""
+    return (
+        f"unknown scheme {scheme + '://'!r} in {redact_url(uri)!r} ({hint}sources read "
+        + ", ".join(f"{name}://" for name in known)
+        + ", a camera such as 0 or /dev/video0, or a file path)"
+    )
+
+
 def with_password(url: str, password: str) -> str:
     """``scheme://user@host/...`` with ``password`` put in (percent-encoded); only ever passed to
     OpenCV, never shown (messages use :func:`streamvae.io.redact.redact_url`)."""
@@ -882,8 +950,11 @@ def open_source(
                 "streamvae serve --source ID=URI ...)"
             )
         if not path.is_file():
+            typed = uri[len("file://") :] if uri.startswith("file://") else uri
+            if "://" in typed:
+                raise ValueError(_unknown_scheme(typed))
             raise FileNotFoundError(
-                f"no video file at {str(path)!r} (a camera is 0 or /dev/video0; streams start "
+                f"no video file at {typed!r} (a camera is 0 or /dev/video0; streams start "
                 "with rtsp://, http://, ...; synthetic://moving is a built-in test pattern)"
             )
     if password is not None:

@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from streamvae.io.commands import (
     _add_encoder_arguments,
@@ -35,6 +37,7 @@ from streamvae.io.commands import (
     _run_until_done,
     _setup_logging,
     _stop_on_signals,
+    add_resize_argument,
     cuda_options,
     model_labels,
     mqtt_settings,
@@ -117,15 +120,9 @@ def add_web_command(commands: Any) -> argparse.ArgumentParser:
     group.add_argument(
         "--size",
         default=DEFAULT_SIZE,
-        help=f"HxW every stream is brought to, multiples of 8 ({DEFAULT_SIZE}); the page asks "
-        "the camera for it",
+        help="HxW every stream is brought to, multiples of 8; the page asks the camera for it",
     )
-    group.add_argument(
-        "--resize",
-        choices=("resize", "crop"),
-        default="crop",
-        help="how --size is reached: scale and centre-crop (default) or scale",
-    )
+    add_resize_argument(group)
     group.add_argument(
         "--max-queued-groups",
         type=positive_int,
@@ -235,7 +232,19 @@ def run_web(args: argparse.Namespace) -> int:
 
 
 def _say_listening(url: str) -> None:
-    print(f"streamvae web: open {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    print(f"streamvae web: {_open_text(url)} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+
+
+def _open_text(url: str) -> str:
+    """``open URL``, with a URL a browser opens: a wildcard bind (``0.0.0.0``, ``::``) is no
+    address to browse to, so it becomes 127.0.0.1 here and this machine's name elsewhere."""
+    parts = urlsplit(url)
+    if parts.hostname not in ("0.0.0.0", "::"):
+        return f"open {url}"
+    port = f":{parts.port}" if parts.port else ""
+    here = parts._replace(netloc=f"127.0.0.1{port}").geturl()
+    there = parts._replace(netloc=f"{socket.gethostname()}{port}").geturl()
+    return f"open {here} on this machine, or {there} from another (listening on all interfaces)"
 
 
 def _summary(args: argparse.Namespace, server: WebServer, random: bool) -> int:

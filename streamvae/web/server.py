@@ -87,6 +87,9 @@ log = logging.getLogger(_PACKAGE)
 STATS_INTERVAL = 0.5
 """Seconds between the ``stats`` messages each session's page gets."""
 
+RATE_WINDOW = 4.0
+"""Seconds the page's rates (frames in/s, latents out/s) are measured over: current, not averages."""
+
 CLOCKED_FRAMES = 1024
 """Frames per session remembered as stamped with the browser's capture time."""
 
@@ -182,7 +185,9 @@ class _Session:
     """Whether ``error`` came from its outputs (its detail is in the server's log only)."""
     dropped_by_encoder: int = 0
     last_latent: dict[str, Any] | None = None
-    rates: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=8))
+    rates: deque[tuple[float, int, int]] = field(
+        default_factory=lambda: deque(maxlen=round(RATE_WINDOW / STATS_INTERVAL))
+    )
     end_to_end: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     clocked: dict[float, None] = field(default_factory=dict)
@@ -195,11 +200,14 @@ class _Session:
 
     def numbers(self) -> dict[str, Any]:
         """The session's numbers as the page shows them (the server's); reading them changes
-        nothing (the rates are over the ticks' samples, to now or the session's end)."""
+        nothing. The rates are current: over the ticks' samples of the last
+        :data:`RATE_WINDOW` seconds, and 0 once the session no longer streams; the counts and
+        latency percentiles are since its start (the latencies: its last
+        :data:`LATENCY_WINDOW` latents)."""
         now = time.monotonic()
         stats, source = self.stats, self.source.stats
         then, frames_then, latents_then = self.rates[0] if self.rates else (self.started, 0, 0)
-        span = (stats.finished or now) - then
+        span = now - then if self.state in ("starting", "streaming") else 0.0
         latencies = list(stats.latencies)[-LATENCY_WINDOW:]
         return {
             "session": self.id,
@@ -220,6 +228,7 @@ class _Session:
             "dropped_frames": source.dropped_frames,
             "dropped_by_encoder": self.dropped_by_encoder,
             "resets": self.source.resets,
+            "rate_window_s": RATE_WINDOW,
             "resolution": None
             if self.source.resolution is None
             else f"{self.source.resolution[0]}x{self.source.resolution[1]}",

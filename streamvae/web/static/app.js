@@ -8,6 +8,7 @@ const state = { pc: null, channel: null, stream: null, sender: null, latencies: 
 // Every latent message of this page's sessions, without its picture (for scripts: the benchmark).
 window.streamvaeLatents = [];
 const PLOT_POINTS = 240;
+const SINK_NAMES = { MqttSink: "MQTT", FileSink: "file" };
 
 function setText(id, value) { $(id).textContent = value; }
 function fmt(value, digits = 1) { return value === null || value === undefined ? "-" : Number(value).toFixed(digits); }
@@ -17,7 +18,8 @@ function fail(text) { $("error").textContent = text; }
 async function loadInfo() {
   const info = await (await fetch("/api/info")).json();
   state.info = info;
-  setText("model-name", info.model);
+  // Random weights: the banner says it once; the header names the architecture only.
+  setText("model-name", info.random_weights ? "random" : info.model);
   setText("config", info.config);
   setText("dtype", info.dtype);
   setText("size", info.size || "the camera's");
@@ -144,6 +146,7 @@ function showNumbers(m) {
   setText("fps", fmt(m.frames_per_second));
   setText("latents", m.latents);
   setText("lps", fmt(m.latents_per_second, 2));
+  if (m.rate_window_s) setText("rate-window", m.rate_window_s);
   setText("latency-p50", fmt(m.latency_ms.p50));
   setText("latency-p90", fmt(m.latency_ms.p90));
   setText("e2e-p50", fmt(m.capture_to_ready_ms.p50));
@@ -154,9 +157,11 @@ function showNumbers(m) {
   setText("gaps", m.gaps);
   setText("resets", m.resets);
   setText("resolution", m.resolution || "-");
-  setText("outputs", m.sinks.map((s) => s.kind.replace("Sink", "") +
-    (s.published !== undefined ? ` ${s.published}/${s.sent} published` : "") +
-    (s.written !== undefined ? ` ${s.written} written` : "")).join(", ") || "none");
+  const outputs = m.sinks.map((s) => (SINK_NAMES[s.kind] || s.kind) +
+    (s.published !== undefined ? ` ${s.published} of ${s.sent} published` : "") +
+    (s.written !== undefined ? ` ${s.written} written` : "")).join(", ") || "none";
+  setText("outputs", outputs);
+  $("outputs").title = outputs;
 }
 
 function onMessage(m) {
@@ -213,15 +218,19 @@ function drawPlot() {
   const values = state.latencies.map((p) => p.ms);
   const ends = state.latencies.map((p) => p.e2e);
   const peak = Math.max(10, ...values, ...ends.filter((v) => v !== null));
-  const step = Math.pow(10, Math.floor(Math.log10(peak)));
-  const ymax = Math.ceil((peak * 1.1) / step) * step;
+  // Four ticks of a round step (1, 2 or 5 times a power of ten), so every label is a whole number.
+  const want = (peak * 1.1) / 4;
+  const base = Math.pow(10, Math.floor(Math.log10(want)));
+  const tick = [1, 2, 5, 10].map((m) => m * base).find((t) => t >= want);
+  const ymax = tick * 4;
   const y = (ms) => top + (H - top - bottom) * (1 - ms / ymax);
   const x = (i) => left + ((W - left - 8) * i) / Math.max(1, PLOT_POINTS - 1);
   c.strokeStyle = "#e4e4e4"; c.fillStyle = "#666"; c.font = "11px system-ui"; c.lineWidth = 1;
+  const digits = tick >= 1 ? 0 : 1;  // one format for every tick
   for (let k = 0; k <= 4; k++) {
     const ms = (ymax * k) / 4;
     c.beginPath(); c.moveTo(left, y(ms)); c.lineTo(W - 8, y(ms)); c.stroke();
-    c.fillText(ms.toFixed(ms < 10 ? 1 : 0), 4, y(ms) + 4);
+    c.fillText(ms.toFixed(digits), 4, y(ms) + 4);
   }
   c.fillText(`last ${values.length} latents`, left, H - 4);
   state.latencies.forEach((p, i) => {
