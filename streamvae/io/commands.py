@@ -658,14 +658,14 @@ async def _encode(
 
 def run_live(args: argparse.Namespace) -> int:
     """The ``live`` command (see :func:`add_live_command`)."""
+    if args.output is not None:  # given: '' too is checked (and refused), never ignored
+        check_output_file(args.output, "--output")
     if not args.mqtt and not args.output:
         usage_error("live needs --mqtt URL and/or --output FILE")
     _setup_logging(args)
     with user_errors():
         stream_id = validate_stream_id(args.stream_id or default_stream_id(args.source))
         settings = mqtt_settings(args)
-    if args.output:
-        check_output_file(args.output, "--output")
     source = _open_source_from_args(args.source, args)
     choice, encoder = _stream_encoder(args)
     return _run_until_done(_live(args, source, choice, encoder, settings, stream_id))

@@ -44,7 +44,13 @@ from streamvae.io.serve import stream_sinks
 from streamvae.io.sources import parse_size
 from streamvae.model_args import add_model_arguments
 from streamvae.pool import StreamPool
-from streamvae.usage import non_negative_seconds, positive_int, positive_seconds, user_errors
+from streamvae.usage import (
+    check_output_dir,
+    non_negative_seconds,
+    positive_int,
+    positive_seconds,
+    user_errors,
+)
 from streamvae.web.server import PageInfo, SessionSettings, WebServer
 
 __all__ = ["add_web_command", "run_web"]
@@ -168,6 +174,8 @@ def run_web(args: argparse.Namespace) -> int:
         size = parse_size(args.size)
         if not 0 <= args.port < 65536:
             raise ValueError(f"--port must be 0-65535, got {args.port}")
+        if args.output_dir is not None:  # given: '' too is checked (and refused)
+            check_output_dir(args.output_dir, "--output-dir")
         if args.record and Path(args.record).exists() and any(Path(args.record).iterdir()):
             raise ValueError(f"--record {args.record}: the directory is not empty")
         context = _ssl_context(args)
