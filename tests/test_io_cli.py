@@ -596,3 +596,35 @@ async def test_the_stats_line_says_when_a_source_is_not_open_yet(tmp_path: Path)
     async with open_source("synthetic://moving?frames=2", size="16x16") as up:
         assert await up.opened() and up.has_opened
         assert _not_open_text(up) == ""
+
+
+def test_live_on_a_full_disk_names_the_file_and_leaves_no_torn_record(tmp_path: Path):
+    """Issue 21 item 15: ``live`` said ``No space left on device`` without the file's name and
+    left a torn record. A file size limit makes the disk "full" part of the way through a
+    record (``EFBIG``: the same path as ``ENOSPC``)."""
+    resource = pytest.importorskip("resource")
+    output = tmp_path / "cam.latents"
+
+    def limited() -> None:  # in the child: writes past 3000 bytes of a file fail
+        resource.setrlimit(
+            resource.RLIMIT_FSIZE, (3000, resource.getrlimit(resource.RLIMIT_FSIZE)[1])
+        )
+
+    result = subprocess.run(
+        streamvae_command(
+            "live", "synthetic://moving?frames=60&size=32x32", "-o", str(output), *NARROW,
+            "--stats-interval", "0",
+        ),
+        capture_output=True, text=True, timeout=120, env=cli_env(), cwd=REPO,
+        stdin=subprocess.DEVNULL, preexec_fn=limited,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"{output}: File too large" in result.stderr and "Traceback" not in result.stderr
+    data = output.read_bytes()
+    written = read_latents(output)
+    assert 0 < len(data) <= 3000 and written
+    from streamvae.io import FileSink
+
+    with FileSink(output, append=True):  # refused if the file ended in a torn record
+        pass
+    assert [latent.index for latent in written] == list(range(len(written)))
