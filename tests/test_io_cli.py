@@ -628,3 +628,77 @@ def test_live_on_a_full_disk_names_the_file_and_leaves_no_torn_record(tmp_path: 
     with FileSink(output, append=True):  # refused if the file ended in a torn record
         pass
     assert [latent.index for latent in written] == list(range(len(written)))
+
+
+async def _run_until(
+    args: list[str], ready, sig: int, timeout: float = 120
+) -> tuple[int, str, str]:
+    """Start ``streamvae *args``; once ``ready(stderr so far)`` holds, send ``sig``; its exit
+    status, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        *streamvae_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env()
+    )
+    err = bytearray()
+
+    async def collect() -> None:
+        assert process.stderr is not None
+        while line := await process.stderr.readline():
+            err.extend(line)
+
+    collecting = asyncio.ensure_future(collect())
+    try:
+        async with asyncio.timeout(timeout):
+            while not ready(err.decode()):
+                assert not collecting.done(), f"ended before it was ready: {err.decode()}"
+                await asyncio.sleep(0.05)
+            process.send_signal(sig)
+            assert process.stdout is not None
+            out = await process.stdout.read()
+            await process.wait()
+            await collecting
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        collecting.cancel()
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_encode_stopped_by_sigterm_says_so_and_exits_143(tmp_path: Path):
+    """Issue 21 item 16: ``encode`` of 400 frames stopped by SIGTERM exited 0 with no word of
+    the stop. It is a job not done: 143 (130 for Ctrl-C), and the summary says it stopped."""
+    output = tmp_path / "clip.latents"
+    for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        output.unlink(missing_ok=True)
+        code, out, err = await _run_until(
+            [
+                "encode", "synthetic://moving?frames=400&fps=25&size=32x32", "-o", str(output),
+                *NARROW, "--json",
+            ],
+            lambda text: "RANDOM WEIGHTS" in text  # its signal handlers are in place
+            and output.exists()
+            and output.stat().st_size > 2000,  # latents are coming
+            sig,
+        )  # fmt: skip
+        assert code == status, err
+        summary = json.loads(out.splitlines()[-1])
+        assert summary["stopped_by"] == signal.Signals(sig).name, summary
+        assert 0 < summary["frames"] < 400
+        assert len(read_latents(output)) == summary["latents"]  # what it did is kept
+
+
+async def test_live_stopped_before_its_camera_opened_exits_130_and_leaves_no_file(
+    tmp_path: Path,
+):
+    """Issue 21 item 16: ``live`` of a camera that never opened, stopped with Ctrl-C, exited 0
+    and left an empty file. Nothing was done: 130, and no file."""
+    output = tmp_path / "cam.latents"
+    dead = f"rtsp://127.0.0.1:{io_fixtures.free_port()}/none"
+    code, out, err = await _run_until(
+        ["live", dead, "-o", str(output), *NARROW, "--size", "32x32", "--stats-interval", "0.2"],
+        lambda text: "source not open yet" in text,  # retrying, never opened
+        signal.SIGINT,
+    )
+    assert code == 130, err
+    assert "stopped by SIGINT before the source opened" in out + err
+    assert not output.exists()
