@@ -467,3 +467,33 @@ async def test_an_output_failure_shows_no_broker_user_or_password(narrow_encoder
         "output failed (LeakySink, sending a latent): see the server log",
     ]
     assert "47123" in caplog.text  # the detail is in the server's log
+
+
+async def test_malformed_offers_get_400_with_a_clear_message(narrow_encoder, caplog):
+    """Issue 21 item 12: deeply nested JSON (RecursionError), ``a=setup:x`` in the SDP
+    (KeyError) and a bad ``a=candidate`` (AssertionError) got HTTP 500 and a traceback in the
+    log. They are the client's mistakes: 400, saying what was wrong, nothing left behind."""
+    async with running(narrow_encoder, Sinks()) as (server, http, client, pool):
+        url = http.make_url("/api/offer")
+        json_type = {"Content-Type": "application/json"}
+        nested = b"[" * 100_000 + b"]" * 100_000
+        async with client.post(url, data=nested, headers=json_type) as response:
+            assert response.status == 400
+            assert "expected JSON" in (await response.json())["error"]
+        peer = Peer(Pattern())
+        await peer.pc.setLocalDescription(await peer.pc.createOffer())
+        sdp = peer.pc.localDescription.sdp
+        await peer.close()
+        assert "a=setup:" in sdp and "a=candidate:" in sdp
+        lines = sdp.splitlines()
+        setup = "\r\n".join("a=setup:x" if x.startswith("a=setup:") else x for x in lines)
+        candidate = "\r\n".join(
+            "a=candidate:1 1 udp" if x.startswith("a=candidate:") else x for x in lines
+        )
+        for bad in (setup + "\r\n", candidate + "\r\n"):
+            async with client.post(url, json={"sdp": bad, "type": "offer"}) as response:
+                body = await response.json()
+                assert response.status == 400, body
+                assert "the offer's SDP could not be read" in body["error"]
+        assert server.sessions == {} and len(pool) == 0
+    assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text

@@ -380,8 +380,9 @@ class WebServer:
 
         Raises :class:`~streamvae.AdmissionError` when the pool refuses it,
         :class:`EncoderStopped` once the pool's stream has stopped on an error, and
-        ``ValueError`` for an offer without video (nothing is left behind either way, also when
-        this is cancelled: a stream the pool had already admitted is ended, freeing its slot).
+        ``ValueError`` for an offer without video or whose SDP cannot be read (nothing is left
+        behind either way, also when this is cancelled: a stream the pool had already admitted
+        is ended, freeing its slot).
         """
         if self._latents is None:
             raise RuntimeError("the server is not running (use it as an async context manager)")
@@ -393,7 +394,13 @@ class WebServer:
         pc.on("track", lambda track: tracks.append(track) if track.kind == "video" else None)
         pc.on("datachannel", channels.append)
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+            except (ValueError, KeyError, IndexError, TypeError, AssertionError) as exc:
+                # aiortc's SDP parser raises these for a malformed line (a=setup:x, a bad
+                # a=candidate, ...): the offer is refused (HTTP 400), not the server's fault.
+                detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                raise ValueError(f"the offer's SDP could not be read ({detail})") from None
             if not tracks:
                 raise ValueError("the offer has no video track (the page sends its camera)")
             sid = f"web-{next(self._ids)}"
@@ -701,7 +708,7 @@ def make_app(server: WebServer) -> web.Application:
             sdp, kind = body["sdp"], body["type"]
             if not isinstance(sdp, str) or kind != "offer":
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # nested too deep: too
             return web.json_response(
                 {"error": 'expected JSON {"sdp": "...", "type": "offer"}'}, status=400
             )
