@@ -938,6 +938,8 @@ async def _pool_latents(
                     reader_of[sid].cancel()
             for sid in ended:
                 live.discard(sid)
+                queues.pop(sid, None)  # an ended stream's reader and queue are let go
+                reader_of.pop(sid, None)
                 if sid in pool:
                     tail = await _in_worker(executor, _finish, pool, sid, flush, dropped)
                     for latent in tail:
@@ -949,6 +951,8 @@ async def _pool_latents(
                         future.set_result(dropped.get(sid, 0))
                     else:
                         future.set_exception(error)
+            if ended:
+                readers = [task for task in readers if not task.done()]
         if errors:
             raise PoolSourceError(errors) from next(iter(errors.values()))
     finally:

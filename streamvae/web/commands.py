@@ -253,17 +253,23 @@ def _summary(args: argparse.Namespace, server: WebServer, random: bool) -> int:
     for sid, session in server.sessions.items():
         numbers = session.numbers()
         summary["sessions"][sid] = numbers
-        undelivered = sum(
-            s.get("sent", 0) - s.get("published", 0)
-            for s in numbers["sinks"]
-            if s["kind"] == "MqttSink"
-        )
-        failed |= undelivered > 0 or session.output_failed
+        failed |= session.output_lost()
         lines.append(
             f"{sid}: {numbers['frames_received']} frames received -> {numbers['latents']} "
             f"latents, {numbers['gaps']} gap(s), dropped {numbers['dropped_groups']} group(s), "
             f"{numbers['resets']} reset(s), {_latency_text(list(session.stats.latencies))}, "
             f"{numbers['state']}" + (f": {numbers['error']}" if numbers["error"] else "")
+        )
+    if server.forgotten:  # finished long ago: freed, their numbers were logged as they ended
+        failed |= server.forgotten_lost_output > 0
+        summary["earlier_sessions"] = {
+            "count": server.forgotten,
+            "output_lost": server.forgotten_lost_output,
+        }
+        lines.insert(
+            0,
+            f"{server.forgotten} earlier session(s) not listed (logged as they ended; "
+            f"{server.forgotten_lost_output} lost output)",
         )
     if not lines:
         lines.append("no sessions")

@@ -23,7 +23,8 @@ memory) gets HTTP 503 with the reason, which the page shows. An error of the poo
 the server's numbers to the page (JSON: ``hello``, ``stats`` twice a second, ``latent`` per
 latent with its picture, ``ended``); the page sends ``{"type": "stop"}`` to end its stream
 cleanly. A closed tab (the connection closed or failed) ends its stream the same way: flushed,
-sinks closed. ``/api/sessions`` gives every session's numbers as JSON (what the page shows).
+sinks closed. ``/api/sessions`` gives the sessions' numbers as JSON (what the page shows): the
+live ones and the most recent :data:`HISTORY` finished ones (older finished ones are freed).
 
 **The latent picture.** A fixed projection of the latent's channels to RGB (a seeded Gaussian
 ``3 x z_dim`` matrix, the same for every latent and run; not a decoder: colours mean nothing by
@@ -95,6 +96,9 @@ HELD_MESSAGES = 256
 
 LATENCY_WINDOW = 100
 """Latencies (the most recent) the page's and the API's percentiles are taken over."""
+
+HISTORY = 100
+"""Finished sessions kept (the most recent) for ``/api/sessions``; older ones are freed."""
 
 
 class EncoderStopped(RuntimeError):
@@ -231,6 +235,19 @@ class _Session:
 
     held: deque[str] = field(default_factory=lambda: deque(maxlen=HELD_MESSAGES))
 
+    @property
+    def finished(self) -> bool:
+        return self.state in ("ended", "failed")
+
+    def output_lost(self) -> bool:
+        """Whether an output of this session failed or MQTT did not deliver all its latents."""
+        undelivered = sum(
+            status.get("sent", 0) - status.get("published", 0)
+            for status in map(_sink_status, self.sinks)
+            if status["kind"] == "MqttSink"
+        )
+        return self.output_failed or undelivered > 0
+
     def send(self, message: dict[str, Any]) -> None:
         """To the page; held (the newest :data:`HELD_MESSAGES`) until its channel opens."""
         text = json.dumps(message)
@@ -285,8 +302,17 @@ class WebServer:
         *,
         deadline: float = 0.025,
         allowed_hosts: Sequence[str] = (),
+        history: int = HISTORY,
     ) -> None:
+        if history < 0:
+            raise ValueError(f"history must be >= 0 sessions, got {history}")
         self.pool = pool
+        self.history = history
+        """Finished sessions kept in :attr:`sessions` (the most recent); older ones are freed."""
+        self.forgotten = 0
+        """Finished sessions freed from :attr:`sessions` (beyond :attr:`history`)."""
+        self.forgotten_lost_output = 0
+        """Of those, the ones whose output failed or was not all delivered."""
         self.allowed_hosts = tuple(allowed_hosts)
         """More names a ``Host`` header may give (a reverse proxy's public name)."""
         self.info = info
@@ -535,10 +561,10 @@ class WebServer:
             except Exception as exc:
                 outcome = "failed"
                 session.error = session.error or str(exc)
-                log.warning("%s: %s", session.id, exc)
+                log.warning("%s: %s", session.id, str(exc))  # a string: no traceback kept
         except Exception as exc:
             outcome = "failed"
-            log.warning("%s: %s", session.id, exc)
+            log.warning("%s: %s", session.id, str(exc))
             with contextlib.suppress(Exception):
                 await ended
         finally:
@@ -557,6 +583,16 @@ class WebServer:
             session.send({"type": "ended", **final})
             await asyncio.sleep(0.2)  # let the channel carry the last message
             await session.pc.close()
+            self._forget_old_sessions()
+
+    def _forget_old_sessions(self) -> None:
+        """Free the finished sessions beyond the newest :attr:`history` (their numbers were
+        logged when they ended): memory stays flat however many sessions come and go."""
+        finished = [sid for sid, session in self.sessions.items() if session.finished]
+        for sid in finished[: max(0, len(finished) - self.history)]:
+            session = self.sessions.pop(sid)
+            self.forgotten += 1
+            self.forgotten_lost_output += session.output_lost()
 
     async def _consume(self, latents: PoolStream) -> None:
         try:
@@ -625,10 +661,13 @@ class WebServer:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL)
-            for session in list(self.sessions.values()):
-                if session.state in ("starting", "streaming"):
-                    session.sample()
-                    session.send({"type": "stats", **session.numbers()})
+            self._send_stats()  # (no session held across the sleep: a finished one is freed)
+
+    def _send_stats(self) -> None:
+        for session in list(self.sessions.values()):
+            if session.state in ("starting", "streaming"):
+                session.sample()
+                session.send({"type": "stats", **session.numbers()})
 
 
 STATIC = "static"
