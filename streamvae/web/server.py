@@ -97,6 +97,9 @@ HELD_MESSAGES = 256
 LATENCY_WINDOW = 100
 """Latencies (the most recent) the page's and the API's percentiles are taken over."""
 
+SESSION_PREFIX = "web-"
+"""Sessions are named ``web-1``, ``web-2``, ... (from ``WebServer(first_session=)``)."""
+
 HISTORY = 100
 """Finished sessions kept (the most recent) for ``/api/sessions``; older ones are freed."""
 
@@ -303,6 +306,7 @@ class WebServer:
         deadline: float = 0.025,
         allowed_hosts: Sequence[str] = (),
         history: int = HISTORY,
+        first_session: int = 1,
     ) -> None:
         if history < 0:
             raise ValueError(f"history must be >= 0 sessions, got {history}")
@@ -320,7 +324,7 @@ class WebServer:
         self._open_sinks = open_sinks
         self._deadline = deadline
         self.sessions: dict[str, _Session] = {}
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_session)  # sessions are web-N from N = first_session
         self._latents: PoolStream | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._consumer: asyncio.Task[None] | None = None
@@ -429,7 +433,7 @@ class WebServer:
                 raise ValueError(f"the offer's SDP could not be read ({detail})") from None
             if not tracks:
                 raise ValueError("the offer has no video track (the page sends its camera)")
-            sid = f"web-{next(self._ids)}"
+            sid = f"{SESSION_PREFIX}{next(self._ids)}"
             settings = self.settings
             receivers = [t.receiver for t in pc.getTransceivers() if t.receiver.track is tracks[0]]
             clock = SenderClock(receivers[0]) if receivers else None
