@@ -26,6 +26,8 @@ __all__ = ["Frame", "FrameError", "FrameLike", "check_frame"]
 # Float frames may stray this far outside [-1, 1] (rounding in the caller's conversion).
 RANGE_TOLERANCE = 1e-3
 SPATIAL_MULTIPLE = 8
+MAX_FRAME_NUMBER = 2**63 - 1
+"""The largest ``Frame.number``: numbers travel as int64 (the wire format, ``.latents`` files)."""
 
 
 class FrameError(ValueError):
@@ -48,6 +50,9 @@ class Frame:
       :attr:`streamvae.Latent.dropped_before`.
     - ``captured``: the capture time on this process's ``time.monotonic()`` clock, which
       latencies are measured on (a wall-clock step cannot corrupt them).
+
+    ``gap`` must be a bool and ``number`` an integer in ``0 ..`` :data:`MAX_FRAME_NUMBER` (or
+    ``None``): anything else raises :class:`FrameError` here, at construction.
     """
 
     image: Any
@@ -55,6 +60,10 @@ class Frame:
     gap: bool = False
     number: int | None = field(default=None, kw_only=True)
     captured: float | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        _gap(self.gap)
+        _frame_number(self.number)
 
 
 FrameLike = np.ndarray | torch.Tensor | Frame
@@ -91,9 +100,22 @@ _EXPECTED = "expected numpy [H, W, 3] RGB or torch [3, H, W], uint8 (0..255) or 
 def _frame_number(number: object) -> int | None:
     if number is None:
         return None
-    if isinstance(number, bool) or not isinstance(number, numbers.Integral) or number < 0:
-        raise FrameError(f"number must be a non-negative integer (or None), got {number!r}")
+    if (
+        isinstance(number, bool)
+        or not isinstance(number, numbers.Integral)
+        or not 0 <= int(number) <= MAX_FRAME_NUMBER
+    ):
+        raise FrameError(
+            f"number must be an integer in 0..{MAX_FRAME_NUMBER} (or None), got {number!r}"
+        )
     return int(number)
+
+
+def _gap(gap: object) -> bool:
+    """``gap`` as a bool: ``True``/``False`` (numpy's too), nothing else ("no" is no bool)."""
+    if not isinstance(gap, (bool, np.bool_)):
+        raise FrameError(f"gap must be True or False, got {gap!r}")
+    return bool(gap)
 
 
 def check_frame(frame: Any, device: torch.device, timestamp: float | None = None) -> CheckedFrame:
@@ -101,7 +123,7 @@ def check_frame(frame: Any, device: torch.device, timestamp: float | None = None
     gap, number, captured = False, None, None
     if isinstance(frame, Frame):
         timestamp = frame.timestamp if timestamp is None else timestamp
-        gap, number, captured = frame.gap, frame.number, frame.captured
+        gap, number, captured = _gap(frame.gap), frame.number, frame.captured
         frame = frame.image
     timestamp = _seconds(timestamp, "timestamp")
     captured = _seconds(captured, "captured")
@@ -111,6 +133,11 @@ def check_frame(frame: Any, device: torch.device, timestamp: float | None = None
             raise FrameError(f"got a {_describe(frame)}; {_EXPECTED}")
         tensor = _numpy_to_tensor(frame).permute(2, 0, 1)
     elif isinstance(frame, torch.Tensor):
+        if frame.layout != torch.strided:
+            raise FrameError(
+                f"got a {_describe(frame)} of layout {frame.layout}; frames are dense (strided) "
+                "tensors: call .to_dense() first"
+            )
         if frame.dim() != 3 or frame.shape[0] != 3:
             raise FrameError(f"got a {_describe(frame)}; {_EXPECTED}")
         if frame.device.type != "cpu" and frame.device != device:

@@ -42,7 +42,6 @@ from collections.abc import (
     Callable,
     Hashable,
     Iterable,
-    Iterator,
     Mapping,
 )
 from concurrent.futures import ThreadPoolExecutor
@@ -55,11 +54,13 @@ from streamvae.frames import SPATIAL_MULTIPLE, CheckedFrame, FrameError, FrameLi
 from streamvae.model import EncoderState, WanEncoder, state_nbytes
 from streamvae.model.graphs import StepGraphs
 from streamvae.stream import (
+    _END,
     Latent,
     Mode,
     StreamBroken,
     StreamEncoder,
     _in_worker,
+    _SyncReader,
     _wait_thread_exit,
 )
 
@@ -108,7 +109,9 @@ class PoolStepError(RuntimeError):
 
 
 class PoolSourceError(RuntimeError):
-    """Sources of :meth:`StreamPool.stream` raised; ``errors`` maps each stream to its exception.
+    """Streams of :meth:`StreamPool.stream` failed: their source raised, or the pool refused
+    one of their frames (:class:`~streamvae.FrameError`, :class:`AdmissionError`,
+    :class:`~streamvae.StreamBroken`); ``errors`` maps each stream to its exception.
 
     Raised when the iteration ends (every other source had its frames encoded first).
     """
@@ -678,10 +681,12 @@ class StreamPool:
         seconds for the other live sources, then pushes what each has (one frame per source):
         a slow or stalled source never holds the others back, and does not advance while it
         has nothing. Streams not yet in the pool are added (and removed at the end). A source
-        that ends is flushed (``flush=False``: removed without flushing); a source that raises
-        ends its own stream the same way, and :class:`PoolSourceError` is raised once the
-        others have ended. The model runs in a worker thread; cancelling waits for the tick in
-        flight.
+        that ends is flushed (``flush=False``: removed without flushing); a source that raises,
+        or gives a frame the pool refuses (a :class:`~streamvae.FrameError`, say), ends its own
+        stream the same way (the other streams of that tick advance), and
+        :class:`PoolSourceError` is raised once the others have ended. The model runs in a
+        worker thread; cancelling waits for the tick in flight, never for a read of a sync
+        source (a read blocked in a hung capture is left to its own daemon thread).
 
         ``open_ended=True``: sources come and go while it runs (a server's sessions, say).
         :meth:`PoolStream.add` admits another between ticks; the iteration does not end when
@@ -783,9 +788,6 @@ class PoolStream(AsyncIterator[tuple[str, Latent]]):
         await self.aclose()
 
 
-_END = object()
-
-
 @dataclass(frozen=True)
 class _Ended:
     error: BaseException | None = None
@@ -814,10 +816,6 @@ class _Additions:
             self.arrived.set()
 
 
-def _next_or_end(iterator: Iterator[FrameLike]) -> object:
-    return next(iterator, _END)
-
-
 async def _read_source(
     source: Iterable[FrameLike] | AsyncIterable[FrameLike],
     queue: asyncio.Queue[Any],
@@ -829,11 +827,14 @@ async def _read_source(
             async for frame in source:
                 await queue.put(frame)
                 arrived.set()
-        else:  # read in a thread: a sync source may block (a file, a camera)
-            iterator = iter(source)
-            while (item := await asyncio.to_thread(_next_or_end, iterator)) is not _END:
-                await queue.put(item)
-                arrived.set()
+        else:  # read in a daemon thread: a sync source may block (a file, a hung camera)
+            reader = _SyncReader(iter(source))
+            try:
+                while (item := await reader.next()) is not _END:
+                    await queue.put(item)
+                    arrived.set()
+            finally:
+                await reader.aclose()  # a read still blocked is left to its thread
         end = _Ended()
     except asyncio.CancelledError:
         raise
@@ -860,10 +861,11 @@ async def _pool_latents(
     arrived = asyncio.Event()
     control.arrived = arrived
     queues: dict[str, asyncio.Queue[Any]] = {sid: asyncio.Queue(maxsize=1) for sid in sources}
-    readers = [
-        asyncio.create_task(_read_source(src, queues[sid], arrived), name=f"streamvae-{sid}")
+    reader_of = {  # each live stream's reader (all of them are in ``readers``)
+        sid: asyncio.create_task(_read_source(src, queues[sid], arrived), name=f"streamvae-{sid}")
         for sid, src in sources.items()
-    ]
+    }
+    readers = list(reader_of.values())
     live = set(sources)
     errors: dict[str, BaseException] = {}
     joined: dict[str, asyncio.Future[int]] = {}  # added while running: their end goes here
@@ -885,11 +887,10 @@ async def _pool_latents(
             added.append(sid)
             joined[sid] = ended
             queues[sid] = asyncio.Queue(maxsize=1)
-            readers.append(
-                asyncio.create_task(
-                    _read_source(source, queues[sid], arrived), name=f"streamvae-{sid}"
-                )
+            reader_of[sid] = asyncio.create_task(
+                _read_source(source, queues[sid], arrived), name=f"streamvae-{sid}"
             )
+            readers.append(reader_of[sid])
             live.add(sid)
             admitted.set_result(None)
 
@@ -927,12 +928,18 @@ async def _pool_latents(
                     else:
                         frames[sid] = item
             if frames:
-                out = await _in_worker(executor, pool.push, frames)
+                out, refused = await _in_worker(executor, _push_tick, pool, frames)
                 for sid, latents in out.items():
                     for latent in latents:
                         yield sid, latent
+                for sid, refusal in refused.items():  # this stream ends; the others go on
+                    errors[sid] = refusal
+                    ended.append(sid)
+                    reader_of[sid].cancel()
             for sid in ended:
                 live.discard(sid)
+                queues.pop(sid, None)  # an ended stream's reader and queue are let go
+                reader_of.pop(sid, None)
                 if sid in pool:
                     tail = await _in_worker(executor, _finish, pool, sid, flush, dropped)
                     for latent in tail:
@@ -944,6 +951,8 @@ async def _pool_latents(
                         future.set_result(dropped.get(sid, 0))
                     else:
                         future.set_exception(error)
+            if ended:
+                readers = [task for task in readers if not task.done()]
         if errors:
             raise PoolSourceError(errors) from next(iter(errors.values()))
     finally:
@@ -963,6 +972,30 @@ async def _pool_latents(
         for future in joined.values():  # cancelled before these ended
             if not future.done():
                 future.cancel()
+
+
+_REFUSALS = (FrameError, StreamBroken, AdmissionError)
+"""What :meth:`StreamPool.push` raises for a stream's frame before any stream advanced."""
+
+
+def _push_tick(
+    pool: StreamPool, frames: dict[str, Any]
+) -> tuple[dict[str, list[Latent]], dict[str, Exception]]:
+    """One tick of :meth:`StreamPool.stream`: the latents, and the streams whose frame the pool
+    refused. A tick refused as a whole (nothing advanced) is pushed again stream by stream, so
+    that only the refused streams are left out."""
+    try:
+        return pool.push(frames), {}
+    except _REFUSALS:
+        pass
+    out: dict[str, list[Latent]] = {}
+    refused: dict[str, Exception] = {}
+    for sid, frame in frames.items():
+        try:
+            out.update(pool.push({sid: frame}))
+        except _REFUSALS as error:
+            refused[sid] = error
+    return out, refused
 
 
 def _finish(pool: StreamPool, sid: str, flush: bool, dropped: dict[str, int]) -> list[Latent]:

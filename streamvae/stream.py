@@ -436,9 +436,17 @@ class StreamEncoder:
 
         Refused with :class:`streamvae.snapshot.SnapshotError` (a ``ValueError``), the stream
         left as it was, when the snapshot is of another model (weights), dtype or mode, or of
-        another frame size than this stream's frames so far.
+        another frame size than this stream's frames so far, or is malformed in any way (see
+        :func:`streamvae.snapshot.read_state`): everything is checked before the stream is
+        touched.
         """
-        from streamvae.snapshot import SnapshotError, dtype_name, unpack, weights_fingerprint
+        from streamvae.snapshot import (
+            SnapshotError,
+            dtype_name,
+            read_state,
+            unpack,
+            weights_fingerprint,
+        )
 
         tensors, meta = unpack(data)
         mine = {
@@ -453,22 +461,9 @@ class StreamEncoder:
                     f"snapshot of another {what}: it has {key}={meta.get(key)!r} (config "
                     f"{meta.get('config')!r}), this stream {value!r}"
                 )
-        try:
-            height, width = (int(v) for v in meta["size"].split("x"))
-            state = json.loads(meta["state"])
-            counters = {str(k): int(v) for k, v in state["layers"].items()}
-            frames, latents = int(state["frames"]), int(state["latents"])
-            stamps = [None if t is None else float(t) for t in state["timestamps"]]
-            numbers = [
-                None if n is None else int(n) for n in state.get("numbers", [None] * len(stamps))
-            ]
-            last_number = state.get("last_number")
-            last_number = None if last_number is None else int(last_number)
-            if len(numbers) != len(stamps):
-                raise ValueError(f"{len(numbers)} frame numbers for {len(stamps)} timestamps")
-            last_slot = int(state["last_slot"])
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise SnapshotError(f"malformed snapshot metadata: {exc!r}") from None
+        state = read_state(tensors, meta, group_size=self.group_size)  # all checked
+        height, width, counters = state.height, state.width, state.layers
+        frames, latents, last_slot = state.frames, state.latents, state.last_slot
         if self._size is not None and self._frames > 0 and self._size != (height, width):
             raise SnapshotError(
                 f"snapshot of {height}x{width} frames; this stream's frames are "
@@ -499,14 +494,15 @@ class StreamEncoder:
         self._begin_run()
         self._frames, self._latents = frames, latents
         self._pending.clear()
-        self._timestamps.extend(stamps)
-        self._numbers.extend(numbers)
-        self._captured.extend([None] * len(stamps))  # monotonic times mean nothing elsewhere
-        self._last_number = last_number
+        frames_left = len(state.timestamps)
+        self._timestamps.extend(state.timestamps)
+        self._numbers.extend(state.numbers)
+        self._captured.extend([None] * frames_left)  # monotonic times mean nothing elsewhere
+        self._last_number = state.last_number
         self._size = (height, width)
-        self._gap_pending = bool(state.get("gap_pending", False))
-        self._exact_from = int(state.get("exact_from", 0))
-        self.dropped_frames = int(state.get("dropped_frames", 0))
+        self._gap_pending = state.gap_pending
+        self._exact_from = state.exact_from
+        self.dropped_frames = state.dropped_frames
         self._last = None if last_slot < 0 else target_group[:, :, last_slot : last_slot + 1]
 
     # -- async ----

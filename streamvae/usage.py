@@ -63,7 +63,9 @@ def usage_error(message: str) -> NoReturn:
 
 def check_output_file(path: str | Path, option: str) -> None:
     """A usage error (status 2) before anything runs if ``path``, given as ``option``, cannot be
-    a file to write: a directory, a path under a file, or a folder this user cannot write in."""
+    a file to write: empty, a directory, a path under a file, or a folder this user cannot write in."""
+    if not str(path).strip():
+        usage_error(f"{option} is empty; give a file name")
     target = Path(path)
     if target.is_dir():
         usage_error(f"{option} {path} is a directory; give a file name")
@@ -72,7 +74,9 @@ def check_output_file(path: str | Path, option: str) -> None:
 
 def check_output_dir(path: str | Path, option: str) -> None:
     """A usage error (status 2) before anything runs if ``path``, given as ``option``, cannot be
-    a directory to write in (it is a file, lies under a file, or cannot be written)."""
+    a directory to write in (it is empty, is a file, lies under a file, or cannot be written)."""
+    if not str(path).strip():
+        usage_error(f"{option} is empty; give a directory")
     target = Path(path)
     if target.exists() and not target.is_dir():
         usage_error(f"{option} {path} is a file, not a directory")

@@ -131,6 +131,11 @@ NARROW = ["--random-weights", "--config", "narrow8", "--threads", "1"]
         (["encode", SYNTHETIC, "-o", "{tmp}/x.latents", "--size", "30x30"], 2, "nearest is 32x32"),
         (["encode", SYNTHETIC, "-o", "{tmp}/x.latents", "--ffmpeg-option", "x"], 2, "KEY=VALUE"),
         (["encode", SYNTHETIC, "-o", "{tmp}"], 2, "is a directory"),
+        # Issue 21 item 17: '' was taken for the current directory ("is a directory").
+        (["encode", SYNTHETIC, "-o", ""], 2, "--output is empty; give a file name"),
+        (["live", SYNTHETIC, "-o", ""], 2, "--output is empty; give a file name"),
+        (["serve", "--source", f"a={SYNTHETIC}", "--output-dir", ""], 2, "--output-dir is empty"),
+        (["web", "-o", ""], 2, "--output-dir is empty; give a directory"),
         (["encode", "synthetic://spiral", "-o", "{tmp}/x.latents"], 2, "unknown synthetic pattern"),
         (["live", SYNTHETIC], 2, "--mqtt URL and/or --output FILE"),
         (["live", SYNTHETIC, "--mqtt", "http://h/p"], 2, "starts with mqtt://"),

@@ -194,3 +194,35 @@ def test_random_junk_never_disturbs_the_stream(narrow_encoder, items):
     got = torch.stack([latent.data for latent in latents], dim=1)[None]
     assert got.shape == expected.shape
     assert rel_err(got, expected) <= 1e-5
+
+
+def test_frame_fields_are_checked_at_construction():
+    """Issue 21 item 17: ``Frame(gap="no")`` counted as a gap, and ``Frame(number=2**63)`` was
+    encoded and written, after which ``read_latents`` refused the whole file."""
+    for gap in ("no", 1, None, np.array([True, False])):
+        with pytest.raises(FrameError, match="gap must be True or False"):
+            Frame(GOOD, gap=gap)
+    for number in (2**63, -1, 1.5, True):
+        with pytest.raises(FrameError, match="number must be an integer"):
+            Frame(GOOD, number=number)
+    assert Frame(GOOD, gap=np.bool_(True), number=2**63 - 1).number == 2**63 - 1
+
+
+def test_the_largest_frame_number_is_written_and_read_back(narrow_encoder, tmp_path):
+    from streamvae.io import FileSink, read_latents
+
+    stream = StreamEncoder(narrow_encoder)
+    (latent,) = stream.push(Frame(GOOD, number=2**63 - 1))
+    with FileSink(tmp_path / "big.latents") as sink:
+        sink.write(latent)
+    (back,) = read_latents(tmp_path / "big.latents")
+    assert back.source_frames == (2**63 - 1,)
+
+
+def test_a_sparse_torch_frame_is_a_frame_error(narrow_encoder):
+    stream = StreamEncoder(narrow_encoder)
+    sparse = torch.zeros(3, H, W).to_sparse()
+    with pytest.raises(FrameError, match=r"layout torch.sparse_coo.*to_dense\(\)"):
+        stream.push(sparse)
+    assert stream.frames_pushed == 0
+    assert len(stream.push(sparse.to_dense())) == 1

@@ -675,3 +675,109 @@ async def test_the_stats_line_says_which_figures_are_current_and_which_cumulativ
     assert "| since start: 12 latents, dropped 8 frames" in line
     quiet = _live_stats_line(2.0, source.stats.frames_read, 12, source, stats, None)
     assert "in 0.0 frames/s, out 0.0 latents/s, latency n/a" in quiet
+
+
+def test_live_on_a_full_disk_names_the_file_and_leaves_no_torn_record(tmp_path: Path):
+    """Issue 21 item 15: ``live`` said ``No space left on device`` without the file's name and
+    left a torn record. A file size limit makes the disk "full" part of the way through a
+    record (``EFBIG``: the same path as ``ENOSPC``)."""
+    resource = pytest.importorskip("resource")
+    output = tmp_path / "cam.latents"
+
+    def limited() -> None:  # in the child: writes past 3000 bytes of a file fail
+        resource.setrlimit(
+            resource.RLIMIT_FSIZE, (3000, resource.getrlimit(resource.RLIMIT_FSIZE)[1])
+        )
+
+    result = subprocess.run(
+        streamvae_command(
+            "live", "synthetic://moving?frames=60&size=32x32", "-o", str(output), *NARROW,
+            "--stats-interval", "0",
+        ),
+        capture_output=True, text=True, timeout=120, env=cli_env(), cwd=REPO,
+        stdin=subprocess.DEVNULL, preexec_fn=limited,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"{output}: File too large" in result.stderr and "Traceback" not in result.stderr
+    data = output.read_bytes()
+    written = read_latents(output)
+    assert 0 < len(data) <= 3000 and written
+    from streamvae.io import FileSink
+
+    with FileSink(output, append=True):  # refused if the file ended in a torn record
+        pass
+    assert [latent.index for latent in written] == list(range(len(written)))
+
+
+async def _run_until(
+    args: list[str], ready, sig: int, timeout: float = 120
+) -> tuple[int, str, str]:
+    """Start ``streamvae *args``; once ``ready(stderr so far)`` holds, send ``sig``; its exit
+    status, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        *streamvae_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env()
+    )
+    err = bytearray()
+
+    async def collect() -> None:
+        assert process.stderr is not None
+        while line := await process.stderr.readline():
+            err.extend(line)
+
+    collecting = asyncio.ensure_future(collect())
+    try:
+        async with asyncio.timeout(timeout):
+            while not ready(err.decode()):
+                assert not collecting.done(), f"ended before it was ready: {err.decode()}"
+                await asyncio.sleep(0.05)
+            process.send_signal(sig)
+            assert process.stdout is not None
+            out = await process.stdout.read()
+            await process.wait()
+            await collecting
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        collecting.cancel()
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_encode_stopped_by_sigterm_says_so_and_exits_143(tmp_path: Path):
+    """Issue 21 item 16: ``encode`` of 400 frames stopped by SIGTERM exited 0 with no word of
+    the stop. It is a job not done: 143 (130 for Ctrl-C), and the summary says it stopped."""
+    output = tmp_path / "clip.latents"
+    for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        output.unlink(missing_ok=True)
+        code, out, err = await _run_until(
+            [
+                "encode", "synthetic://moving?frames=400&fps=25&size=32x32", "-o", str(output),
+                *NARROW, "--json",
+            ],
+            lambda text: "RANDOM WEIGHTS" in text  # its signal handlers are in place
+            and output.exists()
+            and output.stat().st_size > 2000,  # latents are coming
+            sig,
+        )  # fmt: skip
+        assert code == status, err
+        summary = json.loads(out.splitlines()[-1])
+        assert summary["stopped_by"] == signal.Signals(sig).name, summary
+        assert 0 < summary["frames"] < 400
+        assert len(read_latents(output)) == summary["latents"]  # what it did is kept
+
+
+async def test_live_stopped_before_its_camera_opened_exits_130_and_leaves_no_file(
+    tmp_path: Path,
+):
+    """Issue 21 item 16: ``live`` of a camera that never opened, stopped with Ctrl-C, exited 0
+    and left an empty file. Nothing was done: 130, and no file."""
+    output = tmp_path / "cam.latents"
+    dead = f"rtsp://127.0.0.1:{io_fixtures.free_port()}/none"
+    code, out, err = await _run_until(
+        ["live", dead, "-o", str(output), *NARROW, "--size", "32x32", "--stats-interval", "0.2"],
+        lambda text: "source not open yet" in text,  # retrying, never opened
+        signal.SIGINT,
+    )
+    assert code == 130, err
+    assert "stopped by SIGINT before the source opened" in out + err
+    assert not output.exists()

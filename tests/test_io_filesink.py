@@ -209,3 +209,56 @@ async def test_fsync_runs_off_the_event_loop(tmp_path: Path, monkeypatch: pytest
             await sink.send(make_latent(i))
     assert len(synced_in) >= 3 and loop_thread not in synced_in
     assert [x.index for x in read_latents(path)] == [0, 1, 2]
+
+
+@pytest.fixture
+def file_size_limit():
+    """``limit(n)``: writes past byte ``n`` of any file fail (``EFBIG``, as a full disk fails
+    with ``ENOSPC``) until ``limit(None)``; the limit is lifted after the test."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limit(size: int | None) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft if size is None else size, hard))
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_failed_write_is_not_written_again_by_the_next(tmp_path: Path, file_size_limit):
+    """Issue 21 item 15: after a write failed on a full disk, the record stayed in Python's
+    write buffer, so the retry once space was freed wrote it twice (11, 12, 12, 13); and
+    ``close()`` raised before closing. Now a failed record is cut off, the error names the
+    file, a retry writes it once, and close() closes."""
+    path = tmp_path / "a.latents"
+    with FileSink(path) as sink:
+        sink.write(make_latent(11))
+        size = path.stat().st_size
+        file_size_limit(size + 100)  # part of the next record fits
+        with pytest.raises(OSError, match=str(path)) as info:
+            sink.write(make_latent(12))
+        assert info.value.filename == str(path)
+        assert path.stat().st_size == size  # no torn record left behind
+        assert [x.index for x in read_latents(path)] == [11]
+        file_size_limit(None)  # space again: the caller retries
+        sink.write(make_latent(12))
+        sink.write(make_latent(13))
+    assert [x.index for x in read_latents(path)] == [11, 12, 13]
+    assert sink.latents_written == 3
+
+    other = FileSink(tmp_path / "b.latents")
+    other.write(make_latent(0))
+    file_size_limit(other.bytes_written + 50)
+    with pytest.raises(OSError):
+        other.write(make_latent(1))
+    other.close()  # never raises for what a failed write left: nothing is buffered
+    with pytest.raises(ValueError, match="is closed"):
+        other.write(make_latent(2))
+
+
+def test_a_file_that_cannot_take_even_its_header_is_named(tmp_path: Path):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    with pytest.raises(OSError, match="/dev/full") as info:
+        FileSink("/dev/full")
+    assert info.value.strerror and "No space left" in info.value.strerror

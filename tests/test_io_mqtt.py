@@ -85,7 +85,7 @@ async def test_round_trip_properties_and_status(broker: Broker):
             "model": "m",
             "meaningless": "true",
             "stream": "cam1",
-            "run": "1",
+            "run": f"{sink.session}-1",
         }
     latency = sorted(m.received_time - m.latent.timestamps[-1] for m in received)
     print(  # for the record only: speed belongs to the bench
@@ -160,7 +160,8 @@ async def test_mqtt5_properties_reach_an_independent_subscriber(broker: Broker):
                 message = await anext(aiter(client.messages))
     assert message.qos == 1
     assert message.properties.ContentType == CONTENT_TYPE
-    assert dict(message.properties.UserProperty) == {"stream": "cam2", "index": "4", "run": "0"}
+    run = f"{sink.session}-0"
+    assert dict(message.properties.UserProperty) == {"stream": "cam2", "index": "4", "run": run}
     assert decode_latent(message.payload).index == 4
 
 
@@ -435,3 +436,40 @@ async def test_publishes_are_pipelined_up_to_max_in_flight(
     assert (sink.stats.sent, sink.stats.published, sink.stats.unsent) == (30, 30, 0)
     with pytest.raises(ValueError, match="max_in_flight"):
         MqttSink(settings, stream_id="x", max_in_flight=0)
+
+
+def test_run_labels_differ_between_processes_publishing_one_stream():
+    """Issue 21 item 10: run labels restarted at "0" in every process, so two ``live --stream-id
+    door`` runs (or ``serve``, or ``web``'s ``web-1`` after a restart) published the same
+    ``(stream, run, index)`` keys and a de-duplicating subscriber dropped the second run's
+    latents. Each run's label is now unique (UTC time and 32 random bits), in every process."""
+    import subprocess
+    import sys
+
+    from streamvae.io import decode_latent
+
+    script = (
+        "import asyncio, sys\n"
+        "from test_io_wire import make_latent\n"
+        "from streamvae.io import MqttSettings, MqttSink\n"
+        "async def main():\n"
+        "    sink = MqttSink(MqttSettings.from_url('mqtt://127.0.0.1:9/site'), stream_id='door')\n"
+        "    await sink.send(make_latent(0))\n"
+        "    sys.stdout.buffer.write(sink._buffer[0].payload)\n"
+        "asyncio.run(main())\n"
+    )
+    tests = str(Path(__file__).parent)
+    payloads = [
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, check=True, timeout=120, cwd=tests
+        ).stdout
+        for _ in range(2)
+    ]
+    first, second = (decode_latent(p) for p in payloads)
+    assert (first.meta["stream"], first.index) == (second.meta["stream"], second.index)
+    assert first.meta["run"] != second.meta["run"]
+    for latent in (first, second):
+        session, _, number = latent.meta["run"].rpartition("-")
+        stamp, _, random_part = session.partition("-")
+        assert number == "0" and len(stamp) == 16 and stamp.endswith("Z"), latent.meta["run"]
+        assert len(random_part) == 8 and int(random_part, 16) >= 0

@@ -312,3 +312,26 @@ async def test_latents_not_delivered_make_serve_fail(auth_broker: Broker, tmp_pa
         assert entry["mqtt"]["published"] == 0 and entry["mqtt"]["undelivered"] == 2
         assert entry["error"].startswith("2 of 2 latent(s) not delivered to MQTT")
     assert "wrong-" not in stderr
+
+
+async def test_one_bad_source_ends_alone_and_serve_says_which(tmp_path: Path, cli_encoder):
+    """Issue 21 item 8: a source whose frames the pool refuses (40x36: not multiples of 8)
+    ended every stream: exit 1, no summary, empty files for all. Now it ends alone: the others
+    are encoded whole, the summary names the failure, the exit status is 1."""
+    bad = io_fixtures.make_video(tmp_path / "bad.avi", frames=10, size="40x36")
+    out = tmp_path / "out"
+    code, summary, stderr = await run_serve(
+        "--source", "good=synthetic://moving?frames=41&size=32x32", "--source", f"bad={bad}",
+        "--output-dir", str(out), *NARROW, "--stats-interval", "0",
+    )  # fmt: skip
+    assert code == 1, stderr
+    assert "Traceback" not in stderr
+    streams = summary["streams"]
+    assert streams["good"]["error"] is None and streams["good"]["latents"] == 11
+    assert "FrameError" in streams["bad"]["error"] and "36x40" in streams["bad"]["error"]
+    expected = direct_latents(cli_encoder, [synthetic_frame(n, 32, 32) for n in range(41)])
+    stored = read_latents(out / "good.latents")
+    assert [x.index for x in stored] == list(range(11))
+    for latent in stored:
+        assert rel_err(latent.data, expected[:, latent.index]) <= 1e-5
+    assert not (out / "bad.latents").exists()  # it failed before any latent: no empty file

@@ -505,6 +505,17 @@ async def test_an_open_ended_stream_admits_sources_while_it_runs(narrow_encoder)
     assert len(pool) == 0
 
 
+def _consume_in_background(latents) -> tuple[asyncio.Task, list[tuple[str, int]]]:
+    """A task iterating ``latents``, and the ``(stream, index)`` of what it got so far."""
+    got: list[tuple[str, int]] = []
+
+    async def consume():
+        async for sid, latent in latents:
+            got.append((sid, latent.index))
+
+    return asyncio.create_task(consume()), got
+
+
 async def test_an_added_source_that_fails_ends_its_future_not_the_stream(narrow_encoder):
     async def failing():
         yield frames_of(70, 1, 16, 16)[0]
@@ -512,13 +523,7 @@ async def test_an_added_source_that_fails_ends_its_future_not_the_stream(narrow_
 
     pool = StreamPool(narrow_encoder)
     latents = pool.stream({}, open_ended=True)
-    got = []
-
-    async def consume():
-        async for sid, latent in latents:
-            got.append((sid, latent.index))
-
-    task = asyncio.create_task(consume())
+    task, got = _consume_in_background(latents)
     ended = await latents.add("a", failing())
     with pytest.raises(ConnectionError, match="tab crashed"):
         await asyncio.wait_for(ended, 60)
@@ -527,3 +532,87 @@ async def test_an_added_source_that_fails_ends_its_future_not_the_stream(narrow_
     assert got == [("a", 0)]
     with pytest.raises(RuntimeError, match="has ended"):
         await latents.add("b", failing())
+
+
+async def test_a_bad_frame_ends_only_its_stream(narrow_encoder):
+    """Issue 21 item 8: one stream's refused frame ended every stream ("good" got 2 of its 11
+    latents). Now that stream alone ends, with its error in PoolSourceError; the others go on
+    and equal their own encoders."""
+    good = frames_of(80, 41, 16, 16)
+    bad = [*frames_of(81, 6, 16, 16), np.zeros((24, 16, 3), np.uint8), *frames_of(82, 9, 16, 16)]
+    pool = StreamPool(narrow_encoder)
+    got: dict[str, list] = {"good": [], "bad": [], "async": []}
+    with pytest.raises(PoolSourceError, match=r"'bad': FrameError: .*24x16") as error:
+        sources = {"good": good, "bad": bad, "async": _frames(good[:13])}  # sync and async
+        async for sid, latent in pool.stream(sources):
+            got[sid].append(latent)
+    assert set(error.value.errors) == {"bad"}
+    assert isinstance(error.value.errors["bad"], FrameError)
+    for sid, frames in (("good", good), ("async", good[:13]), ("bad", bad[:6])):
+        own = StreamEncoder(narrow_encoder)
+        expected = [x for frame in frames for x in own.push(frame)] + own.flush()
+        assert_same_latents(got[sid], expected, sid)
+    assert len(got["good"]) == 11 and len(got["bad"]) == 2
+    assert len(pool) == 0
+
+
+async def test_an_added_stream_whose_frame_is_refused_ends_its_future(narrow_encoder):
+    pool = StreamPool(narrow_encoder)
+    latents = pool.stream({}, open_ended=True)
+    task, got = _consume_in_background(latents)
+    ended_a = await latents.add("a", _frames(frames_of(83, 5, 16, 16), 0.001))
+    ended_b = await latents.add("b", _frames([frames_of(84, 1, 16, 16)[0], None]))
+    with pytest.raises(FrameError, match="stream 'b'"):
+        await asyncio.wait_for(ended_b, 60)
+    assert await asyncio.wait_for(ended_a, 60) == 0
+    latents.end_input()
+    await asyncio.wait_for(task, 60)  # no PoolSourceError: b's future had its error
+    assert sorted(got) == [("a", 0), ("a", 1), ("b", 0)]
+
+
+def test_asyncio_run_returns_after_a_cancel_during_a_hung_sync_read(narrow_encoder):
+    """Issue 21 item 9: a sync source was read with asyncio.to_thread, so after the consumer
+    was cancelled asyncio.run waited for the hung read at its shutdown (forever). Now it is
+    read as StreamEncoder.stream reads one: in a daemon thread nothing waits for."""
+    import threading
+
+    frame = frames_of(85, 1, 16, 16)[0]
+    reading, hang = threading.Event(), threading.Event()
+
+    def camera():
+        yield frame
+        reading.set()
+        hang.wait(300)  # a capture that never returns (until the test ends)
+        yield frame
+
+    async def main() -> int:
+        pool = StreamPool(narrow_encoder)
+
+        async def consume():
+            async for _ in pool.stream({"cam": camera(), "other": [frame] * 3}):
+                pass
+
+        task = asyncio.create_task(consume())
+        while not reading.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return len(pool)
+
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            result.append(asyncio.run(main()))
+        except BaseException as error:  # reported below, not lost in the thread
+            result.append(error)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    try:
+        runner.join(300)  # a bound for a hang, not a speed: it returns at once
+        assert not runner.is_alive(), "asyncio.run is still waiting for the hung read"
+    finally:
+        hang.set()
+    assert result == [0]

@@ -318,3 +318,68 @@ def test_wan22_resume_and_snapshot_are_bit_identical(mode):
     moved = StreamEncoder(encoder, mode=mode)
     moved.restore(original.snapshot())
     assert_same(push_all(moved, frames[23:60], start=23), reference)
+
+
+def _edited(data: bytes, *, tensors=None, **state_changes) -> bytes:
+    """The snapshot ``data`` with some of its counters (or tensors) replaced."""
+    import json
+
+    from streamvae.snapshot import pack, unpack
+
+    old_tensors, meta = unpack(data)
+    state = {**json.loads(meta["state"]), **state_changes}
+    meta = {k: v for k, v in meta.items() if k != "format"}
+    return pack({**old_tensors, **(tensors or {})}, {**meta, "state": json.dumps(state)})
+
+
+def test_a_malformed_snapshot_is_refused_whole_and_the_stream_is_untouched(
+    narrow_encoder, clip, reference
+):
+    """Each malformed snapshot raises SnapshotError (never a plain ValueError, never later as
+    an IndexError) and leaves the stream as it was: validated before anything is replaced."""
+    from streamvae.snapshot import unpack
+
+    source = StreamEncoder(narrow_encoder)
+    push_all(source, clip[:6])  # 6 frames: latents 0 and 1, one frame pending
+    data = source.snapshot()
+    tensors, _ = unpack(data)
+    name = next(k for k in tensors if k != "group")
+    nan = {name: torch.full_like(tensors[name], float("nan"))}
+    inf = {name: torch.full_like(tensors[name], float("inf"))}
+    cases = {
+        "exact_from 'x'": _edited(data, exact_from="x"),
+        "no timestamps": _edited(data, timestamps=[], numbers=[]),
+        "too many timestamps": _edited(data, timestamps=[1.0, 2.0], numbers=[None, None]),
+        "NaN state": _edited(data, tensors=nan),
+        "inf state": _edited(data, tensors=inf),
+        "NaN pending frame": _edited(
+            data, tensors={"group": torch.full_like(tensors["group"], float("nan"))}
+        ),
+        "latents not what frames make": _edited(data, latents=7),
+        "frames a bool": _edited(data, frames=True),
+        "gap_pending a string": _edited(data, gap_pending="no"),
+        "dropped_frames negative": _edited(data, dropped_frames=-1),
+        "layers not integers": _edited(data, layers={"conv.0.history": "two"}),
+        "a timestamp NaN": _edited(data, timestamps=[float("nan")]),
+        "wrong dtype": _edited(data, tensors={name: tensors[name].double()}),
+        "wrong shape": _edited(data, tensors={name: tensors[name][:, :1]}),
+        "pending frames of another size": _edited(
+            data, tensors={"group": torch.zeros(1, 3, 1, 16, 16)}
+        ),
+    }
+    stream = StreamEncoder(narrow_encoder)
+    before = push_all(stream, clip[:2])
+    for what, bad in cases.items():
+        try:
+            stream.restore(bad)
+        except SnapshotError:
+            pass
+        else:
+            raise AssertionError(f"{what}: restored")
+        assert stream.frames_pushed == 2 and stream.latents_emitted == 1, what
+    # The refused restores left the stream as it was: it goes on exactly.
+    assert_same(before + push_all(stream, clip[2:30], start=2), reference)
+    # The same snapshot, unedited, still restores (the edits were what it refused).
+    fresh = StreamEncoder(narrow_encoder)
+    fresh.restore(_edited(data))
+    assert_same(push_all(fresh, clip[6:30], start=6), reference)

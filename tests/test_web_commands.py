@@ -260,3 +260,48 @@ async def test_the_exit_status_is_1_when_a_sessions_output_failed(narrow_encoder
         await peer.close()
     assert _summary(argparse.Namespace(json=False), server, True) == 1
     assert "output failed (outputs, opening its outputs)" in capsys.readouterr().out
+
+
+@pytest.mark.network
+async def test_a_restarted_server_never_replaces_a_recording(tmp_path: Path):
+    """Issue 21 item 13: ``web -o DIR`` after a restart wrote its first session to
+    ``web-1.latents`` again, replacing the last run's recording. A restarted server numbers
+    its sessions on past the files there."""
+    import aiohttp
+
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {
+        name: f"the last run's {name}".encode() for name in ("web-1.latents", "web-2.latents")
+    }
+    for name, data in earlier.items():
+        (out / name).write_bytes(data)
+    server = WebServer(
+        tmp_path, "--random-weights", "--config", "narrow8", "--size", "64x64", "-o", str(out)
+    )
+    try:
+        url = server.wait_listening()
+
+        class Http:  # what Peer.connect needs of aiohttp's TestServer
+            @staticmethod
+            def make_url(path: str) -> str:
+                return url + path.lstrip("/")
+
+        peer = Peer(Pattern())
+        async with aiohttp.ClientSession() as client:
+            status, body = await peer.connect(client, Http())
+            assert status == 200 and body["session"] == "web-3", body
+            for _ in range(600):
+                if server.api("/api/sessions")["web-3"]["latents"] >= 2:
+                    break
+                await asyncio.sleep(0.1)
+        await peer.close()
+        code, summary = server.stop()
+    finally:
+        if server.process.poll() is None:
+            server.kill()
+    assert code == 0, server.log.read_text()
+    for name, data in earlier.items():
+        assert (out / name).read_bytes() == data  # untouched
+    written = read_latents(out / "web-3.latents")
+    assert len(written) == summary["sessions"]["web-3"]["latents"] >= 2

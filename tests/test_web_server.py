@@ -467,3 +467,65 @@ async def test_an_output_failure_shows_no_broker_user_or_password(narrow_encoder
         "output failed (LeakySink, sending a latent): see the server log",
     ]
     assert "47123" in caplog.text  # the detail is in the server's log
+
+
+async def test_malformed_offers_get_400_with_a_clear_message(narrow_encoder, caplog):
+    """Issue 21 item 12: deeply nested JSON (RecursionError), ``a=setup:x`` in the SDP
+    (KeyError) and a bad ``a=candidate`` (AssertionError) got HTTP 500 and a traceback in the
+    log. They are the client's mistakes: 400, saying what was wrong, nothing left behind."""
+    async with running(narrow_encoder, Sinks()) as (server, http, client, pool):
+        url = http.make_url("/api/offer")
+        json_type = {"Content-Type": "application/json"}
+        nested = b"[" * 100_000 + b"]" * 100_000
+        async with client.post(url, data=nested, headers=json_type) as response:
+            assert response.status == 400
+            assert "expected JSON" in (await response.json())["error"]
+        peer = Peer(Pattern())
+        await peer.pc.setLocalDescription(await peer.pc.createOffer())
+        sdp = peer.pc.localDescription.sdp
+        await peer.close()
+        assert "a=setup:" in sdp and "a=candidate:" in sdp
+        lines = sdp.splitlines()
+        setup = "\r\n".join("a=setup:x" if x.startswith("a=setup:") else x for x in lines)
+        candidate = "\r\n".join(
+            "a=candidate:1 1 udp" if x.startswith("a=candidate:") else x for x in lines
+        )
+        for bad in (setup + "\r\n", candidate + "\r\n"):
+            async with client.post(url, json={"sdp": bad, "type": "offer"}) as response:
+                body = await response.json()
+                assert response.status == 400, body
+                assert "the offer's SDP could not be read" in body["error"]
+        assert server.sessions == {} and len(pool) == 0
+    assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
+
+
+@pytest.mark.network
+async def test_finished_sessions_are_freed_beyond_a_bounded_history(narrow_encoder):
+    """Issue 21 item 11: finished sessions were never freed (800 offers: RSS 295 -> 566 MB,
+    568 dead sessions in /api/sessions). The newest ``history`` finished ones are kept; older
+    ones are freed (counted, and gone from memory), however many come and go."""
+    import gc
+    import weakref
+
+    async with running(narrow_encoder, Sinks(), first_frame_timeout=0.3) as (
+        server,
+        http,
+        client,
+        pool,
+    ):
+        server.history = 2
+        kept = []
+        for n in range(1, 7):
+            peer = Peer(Pattern(silent=True))  # each session ends at its first-frame timeout
+            status, body = await peer.connect(client, http)
+            assert status == 200 and body["session"] == f"web-{n}"
+            kept.append(weakref.ref(server.sessions[body["session"]]))
+            await asyncio.wait_for(peer.ended.wait(), 30)
+            await peer.close()
+            await until(lambda n=n: server.forgotten == max(0, n - 2), 30, "the old ones freed")
+            assert len(server.sessions) == min(n, 2)
+        api = await (await client.get(http.make_url("/api/sessions"))).json()
+        assert sorted(api) == ["web-5", "web-6"] and len(pool) == 0
+        assert server.forgotten == 4 and server.forgotten_lost_output == 0
+        gc.collect()
+        assert [ref() is None for ref in kept] == [True] * 4 + [False] * 2  # freed, not kept

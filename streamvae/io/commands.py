@@ -16,8 +16,11 @@ summary as one JSON line on stdout instead of text.
 Exit status: 0 when every latent was delivered; 2 for a command line that cannot run as given
 (see :mod:`streamvae.usage`); 1 when the source or a sink failed, or when ``live`` could not
 deliver every latent to MQTT (discarded by a full buffer, or unsent at exit: the summary's
-``error`` says how many); 130 after an abort. A bad input is refused before any output file
-exists; a failed ``encode`` removes the file it created.
+``error`` says how many); 130 after an abort. A job a signal stopped before it was done exits
+with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM) and says so: an ``encode``
+stopped before the end of its input (its file keeps the latents so far), a ``live`` stopped
+before its source ever opened (it leaves no file). A bad input is refused before any output
+file exists; a failed ``encode`` removes the file it created.
 """
 
 from __future__ import annotations
@@ -443,18 +446,37 @@ def cuda_options(args: argparse.Namespace, device: torch.device) -> dict[str, bo
     }
 
 
+@dataclass
+class _Stop:
+    """Which signal (if any) stopped a run: ``status`` is its exit status (130 for SIGINT, 143
+    for SIGTERM), as a shell reports a process the signal ended."""
+
+    signal: int | None = None
+
+    @property
+    def status(self) -> int:
+        return 128 + (self.signal or signal.SIGINT)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal or signal.SIGINT).name
+
+
 @contextlib.contextmanager
-def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
-    """First Ctrl-C / SIGTERM: ``stop()`` (a clean shutdown); the second: cancel the run."""
+def _stop_on_signals(stop: Callable[[], None]) -> Iterator[_Stop]:
+    """First Ctrl-C / SIGTERM: ``stop()`` (a clean shutdown); the second: cancel the run. The
+    :class:`_Stop` it gives says which signal came first."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     signals = (signal.SIGINT, signal.SIGTERM)
     received = 0
+    stopped = _Stop()
 
-    def on_signal() -> None:
+    def on_signal(number: int) -> None:
         nonlocal received
         received += 1
         if received == 1:
+            stopped.signal = number
             print("\nstreamvae: stopping (flushing; Ctrl-C again to abort)", file=sys.stderr)
             stop()
         elif task is not None:
@@ -463,10 +485,10 @@ def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
     installed = []
     for sig in signals:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, on_signal)
+            loop.add_signal_handler(sig, on_signal, int(sig))
             installed.append(sig)
     try:
-        yield
+        yield stopped
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
@@ -670,10 +692,10 @@ async def _encode(
     error: str | None = None
     output = Path(args.output)
     async with source:
-        with _stop_on_signals(source.stop):
+        with _stop_on_signals(source.stop) as stopped:
             # The input first: a file that is no video is refused before any output exists.
             if not await _source_opened(source):
-                return 130
+                return stopped.status
             created = not output.exists()
             with (
                 _removed_on_failure(output, created) as outcome,
@@ -691,6 +713,9 @@ async def _encode(
                 except SourceError as exc:
                     error = str(exc)
                     outcome.failed = True
+                # A signal before the source ended: the job was not done (the file keeps the
+                # latents of the frames read so far), and the exit status says so.
+                interrupted = stopped.signal is not None and not outcome.failed
     progress.finish(stats)
     summary = {
         **stats.summary(),
@@ -700,6 +725,7 @@ async def _encode(
         "dropped_by_source": source.stats.dropped_frames,
         "meaningless": choice.random,
         "error": error,
+        "stopped_by": stopped.name if interrupted else None,
     }
     meaningless = " (RANDOM WEIGHTS: latents are meaningless)" if choice.random else ""
     took = _process_seconds()
@@ -723,9 +749,19 @@ async def _encode(
                 f"{_file_size(output, sink.bytes_written)} bytes)" + meaningless
             ),
             *([f"error: {error}"] if error else []),
+            *(
+                [
+                    f"stopped by {stopped.name} after {stats.frames} frames: not the whole "
+                    f"input (the file holds the latents of those frames)"
+                ]
+                if interrupted
+                else []
+            ),
         ],
     )
-    return 1 if error else 0
+    if error:
+        return 1
+    return stopped.status if interrupted else 0
 
 
 # -- live ----
@@ -733,14 +769,14 @@ async def _encode(
 
 def run_live(args: argparse.Namespace) -> int:
     """The ``live`` command (see :func:`add_live_command`)."""
+    if args.output is not None:  # given: '' too is checked (and refused), never ignored
+        check_output_file(args.output, "--output")
     if not args.mqtt and not args.output:
         usage_error("live needs --mqtt URL and/or --output FILE")
     _setup_logging(args)
     with user_errors():
         stream_id = validate_stream_id(args.stream_id or default_stream_id(args.source))
         settings = mqtt_settings(args)
-    if args.output:
-        check_output_file(args.output, "--output")
     source = _open_source_from_args(args.source, args)
     choice, encoder = _stream_encoder(args)
     return _run_until_done(_live(args, source, choice, encoder, settings, stream_id))
@@ -778,7 +814,7 @@ async def _live(
             )
             sinks.append(file_sink)
         await stack.enter_async_context(source)
-        stack.enter_context(_stop_on_signals(source.stop))
+        stopped = stack.enter_context(_stop_on_signals(source.stop))
         reporter = asyncio.ensure_future(_report_live(args.stats_interval, source, stats, mqtt))
         try:
             await encode_to_sinks(source, encoder, sinks, max_frames=args.frames, stats=stats)
@@ -788,6 +824,10 @@ async def _live(
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
+    # Stopped before the source ever opened (a camera that is not there): nothing was done.
+    never_opened = stopped.signal is not None and not source.has_opened and error is None
+    if never_opened:
+        error = f"stopped by {stopped.name} before the source opened; nothing encoded"
     if mqtt is not None and mqtt.stats.undelivered and error is None:
         m = mqtt.stats  # the stream ran, but not every latent got out: a failure too
         error = (
@@ -833,17 +873,19 @@ async def _live(
 
     if file_sink is not None:
         summary["output"] = str(args.output)
-        never_opened = not source.has_opened
-        if (error or never_opened) and created and not file_sink.latents_written and output:
+        unopened = not source.has_opened
+        if (error or unopened) and created and not file_sink.latents_written and output:
             output.unlink(missing_ok=True)  # a failed run leaves no empty file behind
             summary["output_removed"] = True
-            why = "the source never opened" if never_opened else "no latents written"
+            why = "the source never opened" if unopened else "no latents written"
             lines.append(f"removed {args.output} ({why})")
         else:
             lines.append(f"wrote {args.output} ({file_sink.latents_written} latents)")
     if error:
         lines.append(f"error: {error}")
     _print_summary(args, summary, lines)
+    if never_opened:
+        return stopped.status
     return 1 if error else 0
 
 

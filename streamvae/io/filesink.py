@@ -129,7 +129,9 @@ class FileSink:
                     "writing); pass repair=True to cut it off, or write to a new file"
                 )
             self._format = tail.format
-            self._file: BinaryIO = open(self.path, "r+b")  # noqa: SIM115 (closed by close())
+            # Unbuffered: a record is handed to the OS whole or not at all (a failed write is
+            # cut off again), never left in a buffer to be written twice by a later flush.
+            self._file: BinaryIO = open(self.path, "r+b", buffering=0)  # noqa: SIM115
             if tail.torn_bytes:
                 log.warning(
                     "%s: repair: cutting off the incomplete record %d (%d bytes at byte %d)",
@@ -140,24 +142,55 @@ class FileSink:
                 )
                 self._file.truncate(tail.valid_bytes)
             self._file.seek(tail.valid_bytes)
+            self._end = tail.valid_bytes
         else:
             self._format = _FORMATS[0]
-            self._file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
-            self._file.write(FILE_MAGIC)
-            self._flush()
+            self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 (closed by close())
+            self._end = 0
+            try:
+                self._append(FILE_MAGIC)
+            except BaseException:
+                self._file.close()
+                raise
 
     def write(self, latent: Latent) -> None:
-        """Append one latent and hand it to the OS (and the disk, with ``fsync``)."""
+        """Append one latent and hand it to the OS (and the disk, with ``fsync``).
+
+        If the OS refuses it (a full disk: ``OSError`` naming this file), nothing of the record
+        stays in the file or in any buffer: a retry once there is space writes it once.
+        """
         if self._file.closed:
             raise ValueError(f"{self.path} is closed")
         payload = encode_latent(latent, self.labels, dtype=self.dtype)
         record = (
             self._format.pack_head(len(payload)) + payload + _RECORD_TAIL.pack(zlib.crc32(payload))
         )
-        self._file.write(record)
-        self._flush()
+        self._append(record)
         self.latents_written += 1
         self.bytes_written += len(record)
+
+    def _append(self, data: bytes) -> None:
+        """Write ``data`` at the end, whole (and fsync it) or not at all."""
+        start = self._end
+        try:
+            view = memoryview(data)
+            while view:
+                written = self._file.write(view)
+                view = view[written or 0 :]
+            if self.fsync:
+                os.fsync(self._file.fileno())
+        except OSError as exc:
+            try:  # take back what part of it reached the file: no torn record is left
+                self._file.truncate(start)
+                self._file.seek(start)
+            except OSError as undo:
+                log.warning(
+                    "%s: could not cut off a failed write at byte %d: %s", self.path, start, undo
+                )
+            if exc.filename is not None or exc.errno is None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+        self._end = start + len(data)
 
     async def send(self, latent: Latent) -> None:
         """:meth:`write`, for pipelines of async sinks. A record is small and handed to the OS at
@@ -167,14 +200,14 @@ class FileSink:
         else:
             self.write(latent)
 
-    def _flush(self) -> None:
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
-
     def close(self) -> None:
-        if not self._file.closed:
-            self._flush()
+        """Close the file (always; with ``fsync``, a failing disk flush is raised after)."""
+        if self._file.closed:
+            return
+        try:
+            if self.fsync:
+                os.fsync(self._file.fileno())
+        finally:
             self._file.close()
 
     async def aclose(self) -> None:

@@ -15,7 +15,8 @@ Topics, for a prefix ``P`` and a stream id ``S``:
   (:mod:`streamvae.io.wire`); MQTT 5 content type ``application/vnd.streamvae.latent+safetensors``
   and user properties ``stream``, ``index``, ``run``. QoS 1 by default (at least once:
   a message whose acknowledgement was lost in a reconnection is sent again, so consumers
-  de-duplicate on ``(stream, run, index)``).
+  de-duplicate on ``(stream, run, index)``; a run label is unique to the sink that made it, so
+  two processes, or one restarted, never share one).
 - ``P/S/status``: retained JSON ``{"status": "online" | "offline", ...}``; ``offline`` is also
   the connection's last will, so a publisher that dies is seen offline.
 
@@ -48,6 +49,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import ssl
 import time
 import uuid
@@ -90,6 +92,7 @@ __all__ = [
     "ReceivedLatent",
     "SubscriberStats",
     "latent_topic",
+    "new_session_label",
     "status_topic",
     "validate_prefix",
     "validate_stream_id",
@@ -284,6 +287,16 @@ class _Outgoing:
 Overflow = Literal["drop-oldest"]
 
 
+def new_session_label() -> str:
+    """A label no other process makes: the time in UTC and 32 random bits.
+
+    >>> len(new_session_label()), new_session_label() != new_session_label()
+    (25, True)
+    """
+    now = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return f"{now}-{secrets.token_hex(4)}"
+
+
 class MqttSink:
     """Publishes latents to ``<prefix>/<stream_id>/latents``; an async context manager.
 
@@ -292,7 +305,9 @@ class MqttSink:
     docstring for the overflow policy and the counts in :attr:`stats`).
 
     - ``labels``: string metadata added to every latent (model, normalization, ...); the sink
-      adds ``stream`` and ``run`` (incremented at each latent with ``gap``).
+      adds ``stream`` and ``run``: ``<session>-<n>``, where :attr:`session` is unique to this
+      sink (its start time in UTC and 32 random bits: two processes publishing one stream id,
+      or one restarted, never share a label) and ``n`` counts the latents with ``gap``.
     - ``qos``: 0, 1 (default) or 2; ``dtype``: the storage dtype of the tensor.
     - ``buffer_messages``: latents held while the broker is unreachable.
     - ``message_expiry``: seconds after which the broker may drop an undelivered latent (MQTT 5).
@@ -345,6 +360,8 @@ class MqttSink:
         self._task: asyncio.Task[None] | None = None
         self._run_number = 0
         self.run = run  # a fixed run label (a fleet's run id) instead of the gap counter
+        self.session = new_session_label()
+        """The first part of this sink's run labels (see the class docstring)."""
         self._identifier = f"streamvae-{stream_id}-{uuid.uuid4().hex[:8]}"
 
     # -- public ----
@@ -386,7 +403,7 @@ class MqttSink:
             raise RuntimeError("the MQTT sink is closed")
         if latent.gap:
             self._run_number += 1
-        run = str(self._run_number) if self.run is None else self.run
+        run = f"{self.session}-{self._run_number}" if self.run is None else self.run
         payload = encode_latent(latent, {**self.labels, "run": run}, dtype=self.dtype)
         properties = Properties(PacketTypes.PUBLISH)
         properties.ContentType = CONTENT_TYPE

@@ -232,6 +232,8 @@ def run_serve(args: argparse.Namespace) -> int:
     _setup_logging(args)
     with user_errors("streamvae serve"):
         specs, defaults = read_sources(args.sources_file, args.source)
+        if args.output_dir is not None:  # given: '' too is checked (and refused), never ignored
+            check_output_dir(args.output_dir, "--output-dir")
         args.mqtt = args.mqtt or defaults.get("mqtt")
         args.output_dir = args.output_dir or defaults.get("output_dir")
         args.size = args.size or defaults.get("size")

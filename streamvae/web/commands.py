@@ -7,7 +7,9 @@
 
 Each browser tab is its own stream (``web-1``, ``web-2``, ...) in one
 :class:`~streamvae.StreamPool`, published as ``streamvae serve`` publishes: to
-``<prefix>/<ID>/latents`` with a retained status, and/or appended to ``DIR/<ID>.latents``.
+``<prefix>/<ID>/latents`` with a retained status, and/or appended to ``DIR/<ID>.latents``
+(a restarted server numbers its sessions on past the ``web-N.latents`` there: no recording
+is ever replaced).
 The server binds 127.0.0.1 by default. Browsers allow the camera only on a secure origin:
 ``http://localhost`` / ``http://127.0.0.1`` count as one; from another machine, serve over
 HTTPS (``--certfile``/``--keyfile``, or a TLS reverse proxy in front of the loopback port).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import re
 import socket
 import ssl
 import sys
@@ -43,14 +46,20 @@ from streamvae.io.commands import (
     mqtt_settings,
 )
 from streamvae.io.pipeline import LatentSink
-from streamvae.io.serve import stream_sinks
+from streamvae.io.serve import stream_output_path, stream_sinks
 from streamvae.io.sources import parse_size
 from streamvae.model_args import add_model_arguments
 from streamvae.pool import StreamPool
-from streamvae.usage import non_negative_seconds, positive_int, positive_seconds, user_errors
-from streamvae.web.server import PageInfo, SessionSettings, WebServer
+from streamvae.usage import (
+    check_output_dir,
+    non_negative_seconds,
+    positive_int,
+    positive_seconds,
+    user_errors,
+)
+from streamvae.web.server import SESSION_PREFIX, PageInfo, SessionSettings, WebServer
 
-__all__ = ["add_web_command", "run_web"]
+__all__ = ["add_web_command", "first_free_session", "run_web"]
 
 DEFAULT_SIZE = "128x128"
 
@@ -84,7 +93,8 @@ def add_web_command(commands: Any) -> argparse.ArgumentParser:
         "-o",
         "--output-dir",
         metavar="DIR",
-        help="write each stream's latents to DIR/ID.latents (replaced if there)",
+        help="write each stream's latents to DIR/ID.latents (a restart numbers its sessions on "
+        "past the files there: none is replaced)",
     )
     parser.add_argument(
         "--record",
@@ -165,6 +175,8 @@ def run_web(args: argparse.Namespace) -> int:
         size = parse_size(args.size)
         if not 0 <= args.port < 65536:
             raise ValueError(f"--port must be 0-65535, got {args.port}")
+        if args.output_dir is not None:  # given: '' too is checked (and refused)
+            check_output_dir(args.output_dir, "--output-dir")
         if args.record and Path(args.record).exists() and any(Path(args.record).iterdir()):
             raise ValueError(f"--record {args.record}: the directory is not empty")
         context = _ssl_context(args)
@@ -206,8 +218,16 @@ def run_web(args: argparse.Namespace) -> int:
         record_dir=Path(args.record) if args.record else None,
     )
 
+    # A restarted server numbers its sessions on from the recordings there: never web-1 again
+    # over the last run's web-1.latents (and an output that is there all the same is refused).
+    first = first_free_session(args.output_dir) if args.output_dir else 1
+
     @contextlib.asynccontextmanager
     async def open_sinks(stream_id: str) -> AsyncIterator[Sequence[LatentSink]]:
+        if args.output_dir:
+            path = stream_output_path(args.output_dir, stream_id)
+            if path.exists():
+                raise FileExistsError(f"{path} is there already: not replacing a recording")
         async with stream_sinks(args, settings, stream_id, {**labels, "stream": stream_id}) as s:
             yield s.sinks
 
@@ -219,6 +239,7 @@ def run_web(args: argparse.Namespace) -> int:
             sessions,
             deadline=args.deadline,
             allowed_hosts=args.allow_host,
+            first_session=first,
         )
         async with server:
             with _stop_on_signals(server.stop):
@@ -229,6 +250,26 @@ def run_web(args: argparse.Namespace) -> int:
         return _summary(args, server, choice.random)
 
     return _run_until_done(main())
+
+
+def first_free_session(output_dir: str | Path) -> int:
+    """The first session number whose ``web-N.latents`` no earlier run left in ``output_dir``
+    (one past the highest there).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     for name in ("web-1.latents", "web-7.latents", "door.latents"):
+    ...         _ = (Path(folder) / name).write_bytes(b"")
+    ...     first_free_session(folder)
+    8
+    """
+    pattern = re.compile(re.escape(SESSION_PREFIX) + r"([0-9]+)\.latents")
+    numbers = [
+        int(found[1])
+        for path in Path(output_dir).glob(f"{SESSION_PREFIX}*.latents")
+        if (found := pattern.fullmatch(path.name))
+    ]
+    return max(numbers, default=0) + 1
 
 
 def _say_listening(url: str) -> None:
@@ -254,17 +295,23 @@ def _summary(args: argparse.Namespace, server: WebServer, random: bool) -> int:
     for sid, session in server.sessions.items():
         numbers = session.numbers()
         summary["sessions"][sid] = numbers
-        undelivered = sum(
-            s.get("sent", 0) - s.get("published", 0)
-            for s in numbers["sinks"]
-            if s["kind"] == "MqttSink"
-        )
-        failed |= undelivered > 0 or session.output_failed
+        failed |= session.output_lost()
         lines.append(
             f"{sid}: {numbers['frames_received']} frames received -> {numbers['latents']} "
             f"latents, {numbers['gaps']} gap(s), dropped {numbers['dropped_groups']} group(s), "
             f"{numbers['resets']} reset(s), {_latency_text(list(session.stats.latencies))}, "
             f"{numbers['state']}" + (f": {numbers['error']}" if numbers["error"] else "")
+        )
+    if server.forgotten:  # finished long ago: freed, their numbers were logged as they ended
+        failed |= server.forgotten_lost_output > 0
+        summary["earlier_sessions"] = {
+            "count": server.forgotten,
+            "output_lost": server.forgotten_lost_output,
+        }
+        lines.insert(
+            0,
+            f"{server.forgotten} earlier session(s) not listed (logged as they ended; "
+            f"{server.forgotten_lost_output} lost output)",
         )
     if not lines:
         lines.append("no sessions")

@@ -23,7 +23,8 @@ memory) gets HTTP 503 with the reason, which the page shows. An error of the poo
 the server's numbers to the page (JSON: ``hello``, ``stats`` twice a second, ``latent`` per
 latent with its picture, ``ended``); the page sends ``{"type": "stop"}`` to end its stream
 cleanly. A closed tab (the connection closed or failed) ends its stream the same way: flushed,
-sinks closed. ``/api/sessions`` gives every session's numbers as JSON (what the page shows).
+sinks closed. ``/api/sessions`` gives the sessions' numbers as JSON (what the page shows): the
+live ones and the most recent :data:`HISTORY` finished ones (older finished ones are freed).
 
 **The latent picture.** A fixed projection of the latent's channels to RGB (a seeded Gaussian
 ``3 x z_dim`` matrix, the same for every latent and run; not a decoder: colours mean nothing by
@@ -98,6 +99,12 @@ HELD_MESSAGES = 256
 
 LATENCY_WINDOW = 100
 """Latencies (the most recent) the page's and the API's percentiles are taken over."""
+
+SESSION_PREFIX = "web-"
+"""Sessions are named ``web-1``, ``web-2``, ... (from ``WebServer(first_session=)``)."""
+
+HISTORY = 100
+"""Finished sessions kept (the most recent) for ``/api/sessions``; older ones are freed."""
 
 
 class EncoderStopped(RuntimeError):
@@ -240,6 +247,19 @@ class _Session:
 
     held: deque[str] = field(default_factory=lambda: deque(maxlen=HELD_MESSAGES))
 
+    @property
+    def finished(self) -> bool:
+        return self.state in ("ended", "failed")
+
+    def output_lost(self) -> bool:
+        """Whether an output of this session failed or MQTT did not deliver all its latents."""
+        undelivered = sum(
+            status.get("sent", 0) - status.get("published", 0)
+            for status in map(_sink_status, self.sinks)
+            if status["kind"] == "MqttSink"
+        )
+        return self.output_failed or undelivered > 0
+
     def send(self, message: dict[str, Any]) -> None:
         """To the page; held (the newest :data:`HELD_MESSAGES`) until its channel opens."""
         text = json.dumps(message)
@@ -294,8 +314,18 @@ class WebServer:
         *,
         deadline: float = 0.025,
         allowed_hosts: Sequence[str] = (),
+        history: int = HISTORY,
+        first_session: int = 1,
     ) -> None:
+        if history < 0:
+            raise ValueError(f"history must be >= 0 sessions, got {history}")
         self.pool = pool
+        self.history = history
+        """Finished sessions kept in :attr:`sessions` (the most recent); older ones are freed."""
+        self.forgotten = 0
+        """Finished sessions freed from :attr:`sessions` (beyond :attr:`history`)."""
+        self.forgotten_lost_output = 0
+        """Of those, the ones whose output failed or was not all delivered."""
         self.allowed_hosts = tuple(allowed_hosts)
         """More names a ``Host`` header may give (a reverse proxy's public name)."""
         self.info = info
@@ -303,7 +333,7 @@ class WebServer:
         self._open_sinks = open_sinks
         self._deadline = deadline
         self.sessions: dict[str, _Session] = {}
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_session)  # sessions are web-N from N = first_session
         self._latents: PoolStream | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._consumer: asyncio.Task[None] | None = None
@@ -389,8 +419,9 @@ class WebServer:
 
         Raises :class:`~streamvae.AdmissionError` when the pool refuses it,
         :class:`EncoderStopped` once the pool's stream has stopped on an error, and
-        ``ValueError`` for an offer without video (nothing is left behind either way, also when
-        this is cancelled: a stream the pool had already admitted is ended, freeing its slot).
+        ``ValueError`` for an offer without video or whose SDP cannot be read (nothing is left
+        behind either way, also when this is cancelled: a stream the pool had already admitted
+        is ended, freeing its slot).
         """
         if self._latents is None:
             raise RuntimeError("the server is not running (use it as an async context manager)")
@@ -402,10 +433,16 @@ class WebServer:
         pc.on("track", lambda track: tracks.append(track) if track.kind == "video" else None)
         pc.on("datachannel", channels.append)
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+            except (ValueError, KeyError, IndexError, TypeError, AssertionError) as exc:
+                # aiortc's SDP parser raises these for a malformed line (a=setup:x, a bad
+                # a=candidate, ...): the offer is refused (HTTP 400), not the server's fault.
+                detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                raise ValueError(f"the offer's SDP could not be read ({detail})") from None
             if not tracks:
                 raise ValueError("the offer has no video track (the page sends its camera)")
-            sid = f"web-{next(self._ids)}"
+            sid = f"{SESSION_PREFIX}{next(self._ids)}"
             settings = self.settings
             receivers = [t.receiver for t in pc.getTransceivers() if t.receiver.track is tracks[0]]
             clock = SenderClock(receivers[0]) if receivers else None
@@ -537,10 +574,10 @@ class WebServer:
             except Exception as exc:
                 outcome = "failed"
                 session.error = session.error or str(exc)
-                log.warning("%s: %s", session.id, exc)
+                log.warning("%s: %s", session.id, str(exc))  # a string: no traceback kept
         except Exception as exc:
             outcome = "failed"
-            log.warning("%s: %s", session.id, exc)
+            log.warning("%s: %s", session.id, str(exc))
             with contextlib.suppress(Exception):
                 await ended
         finally:
@@ -559,6 +596,16 @@ class WebServer:
             session.send({"type": "ended", **final})
             await asyncio.sleep(0.2)  # let the channel carry the last message
             await session.pc.close()
+            self._forget_old_sessions()
+
+    def _forget_old_sessions(self) -> None:
+        """Free the finished sessions beyond the newest :attr:`history` (their numbers were
+        logged when they ended): memory stays flat however many sessions come and go."""
+        finished = [sid for sid, session in self.sessions.items() if session.finished]
+        for sid in finished[: max(0, len(finished) - self.history)]:
+            session = self.sessions.pop(sid)
+            self.forgotten += 1
+            self.forgotten_lost_output += session.output_lost()
 
     async def _consume(self, latents: PoolStream) -> None:
         try:
@@ -627,10 +674,13 @@ class WebServer:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL)
-            for session in list(self.sessions.values()):
-                if session.state in ("starting", "streaming"):
-                    session.sample()
-                    session.send({"type": "stats", **session.numbers()})
+            self._send_stats()  # (no session held across the sleep: a finished one is freed)
+
+    def _send_stats(self) -> None:
+        for session in list(self.sessions.values()):
+            if session.state in ("starting", "streaming"):
+                session.sample()
+                session.send({"type": "stats", **session.numbers()})
 
 
 STATIC = "static"
@@ -710,7 +760,7 @@ def make_app(server: WebServer) -> web.Application:
             sdp, kind = body["sdp"], body["type"]
             if not isinstance(sdp, str) or kind != "offer":
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # nested too deep: too
             return web.json_response(
                 {"error": 'expected JSON {"sdp": "...", "type": "offer"}'}, status=400
             )
