@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from streamvae.config import LIGHTVAE, QWEN_IMAGE, WAN21, WAN22, WanConfig
+from streamvae.config import LIGHTVAE, QWEN_IMAGE, WAN21, WAN22, WanConfig, narrow
 from streamvae.model import WanEncoder
 
 __all__ = ["CheckpointError", "load_encoder", "random_encoder", "wan_to_streamvae_name"]
@@ -207,6 +207,87 @@ def diffusers_to_streamvae_name(name: str) -> str | None:
     if not name.startswith("encoder."):
         return None
     return _DIFFUSERS_RESAMPLE.sub(r"\1.conv.", name[len("encoder.") :])
+
+
+# -- the decoder's names ----
+
+_DECODER_FROM_WAN = _rules(
+    (r"conv1\.(.+)", lambda m: f"conv_in.{m[1]}"),
+    (
+        r"middle\.([02])\.residual\.(\d+)\.(.+)",
+        lambda m: f"mid_block.resnets.{int(m[1]) // 2}.{_wan_residual(m[2])}.{m[3]}",
+    ),
+    (r"middle\.1\.(.+)", lambda m: f"mid_block.attentions.0.{m[1]}"),
+    (r"head\.0\.(.+)", lambda m: f"norm_out.{m[1]}"),
+    (r"head\.2\.(.+)", lambda m: f"conv_out.{m[1]}"),
+    # Wan 2.2's nested stages: upsamples.N.upsamples.M (the upsample after the blocks).
+    (
+        r"upsamples\.(\d+)\.upsamples\.(\d+)\.residual\.(\d+)\.(.+)",
+        lambda m: f"up_blocks.{m[1]}.resnets.{m[2]}.{_wan_residual(m[3])}.{m[4]}",
+    ),
+    (
+        r"upsamples\.(\d+)\.upsamples\.(\d+)\.shortcut\.(.+)",
+        lambda m: f"up_blocks.{m[1]}.resnets.{m[2]}.conv_shortcut.{m[3]}",
+    ),
+    (
+        r"upsamples\.(\d+)\.upsamples\.\d+\.resample\.1\.(.+)",
+        lambda m: f"up_blocks.{m[1]}.upsampler.conv.{m[2]}",
+    ),
+    (
+        r"upsamples\.(\d+)\.upsamples\.\d+\.time_conv\.(.+)",
+        lambda m: f"up_blocks.{m[1]}.upsampler.time_conv.{m[2]}",
+    ),
+)
+
+# Wan 2.1's flat list: upsamples.K, K counting num_res_blocks + 1 blocks and one upsample a stage.
+_WAN21_UPSAMPLE = re.compile(
+    r"upsamples\.(\d+)\.(residual\.(\d+)|shortcut|resample\.1|time_conv)\.(.+)"
+)
+
+
+def wan_to_streamvae_decoder_name(name: str, num_res_blocks: int = 2) -> str | None:
+    """Map one of Wan's tensor names to streamvae's :class:`WanDecoder` name; ``None`` if it is
+    not a decoder's. Wan 2.1 numbers its stages' layers in one flat list, so ``num_res_blocks``
+    is needed to place them."""
+    if name.startswith("conv2."):
+        return "post_quant_conv." + name[len("conv2.") :]
+    if not name.startswith("decoder."):
+        return None
+    rest = name[len("decoder.") :]
+    renamed = _rename(_DECODER_FROM_WAN, rest)
+    if renamed is not None:
+        return renamed
+    match = _WAN21_UPSAMPLE.fullmatch(rest)
+    if match is None:
+        return name  # reported as unexpected
+    per_stage = num_res_blocks + 2
+    stage, position = divmod(int(match[1]), per_stage)
+    if position <= num_res_blocks:
+        part = match[2]
+        if match[3] is not None:
+            part = _wan_residual(match[3])
+        elif part == "shortcut":
+            part = "conv_shortcut"
+        else:
+            return name
+        return f"up_blocks.{stage}.resnets.{position}.{part}.{match[4]}"
+    part = "conv" if match[2] == "resample.1" else match[2]
+    if part not in ("conv", "time_conv"):
+        return name
+    return f"up_blocks.{stage}.upsamplers.0.{part}.{match[4]}"
+
+
+_DIFFUSERS_UP_RESAMPLE = re.compile(r"^(up_blocks\.\d+\.upsamplers?(?:\.0)?)\.resample\.1\.")
+
+
+def diffusers_to_streamvae_decoder_name(name: str) -> str | None:
+    """Map one of diffusers' ``AutoencoderKLWan`` names to streamvae's :class:`WanDecoder` name;
+    ``None`` if it is not a decoder's."""
+    if name.startswith("post_quant_conv."):
+        return name
+    if not name.startswith("decoder."):
+        return None
+    return _DIFFUSERS_UP_RESAMPLE.sub(r"\1.conv.", name[len("decoder.") :])
 
 
 @dataclass(frozen=True)
@@ -376,12 +457,11 @@ def diffusers_config(config: WanConfig, *, decoder_base_dim: int | None = None) 
 
 def _family_config(family: WanConfig, base_dim: int, **fields: Any) -> WanConfig:
     """``family`` at ``base_dim`` wide, named ``family-narrowN`` when narrower (LightVAE by name)."""
-    config = replace(family, base_dim=base_dim, **fields)
+    base = family if base_dim == family.base_dim else narrow(base_dim, family)
+    config = replace(base, **fields)
     if replace(config, name=LIGHTVAE.name) == LIGHTVAE:
         return LIGHTVAE
-    if base_dim == family.base_dim:
-        return config
-    return replace(config, name=f"{family.name}-narrow{base_dim}")
+    return config
 
 
 def config_from_diffusers(config_path: Path) -> WanConfig:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ConvState", "FrameWindow", "PairState", "TimeDownState"]
+__all__ = ["ConvState", "FrameWindow", "PairState", "TimeDownState", "TimeUpState"]
 
 
 @dataclass(frozen=True)
@@ -185,3 +185,30 @@ class PairState:
     @property
     def nbytes(self) -> int:
         return self.window.nbytes
+
+
+class TimeUpState:
+    """State of a temporal upsample (the decoder's): whether frame 0 has passed, and the time
+    conv's memory.
+
+    Wan's rule (``Resample``'s ``'Rep'`` marker): the stream's first frame passes through
+    without the time conv (one frame out); every later frame ``s[j]`` goes through the causal
+    (3, 1, 1) time conv over ``[s[j-2], s[j-1], s[j]]``, where frame 0 and the frames before
+    it count as zeros, and gives two frames. ``conv`` is that time conv's :class:`ConvState`.
+    """
+
+    def __init__(self, window: FrameWindow) -> None:
+        self.conv = ConvState(window)
+        self.started = False
+
+    @property
+    def window(self) -> FrameWindow:
+        return self.conv.window
+
+    def reset(self) -> None:
+        self.conv.reset()
+        self.started = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv.nbytes
