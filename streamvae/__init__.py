@@ -28,12 +28,18 @@ from streamvae.io import (
     open_source,
     read_latents,
 )
-from streamvae.model import EncoderState, WanEncoder, state_nbytes
+from streamvae.model import DecoderState, EncoderState, WanDecoder, WanEncoder, state_nbytes
 from streamvae.pool import AdmissionError, PoolSourceError, PoolStepError, StreamPool
 from streamvae.receptive import latent_dependencies, receptive_field
 from streamvae.snapshot import SnapshotError
 from streamvae.stream import Latent, LatentStream, StreamBroken, StreamEncoder
-from streamvae.weights import CheckpointError, load_encoder, random_encoder
+from streamvae.weights import (
+    CheckpointError,
+    load_decoder,
+    load_encoder,
+    random_decoder,
+    random_encoder,
+)
 
 __all__ = [
     "LIGHTVAE",
@@ -43,6 +49,7 @@ __all__ = [
     "WAN22",
     "AdmissionError",
     "CheckpointError",
+    "DecoderState",
     "EncoderState",
     "FileSink",
     "Frame",
@@ -66,6 +73,7 @@ __all__ = [
     "StreamEncoder",
     "StreamPool",
     "WanConfig",
+    "WanDecoder",
     "WanEncoder",
     "WireError",
     "decode_latent",
@@ -73,9 +81,11 @@ __all__ = [
     "encode_to_sinks",
     "iter_latents",
     "latent_dependencies",
+    "load_decoder",
     "load_encoder",
     "narrow",
     "open_source",
+    "random_decoder",
     "random_encoder",
     "read_latents",
     "receptive_field",

@@ -14,24 +14,29 @@ from streamvae.weights import (
 )
 
 
+def official_vae(config: WanConfig):
+    """Wan's own ``WanVAE_`` (vae2_1.py or vae2_2.py, loaded by path) built for ``config``."""
+    module = official_module("2_2" if config.residual else "2_1")
+    kwargs = {
+        "dim": config.base_dim,
+        "z_dim": config.z_dim,
+        "dim_mult": list(config.dim_mult),
+        "num_res_blocks": config.num_res_blocks,
+        "attn_scales": [],
+        "temperal_downsample": list(config.temporal_downsample),
+        "dropout": 0.0,
+    }
+    if config.residual:
+        kwargs["dec_dim"] = config.decoder_base_dim
+    return module.WanVAE_(**kwargs).eval()
+
+
 class OfficialDecoder:
     """Wan's ``WanVAE_`` (vae2_1.py / vae2_2.py) for ``config`` with random, well-scaled decoder
     weights, and streamvae's :class:`WanDecoder` holding the same (mapped by streamvae's names)."""
 
     def __init__(self, config: WanConfig, seed: int = 0) -> None:
-        module = official_module("2_2" if config.residual else "2_1")
-        kwargs = {
-            "dim": config.base_dim,
-            "z_dim": config.z_dim,
-            "dim_mult": list(config.dim_mult),
-            "num_res_blocks": config.num_res_blocks,
-            "attn_scales": [],
-            "temperal_downsample": list(config.temporal_downsample),
-            "dropout": 0.0,
-        }
-        if config.residual:
-            kwargs["dec_dim"] = config.decoder_base_dim
-        self.model = module.WanVAE_(**kwargs).eval()
+        self.model = official_vae(config)
         generator = torch.Generator().manual_seed(seed)
         state = self.model.state_dict()
         ours: dict[str, torch.Tensor] = {}

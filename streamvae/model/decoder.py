@@ -37,7 +37,7 @@ from streamvae.model.layers import (
     RMSNorm,
     StateSpec,
 )
-from streamvae.model.state import ConvState, FrameWindow, TimeUpState
+from streamvae.model.state import ConvState, FrameWindow, TimeUpState, check_memory
 
 __all__ = ["DecoderState", "DupShortcut", "UpBlock", "UpState", "Upsample", "WanDecoder"]
 
@@ -331,25 +331,7 @@ class DecoderState:
     def check_memory(self, tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> None:
         """Raise ``ValueError`` unless :meth:`load_memory` can take these as they are."""
         shapes, ranges = self.memory_layout()
-        if set(tensors) != set(shapes) or set(counters) != set(ranges):
-            missing = sorted(set(shapes) - set(tensors))
-            extra = sorted(set(tensors) - set(shapes))
-            raise ValueError(
-                f"state tensors do not match this decoder: missing {missing[:4]}, "
-                f"unexpected {extra[:4]} (of {len(shapes)} expected)"
-            )
-        for name, shape in shapes.items():
-            if tuple(tensors[name].shape) != shape:
-                raise ValueError(
-                    f"state tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
-                )
-            if tensors[name].dtype != self.spec.dtype:
-                raise ValueError(
-                    f"state tensor {name} is {tensors[name].dtype}, expected {self.spec.dtype}"
-                )
-        for name, (low, high) in ranges.items():
-            if not low <= counters[name] <= high:
-                raise ValueError(f"state counter {name}={counters[name]} is outside {low}..{high}")
+        check_memory(tensors, counters, shapes, ranges, self.spec.dtype, "decoder")
 
     def load_memory(self, tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> None:
         """Set the state to what :meth:`memory` returned (checked first)."""
