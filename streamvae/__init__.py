@@ -11,6 +11,7 @@
 from typing import Any
 
 from streamvae.config import LIGHTVAE, PRESETS, QWEN_IMAGE, WAN21, WAN22, WanConfig, narrow
+from streamvae.decoding import DecodedFrame, FrameStream, LatentError, StreamDecoder
 from streamvae.frames import Frame, FrameError
 from streamvae.io import (
     FileSink,
@@ -49,13 +50,16 @@ __all__ = [
     "WAN22",
     "AdmissionError",
     "CheckpointError",
+    "DecodedFrame",
     "DecoderState",
     "EncoderState",
     "FileSink",
     "Frame",
     "FrameError",
     "FrameSource",
+    "FrameStream",
     "Latent",
+    "LatentError",
     "LatentSink",
     "LatentStream",
     "LatentSubscriber",
@@ -70,6 +74,7 @@ __all__ = [
     "SourceFrame",
     "SourceStats",
     "StreamBroken",
+    "StreamDecoder",
     "StreamEncoder",
     "StreamPool",
     "WanConfig",
