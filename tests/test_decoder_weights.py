@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from decoder_helpers import official_vae, random_latents
 from helpers import (
     build_hub_cache,
+    random_tensor,
     random_wan_state_dict,
     record_reads,
     rel_err,
@@ -17,7 +18,15 @@ from helpers import (
     wan21_keys,
     wan22_keys,
 )
-from streamvae import WAN22, CheckpointError, WanDecoder, load_decoder, load_encoder, narrow
+from streamvae import (
+    LIGHTVAE,
+    WAN22,
+    CheckpointError,
+    WanDecoder,
+    load_decoder,
+    load_encoder,
+    narrow,
+)
 from streamvae.weights import random_decoder
 
 BOUND = 1e-5
@@ -150,3 +159,31 @@ def test_random_decoder_is_seeded():
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     assert not torch.equal(a.conv_in.weight, c.conv_in.weight)
     assert not a.training and not any(p.requires_grad for p in a.parameters())
+
+
+def test_lightvae_widths_decode_as_wan(tmp_path):
+    """LightVAE's topology (Wan 2.1 at 24 channels) from Wan's layout: told by the shapes."""
+    state = random_wan_state_dict(seed=23, keys=scaled_keys(wan21_keys(), 96, 96, 24, 24))
+    save_file(state, tmp_path / "lightvae.safetensors")
+    decoder = load_decoder(tmp_path / "lightvae.safetensors")
+    assert decoder.config == LIGHTVAE
+    latents = random_latents(LIGHTVAE, 2, 1, 2, seed=24)
+    expected = official_decode(official(LIGHTVAE, state), LIGHTVAE, latents)
+    assert rel_err(decoder.decode(latents), expected) <= BOUND
+
+
+def test_qwen_image_folder_decodes_as_diffusers(tmp_path, diffusers):
+    from diffusers import AutoencoderKLQwenImage
+
+    model = AutoencoderKLQwenImage(base_dim=8)
+    generator = torch.Generator().manual_seed(25)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(random_tensor(name, tuple(param.shape), generator))
+    model.eval().save_pretrained(tmp_path / "vae")
+    decoder = load_decoder(tmp_path / "vae")
+    assert decoder.config.name == "qwen-image-narrow8"
+    latents = random_latents(decoder.config, 2, 2, 2, seed=26)
+    with torch.no_grad():
+        expected = model.decode(decoder.denormalize(latents)).sample
+    assert rel_err(decoder.decode(latents), expected) <= BOUND
