@@ -259,3 +259,38 @@ def test_reset_takes_another_size():
     stream.reset()
     assert stream.push(torch.zeros(16, 3, 3))[0].data.shape == (3, 24, 24)
     assert stream.latent_size == (3, 3) and stream.state_nbytes > 0
+
+
+def test_raw_latents_with_normalized_false(official):
+    latents = random_latents(official.config, 2, 2, 2, seed=11)
+    raw = official.decoder.denormalize(latents)
+    normal = StreamDecoder(official.decoder).push_many(as_list(latents))
+    unnormal = StreamDecoder(official.decoder, normalized=False).push_many(as_list(raw))
+    assert all(rel_err(a.data, b.data) <= BOUND for a, b in zip(unnormal, normal))
+
+
+def test_cancelled_consumer_keeps_the_frames_pending(official):
+    latents = as_list(random_latents(official.config, 3, 2, 2, seed=12))
+    expected = StreamDecoder(official.decoder).push_many(latents)
+    stream = StreamDecoder(official.decoder)
+
+    async def take_one_then_cancel() -> DecodedFrame:
+        async def source():
+            for latent in latents[:2]:
+                yield latent
+
+        frames = stream.stream(source(), flush=False)
+        first = await frames.__anext__()
+        task = asyncio.ensure_future(frames.__anext__())
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await frames.aclose()
+        return first
+
+    first = asyncio.run(take_one_then_cancel())
+    assert [f.index for f in stream.pending_frames] == [1, 2, 3, 4]  # the push in flight
+    got = [first, *stream.push(latents[2])]  # the pending frames come first
+    assert [f.index for f in got] == list(range(9))
+    assert all(torch.equal(a.data, b.data) for a, b in zip(got, expected))
