@@ -15,6 +15,7 @@ with :class:`HelpFormatter` for help that shows every default (see ``examples/``
 from typing import Any as _Any
 
 from streamvae.config import LIGHTVAE, PRESETS, QWEN_IMAGE, WAN21, WAN22, WanConfig, narrow
+from streamvae.decoding import DecodedFrame, FrameStream, LatentError, StreamDecoder
 from streamvae.frames import Frame, FrameError
 from streamvae.io import (
     FileSink,
@@ -32,14 +33,20 @@ from streamvae.io import (
     open_source,
     read_latents,
 )
-from streamvae.model import EncoderState, WanEncoder, state_nbytes
+from streamvae.model import DecoderState, EncoderState, WanDecoder, WanEncoder, state_nbytes
 from streamvae.model_args import ModelChoice, add_model_arguments, model_from_args
 from streamvae.pool import AdmissionError, PoolSourceError, PoolStepError, StreamPool
 from streamvae.receptive import latent_dependencies, receptive_field
 from streamvae.snapshot import SnapshotError
 from streamvae.stream import Latent, LatentStream, StreamBroken, StreamEncoder
 from streamvae.usage import HelpFormatter
-from streamvae.weights import CheckpointError, load_encoder, random_encoder
+from streamvae.weights import (
+    CheckpointError,
+    load_decoder,
+    load_encoder,
+    random_decoder,
+    random_encoder,
+)
 
 __all__ = [
     "LIGHTVAE",
@@ -49,13 +56,17 @@ __all__ = [
     "WAN22",
     "AdmissionError",
     "CheckpointError",
+    "DecodedFrame",
+    "DecoderState",
     "EncoderState",
     "FileSink",
     "Frame",
     "FrameError",
     "FrameSource",
+    "FrameStream",
     "HelpFormatter",
     "Latent",
+    "LatentError",
     "LatentSink",
     "LatentStream",
     "LatentSubscriber",
@@ -71,9 +82,11 @@ __all__ = [
     "SourceFrame",
     "SourceStats",
     "StreamBroken",
+    "StreamDecoder",
     "StreamEncoder",
     "StreamPool",
     "WanConfig",
+    "WanDecoder",
     "WanEncoder",
     "WireError",
     "add_model_arguments",
@@ -82,10 +95,12 @@ __all__ = [
     "encode_to_sinks",
     "iter_latents",
     "latent_dependencies",
+    "load_decoder",
     "load_encoder",
     "model_from_args",
     "narrow",
     "open_source",
+    "random_decoder",
     "random_encoder",
     "read_latents",
     "receptive_field",

@@ -1,4 +1,4 @@
-"""The streamvae command: encode, live, serve, web, fleet and bench.
+"""The streamvae command: encode, decode, live, serve, web, fleet and bench.
 
 Run ``streamvae COMMAND --help`` for each command's options.
 """
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     io_commands.add_encode_command(commands)
     io_commands.add_live_command(commands)
+    from streamvae.io import decode as decode_command
+
+    decode_command.add_decode_command(commands)
     from streamvae.io import serve
 
     serve.add_serve_command(commands)

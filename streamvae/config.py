@@ -106,6 +106,8 @@ class WanConfig:
     name: str = "wan2.1"
     patch_size: int = 1
     residual: bool = False
+    # The decoder's base width where it differs from the encoder's (Wan 2.2: 256 against 160).
+    decoder_dim: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
@@ -139,6 +141,18 @@ class WanConfig:
     def dims(self) -> tuple[int, ...]:
         """Channel widths at stage boundaries: ``[base] + [base * m for m in dim_mult]``."""
         return tuple(self.base_dim * m for m in (1, *self.dim_mult))
+
+    @property
+    def decoder_base_dim(self) -> int:
+        """The decoder's base width: ``decoder_dim``, or the encoder's ``base_dim``."""
+        return self.base_dim if self.decoder_dim is None else self.decoder_dim
+
+    @property
+    def decoder_dims(self) -> tuple[int, ...]:
+        """The decoder's widths at stage boundaries, from the latent side:
+        ``[d * dim_mult[-1]] + [d * m for m in reversed(dim_mult)]``."""
+        d = self.decoder_base_dim
+        return tuple(d * m for m in (self.dim_mult[-1], *reversed(self.dim_mult)))
 
     @property
     def conv_in_channels(self) -> int:
@@ -200,6 +214,7 @@ WAN22 = WanConfig(
     name="wan2.2",
     patch_size=2,
     residual=True,
+    decoder_dim=256,
 )
 """The Wan 2.2 VAE encoder (TI2V-5B; Lucy Edit, Cosmos3, Matrix-Game 3): z 48, stride (4, 16, 16)."""
 
@@ -215,4 +230,8 @@ PRESETS: dict[str, WanConfig] = {c.name: c for c in (WAN21, WAN22, LIGHTVAE, QWE
 
 def narrow(base_dim: int = 8, family: WanConfig = WAN21) -> WanConfig:
     """``family``'s topology with ``base_dim`` channels instead of its own: for fast tests."""
-    return replace(family, base_dim=base_dim, name=f"{family.name}-narrow{base_dim}")
+    # Wan 2.2's decoder is wider than its encoder: its narrow configs keep it wider (1.5x).
+    decoder_dim = None if family.decoder_dim is None else base_dim + base_dim // 2
+    return replace(
+        family, base_dim=base_dim, decoder_dim=decoder_dim, name=f"{family.name}-narrow{base_dim}"
+    )

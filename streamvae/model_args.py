@@ -18,14 +18,15 @@ encoder. It is a library module: commands import it, it imports no command.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from streamvae.config import LIGHTVAE, WAN21, WAN22, WanConfig, narrow
-from streamvae.model import WanEncoder
+from streamvae.model import WanDecoder, WanEncoder
 from streamvae.usage import positive_int, usage_error
-from streamvae.weights import load_encoder, random_encoder
+from streamvae.weights import load_decoder, load_encoder, random_decoder, random_encoder
 
 __all__ = [
     "CONFIGS",
@@ -34,6 +35,7 @@ __all__ = [
     "ModelChoice",
     "add_model_arguments",
     "checked_device",
+    "decoder_from_args",
     "model_from_args",
 ]
 
@@ -131,6 +133,25 @@ def model_from_args(args: argparse.Namespace) -> ModelChoice:
     ``--threads`` is applied to torch here. Exactly one of ``--weights`` and
     ``--random-weights`` must be given; ``--config`` applies to random weights only.
     """
+    encoder, label, random = _model_from_args(args, load_encoder, random_encoder, "latents")
+    assert isinstance(encoder, WanEncoder)
+    return ModelChoice(encoder, label, random)
+
+
+def decoder_from_args(args: argparse.Namespace) -> tuple[WanDecoder, str, bool]:
+    """The decoder the parsed model options ask for (as :func:`model_from_args` the encoder):
+    the decoder, its label, and whether its weights are random (its frames meaningless)."""
+    decoder, label, random = _model_from_args(args, load_decoder, random_decoder, "frames")
+    assert isinstance(decoder, WanDecoder)
+    return decoder, label, random
+
+
+def _model_from_args(
+    args: argparse.Namespace,
+    load: Callable[..., WanEncoder | WanDecoder],
+    make_random: Callable[..., WanEncoder | WanDecoder],
+    outputs: str,
+) -> tuple[WanEncoder | WanDecoder, str, bool]:
     device = checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
     config_name = getattr(args, "config", "wan2.1")
@@ -142,12 +163,12 @@ def model_from_args(args: argparse.Namespace) -> ModelChoice:
         usage_error("--config applies to --random-weights (weights fix the shape)")
     if args.weights:
         try:
-            encoder = load_encoder(args.weights, device=device, dtype=dtype)
+            model = load(args.weights, device=device, dtype=dtype)
         except (ValueError, OSError) as exc:  # CheckpointError: missing, unknown, mis-shaped
             raise SystemExit(f"streamvae: {exc}") from None
-        return ModelChoice(encoder, str(args.weights), False)
+        return model, str(args.weights), False
     if args.random_weights:
         config = CONFIGS[config_name]
-        encoder = random_encoder(config, seed=getattr(args, "seed", 0), device=device, dtype=dtype)
-        return ModelChoice(encoder, f"RANDOM WEIGHTS {config.name} (latents are meaningless)", True)
+        model = make_random(config, seed=getattr(args, "seed", 0), device=device, dtype=dtype)
+        return model, f"RANDOM WEIGHTS {config.name} ({outputs} are meaningless)", True
     usage_error(NO_WEIGHTS_HELP)

@@ -44,7 +44,7 @@ import safetensors.torch
 import torch
 
 from streamvae.frames import SPATIAL_MULTIPLE
-from streamvae.model import WanEncoder
+from streamvae.model import WanDecoder, WanEncoder
 
 __all__ = [
     "SNAPSHOT_FORMAT",
@@ -60,7 +60,9 @@ __all__ = [
 SNAPSHOT_FORMAT = "streamvae.stream-state/1"
 MAX_HEADER_BYTES = 1 << 20
 
-_FINGERPRINTS: weakref.WeakKeyDictionary[WanEncoder, tuple[Any, str]] = weakref.WeakKeyDictionary()
+_FINGERPRINTS: weakref.WeakKeyDictionary[WanEncoder | WanDecoder, tuple[Any, str]] = (
+    weakref.WeakKeyDictionary()
+)
 _LOCK = threading.Lock()
 
 
@@ -71,7 +73,7 @@ class SnapshotError(ValueError):
     """
 
 
-def weights_fingerprint(encoder: WanEncoder) -> str:
+def weights_fingerprint(encoder: WanEncoder | WanDecoder) -> str:
     """sha256 over the config and every tensor's name, dtype, shape and bytes; cached per encoder.
 
     The cache is keyed on the tensors' addresses and versions, so moving, casting or changing

@@ -20,33 +20,31 @@ Asynchronously, over any sync or async iterable of frames (the model runs in a w
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 from collections import deque
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterable,
-    AsyncIterator,
-    Callable,
-    Iterable,
-    Iterator,
-)
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass, field, replace
-from queue import SimpleQueue
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 
 from streamvae.frames import CheckedFrame, FrameError, FrameLike, check_frame, to_model_input
 from streamvae.model import EncoderState, WanEncoder
+from streamvae.stepping import (
+    OutputStream,
+    StreamBroken,
+    StreamCore,
+    check_snapshot_meta,
+    in_worker,
+    wait_thread_exit,
+)
 
 __all__ = ["Latent", "LatentStream", "StreamBroken", "StreamEncoder"]
 
-T = TypeVar("T")
+# The stepping core's async helpers under the names streamvae.pool imports them by.
+_in_worker = in_worker
+_wait_thread_exit = wait_thread_exit
 
 
 @dataclass(frozen=True)
@@ -114,14 +112,10 @@ class Latent:
         )
 
 
-class StreamBroken(RuntimeError):
-    """The model raised mid-step; the stream's state is undefined until :meth:`StreamEncoder.reset`."""
-
-
 Mode = Literal["frame", "group"]
 
 
-class StreamEncoder:
+class StreamEncoder(StreamCore[EncoderState, Latent]):
     """A stateful stream over a loaded :class:`WanEncoder` (weights are shared, state is not).
 
     Options:
@@ -174,17 +168,11 @@ class StreamEncoder:
         self.memory_format = memory_format
         self.cuda_graphs = cuda_graphs
         self.group_size = encoder.config.temporal_stride
-        self._device = encoder.device
-        self._cuda = _CudaLane(self._device) if self._device.type == "cuda" else None
-        self._state: EncoderState | None = None
         self._group: torch.Tensor | None = None  # group mode: frames waiting for their group
         self._last: torch.Tensor | None = None  # the last frame, for pad_tail
-        self._broken = False
         self.dropped_frames = 0
-        # Latents computed for a consumer of stream() that was cancelled before receiving them.
-        self._pending: deque[Latent] = deque()
         self._receptive_field: int | None = None
-        self._begin_run()
+        super().__init__(encoder.device, what="encoder")
 
     # -- public state ----
 
@@ -227,19 +215,7 @@ class StreamEncoder:
         """Latents computed but not yet handed out: those of a push in flight when a consumer of
         :meth:`stream` was cancelled. The next :meth:`push`, :meth:`push_many`, :meth:`flush` or
         :meth:`stream` returns them first; :meth:`reset` discards them."""
-        return tuple(self._pending)
-
-    def reset(self) -> None:
-        """Forget everything; the next frame is a first frame again (of any size).
-
-        The state buffers are kept and zeroed in place, and reused when the size stays.
-        Latents still pending (see :attr:`pending_latents`) are discarded.
-        """
-        self._pending.clear()
-        if self._state is not None:
-            self._run_on_lane(self._state.reset)
-        self._broken = False
-        self._begin_run()
+        return self._pending_outputs()
 
     # -- pushing ----
 
@@ -454,13 +430,7 @@ class StreamEncoder:
             "mode": self.mode,
             "model": weights_fingerprint(self.encoder),
         }
-        for key, value in mine.items():
-            if meta.get(key) != value:
-                what = "model (other weights)" if key == "model" else key
-                raise SnapshotError(
-                    f"snapshot of another {what}: it has {key}={meta.get(key)!r} (config "
-                    f"{meta.get('config')!r}), this stream {value!r}"
-                )
+        check_snapshot_meta(meta, mine)
         state = read_state(tensors, meta, group_size=self.group_size)  # all checked
         height, width, counters = state.height, state.width, state.layers
         frames, latents, last_slot = state.frames, state.latents, state.last_slot
@@ -529,23 +499,6 @@ class StreamEncoder:
 
     # -- internals ----
 
-    def _check_usable(self) -> None:
-        if self._broken:
-            raise StreamBroken(
-                "the encoder raised during an earlier push and this stream's state is undefined; "
-                "call reset() to start a new stream"
-            )
-
-    def _with_pending(self, work: Callable[[], list[Latent]]) -> list[Latent]:
-        """The pending latents, then those of ``work()`` (which may reset: they are taken first)."""
-        taken = list(self._pending)
-        self._pending.clear()
-        try:
-            return taken + work()
-        except BaseException:
-            self._pending.extendleft(reversed(taken))
-            raise
-
     def _check_all(
         self, frames: list[Any], stamps: list[float | None], *, fresh: bool = False
     ) -> list[CheckedFrame]:
@@ -605,16 +558,17 @@ class StreamEncoder:
         return latents
 
     def _advance(self, item: CheckedFrame) -> list[Latent]:
-        assert self._state is not None
-        try:
+        state = self._state
+        assert state is not None
+
+        def step() -> list[Latent]:
             step_input = self._stage(item)
             with self._lane():
-                out = None if step_input is None else self.encoder.step(step_input, self._state)
+                out = None if step_input is None else self.encoder.step(step_input, state)
             return self._commit(item, out)
-        except BaseException:
-            # The state may have advanced part of the way: only a reset makes it defined again.
-            self._broken = True
-            raise
+
+        # The state may advance part of the way before a step raises: then broken until reset.
+        return self._guarded(step)
 
     def _stage(self, item: CheckedFrame) -> torch.Tensor | None:
         """Write the frame into this stream's input buffer; the step's input (``[1, 3, n, H, W]``)
@@ -625,10 +579,7 @@ class StreamEncoder:
         """
         assert self._group is not None
         index = self._frames
-        if self._cuda is not None:
-            x = self._cuda.upload(item.tensor)
-        else:
-            x = item.tensor.to(self._device)
+        x = self._upload(item.tensor)
         slot = self._slot(index)
         with self._lane(), torch.no_grad():
             self._group[0, :, slot].copy_(to_model_input(x, self.encoder.dtype))
@@ -675,14 +626,7 @@ class StreamEncoder:
         latents = []
         with self._lane():
             data = self.encoder.normalize(mean) if self.normalize else mean.float()
-            if self.output_device is not None and self.output_device != data.device:
-                data = self._to_output(data)
-        if self._cuda is not None:
-            self._cuda.wait()
-            if data.device.type == "cuda":
-                # Left on the GPU for the caller: its later reads are on its own stream, so the
-                # lane's allocator must not hand this memory out again before they are done.
-                data.record_stream(torch.cuda.current_stream(data.device))
+        data = self._deliver(data, self.output_device)
         ready, ready_monotonic = time.time(), time.monotonic()
         for i in range(data.shape[2]):
             index = self._latents
@@ -727,25 +671,6 @@ class StreamEncoder:
         self._last_number = last
         return dropped
 
-    def _to_output(self, data: torch.Tensor) -> torch.Tensor:
-        if (
-            self._cuda is not None
-            and self.output_device is not None
-            and self.output_device.type == "cpu"
-        ):
-            return self._cuda.download(data)
-        return data.to(self.output_device)
-
-    def _lane(self) -> Any:
-        return self._cuda.context() if self._cuda is not None else nullcontext()
-
-    def _run_on_lane(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        with self._lane():
-            result = fn(*args, **kwargs)
-        if self._cuda is not None:
-            self._cuda.stream.synchronize()
-        return result
-
 
 def _with_padding(latent: Latent, padded: int, real_frames: int) -> Latent:
     frames = range(latent.frames.start, min(latent.frames.stop, real_frames))
@@ -758,196 +683,5 @@ def _with_padding(latent: Latent, padded: int, real_frames: int) -> Latent:
     )
 
 
-class _CudaLane:
-    """A StreamEncoder's own CUDA stream, pinned upload buffers and completion events."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.stream = torch.cuda.Stream(device=device)
-        self._pinned: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
-        self._upload_done: dict[tuple[tuple[int, ...], torch.dtype], list[torch.cuda.Event]] = {}
-        self._turn = 0
-        self._ready = torch.cuda.Event(blocking=True)
-
-    def context(self) -> Any:
-        return torch.cuda.stream(self.stream)
-
-    def upload(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Host -> device through double-buffered pinned memory, enqueued on this lane's stream.
-
-        The lane first waits for the work queued on the caller's current stream (its frame, or
-        weights it has just moved or cast, must be ready before this lane reads them).
-        """
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        if tensor.device.type == "cuda":
-            tensor.record_stream(self.stream)  # the caller may free it while we still read it
-            return tensor
-        # numpy frames arrive as [H, W, 3] memory viewed as [3, H, W]: upload that memory as it is.
-        hwc = tensor.permute(1, 2, 0)
-        src, channels_last = (hwc, True) if hwc.is_contiguous() else (tensor.contiguous(), False)
-        key = (tuple(src.shape), src.dtype)
-        if key not in self._pinned:
-            self._pinned[key] = [torch.empty_like(src).pin_memory() for _ in range(2)]
-            self._upload_done[key] = [torch.cuda.Event(), torch.cuda.Event()]
-        self._turn ^= 1
-        buffer, done = self._pinned[key][self._turn], self._upload_done[key][self._turn]
-        done.synchronize()  # the copy that last read this buffer has finished
-        buffer.copy_(src)
-        with torch.cuda.stream(self.stream):
-            out = buffer.to(self.device, non_blocking=True)
-            done.record(self.stream)
-        return out.permute(2, 0, 1) if channels_last else out
-
-    def download(self, data: torch.Tensor) -> torch.Tensor:
-        host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
-        host.copy_(data, non_blocking=True)
-        return host
-
-    def wait(self) -> None:
-        """Block this thread (without spinning) until the lane's queued work has completed."""
-        self._ready.record(self.stream)
-        self._ready.synchronize()
-
-
-class LatentStream(AsyncIterator[Latent]):
+class LatentStream(OutputStream[Latent]):
     """The async iterator returned by :meth:`StreamEncoder.stream`; also an async context manager."""
-
-    def __init__(
-        self,
-        encoder: StreamEncoder,
-        frames: Iterable[FrameLike] | AsyncIterable[FrameLike],
-        *,
-        flush: bool,
-    ) -> None:
-        self._gen = _latents(encoder, frames, flush=flush)
-
-    def __aiter__(self) -> LatentStream:
-        return self
-
-    async def __anext__(self) -> Latent:
-        return await self._gen.__anext__()
-
-    async def aclose(self) -> None:
-        await self._gen.aclose()
-
-    async def __aenter__(self) -> LatentStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-
-_END = object()
-
-
-async def _latents(
-    encoder: StreamEncoder,
-    frames: Iterable[FrameLike] | AsyncIterable[FrameLike],
-    *,
-    flush: bool,
-) -> AsyncGenerator[Latent, None]:
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamvae-encode")
-    reader: _SyncReader | None = None
-    try:
-        if isinstance(frames, AsyncIterable):
-            source = frames.__aiter__()
-
-            async def next_frame() -> Any:
-                try:
-                    return await source.__anext__()
-                except StopAsyncIteration:
-                    return _END
-        else:
-            reader = _SyncReader(iter(frames))
-            next_frame = reader.next
-
-        pending = encoder._pending
-        while pending:
-            yield pending.popleft()
-        while (frame := await next_frame()) is not _END:
-            await _in_worker(executor, _push_to_pending, encoder, frame)
-            while pending:
-                yield pending.popleft()
-        if flush:
-            await _in_worker(executor, _flush_to_pending, encoder)
-            while pending:
-                yield pending.popleft()
-    finally:
-        executor.shutdown(wait=False)
-        await _wait_thread_exit(executor)
-        if reader is not None:
-            await reader.aclose()
-
-
-def _push_to_pending(encoder: StreamEncoder, frame: Any) -> None:
-    """In the worker: push, keeping the latents on the encoder until the consumer takes them."""
-    encoder._pending.extend(encoder.push(frame))
-
-
-def _flush_to_pending(encoder: StreamEncoder) -> None:
-    encoder._pending.extend(encoder.flush())
-
-
-async def _in_worker(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn`` in the worker; if cancelled (however often), wait for it before re-raising."""
-    future = asyncio.wrap_future(executor.submit(fn, *args))
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(future)
-        except asyncio.CancelledError:
-            if future.cancelled():
-                raise
-            cancelled = True  # the worker may still run: a second cancel must not leave it
-            continue
-        except BaseException as exc:
-            if cancelled:
-                raise asyncio.CancelledError from exc
-            raise
-        if cancelled:
-            raise asyncio.CancelledError
-        return result
-
-
-async def _wait_thread_exit(executor: ThreadPoolExecutor) -> None:
-    threads: set[threading.Thread] = set(getattr(executor, "_threads", ()))
-    while any(t.is_alive() for t in threads):
-        await asyncio.sleep(0.001)
-
-
-class _SyncReader:
-    """Reads a sync iterator in its own daemon thread, one ``next()`` per request.
-
-    A cancelled :meth:`next` returns at once; a read still blocked (a hung capture) finishes in
-    the thread on its own, and its frame is discarded.
-    """
-
-    def __init__(self, iterator: Iterator[Any]) -> None:
-        self._iterator = iterator
-        self._requests: SimpleQueue[Future[Any] | None] = SimpleQueue()
-        self._busy = False
-        self._thread = threading.Thread(target=self._run, name="streamvae-read", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (request := self._requests.get()) is not None:
-            if not request.set_running_or_notify_cancel():
-                continue
-            self._busy = True
-            try:
-                request.set_result(next(self._iterator, _END))
-            except BaseException as exc:
-                request.set_exception(exc)
-            finally:
-                self._busy = False
-
-    async def next(self) -> Any:
-        request: Future[Any] = Future()
-        self._requests.put(request)
-        return await asyncio.wrap_future(request)
-
-    async def aclose(self) -> None:
-        """Let the thread end; wait for it only when no read is in flight."""
-        self._requests.put(None)
-        while self._thread.is_alive() and not self._busy:
-            await asyncio.sleep(0.001)

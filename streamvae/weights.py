@@ -43,10 +43,17 @@ from typing import Any
 
 import torch
 
-from streamvae.config import LIGHTVAE, QWEN_IMAGE, WAN21, WAN22, WanConfig
-from streamvae.model import WanEncoder
+from streamvae.config import LIGHTVAE, QWEN_IMAGE, WAN21, WAN22, WanConfig, narrow
+from streamvae.model import WanDecoder, WanEncoder
 
-__all__ = ["CheckpointError", "load_encoder", "random_encoder", "wan_to_streamvae_name"]
+__all__ = [
+    "CheckpointError",
+    "load_decoder",
+    "load_encoder",
+    "random_decoder",
+    "random_encoder",
+    "wan_to_streamvae_name",
+]
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 WAN_HUB_FILE = "Wan2.1_VAE.pth"
@@ -209,12 +216,94 @@ def diffusers_to_streamvae_name(name: str) -> str | None:
     return _DIFFUSERS_RESAMPLE.sub(r"\1.conv.", name[len("encoder.") :])
 
 
+# -- the decoder's names ----
+
+_DECODER_FROM_WAN = _rules(
+    (r"conv1\.(.+)", lambda m: f"conv_in.{m[1]}"),
+    (
+        r"middle\.([02])\.residual\.(\d+)\.(.+)",
+        lambda m: f"mid_block.resnets.{int(m[1]) // 2}.{_wan_residual(m[2])}.{m[3]}",
+    ),
+    (r"middle\.1\.(.+)", lambda m: f"mid_block.attentions.0.{m[1]}"),
+    (r"head\.0\.(.+)", lambda m: f"norm_out.{m[1]}"),
+    (r"head\.2\.(.+)", lambda m: f"conv_out.{m[1]}"),
+    # Wan 2.2's nested stages: upsamples.N.upsamples.M (the upsample after the blocks).
+    (
+        r"upsamples\.(\d+)\.upsamples\.(\d+)\.residual\.(\d+)\.(.+)",
+        lambda m: f"up_blocks.{m[1]}.resnets.{m[2]}.{_wan_residual(m[3])}.{m[4]}",
+    ),
+    (
+        r"upsamples\.(\d+)\.upsamples\.(\d+)\.shortcut\.(.+)",
+        lambda m: f"up_blocks.{m[1]}.resnets.{m[2]}.conv_shortcut.{m[3]}",
+    ),
+    (
+        r"upsamples\.(\d+)\.upsamples\.\d+\.resample\.1\.(.+)",
+        lambda m: f"up_blocks.{m[1]}.upsampler.conv.{m[2]}",
+    ),
+    (
+        r"upsamples\.(\d+)\.upsamples\.\d+\.time_conv\.(.+)",
+        lambda m: f"up_blocks.{m[1]}.upsampler.time_conv.{m[2]}",
+    ),
+)
+
+# Wan 2.1's flat list: upsamples.K, K counting num_res_blocks + 1 blocks and one upsample a stage.
+_WAN21_UPSAMPLE = re.compile(
+    r"upsamples\.(\d+)\.(residual\.(\d+)|shortcut|resample\.1|time_conv)\.(.+)"
+)
+
+
+def wan_to_streamvae_decoder_name(name: str, num_res_blocks: int = 2) -> str | None:
+    """Map one of Wan's tensor names to streamvae's :class:`WanDecoder` name; ``None`` if it is
+    not a decoder's. Wan 2.1 numbers its stages' layers in one flat list, so ``num_res_blocks``
+    is needed to place them."""
+    if name.startswith("conv2."):
+        return "post_quant_conv." + name[len("conv2.") :]
+    if not name.startswith("decoder."):
+        return None
+    rest = name[len("decoder.") :]
+    renamed = _rename(_DECODER_FROM_WAN, rest)
+    if renamed is not None:
+        return renamed
+    match = _WAN21_UPSAMPLE.fullmatch(rest)
+    if match is None:
+        return name  # reported as unexpected
+    per_stage = num_res_blocks + 2
+    stage, position = divmod(int(match[1]), per_stage)
+    if position <= num_res_blocks:
+        part = match[2]
+        if match[3] is not None:
+            part = _wan_residual(match[3])
+        elif part == "shortcut":
+            part = "conv_shortcut"
+        else:
+            return name
+        return f"up_blocks.{stage}.resnets.{position}.{part}.{match[4]}"
+    part = "conv" if match[2] == "resample.1" else match[2]
+    if part not in ("conv", "time_conv"):
+        return name
+    return f"up_blocks.{stage}.upsamplers.0.{part}.{match[4]}"
+
+
+_DIFFUSERS_UP_RESAMPLE = re.compile(r"^(up_blocks\.\d+\.upsamplers?(?:\.0)?)\.resample\.1\.")
+
+
+def diffusers_to_streamvae_decoder_name(name: str) -> str | None:
+    """Map one of diffusers' ``AutoencoderKLWan`` names to streamvae's :class:`WanDecoder` name;
+    ``None`` if it is not a decoder's."""
+    if name.startswith("post_quant_conv."):
+        return name
+    if not name.startswith("decoder."):
+        return None
+    return _DIFFUSERS_UP_RESAMPLE.sub(r"\1.conv.", name[len("decoder.") :])
+
+
 @dataclass(frozen=True)
 class Layout:
     name: str
     describe: str
     to_streamvae: Callable[[str], str | None]
     from_streamvae: Callable[[str, WanConfig], str]
+    to_decoder: Callable[[str, int], str | None]
 
 
 WAN_LAYOUT = Layout(
@@ -222,16 +311,42 @@ WAN_LAYOUT = Layout(
     "Wan's original names (Wan2.1_VAE.pth, Wan2.2_VAE.pth / ComfyUI)",
     wan_to_streamvae_name,
     streamvae_to_wan_name,
+    wan_to_streamvae_decoder_name,
 )
 DIFFUSERS_LAYOUT = Layout(
     "diffusers",
     "diffusers' AutoencoderKLWan names",
     diffusers_to_streamvae_name,
     streamvae_to_diffusers_name,
+    lambda name, _blocks: diffusers_to_streamvae_decoder_name(name),
 )
 
 
-def detect_layout(names: list[str], origin: str) -> Layout:
+def detect_layout(names: list[str], origin: str, *, decoder: bool = False) -> Layout:
+    """The checkpoint's naming (Wan's or diffusers'), from the half that is to be loaded."""
+    if decoder:
+        if any(
+            n.startswith(("decoder.conv1.", "decoder.upsamples.", "decoder.head.")) for n in names
+        ):
+            return WAN_LAYOUT
+        if any(
+            n.startswith(("decoder.conv_in.", "decoder.up_blocks.", "decoder.mid_block."))
+            for n in names
+        ):
+            return DIFFUSERS_LAYOUT
+        if any(n.startswith("encoder.") for n in names):
+            raise CheckpointError(
+                f"{origin} holds only encoder tensors ({len(names)} tensors, none named "
+                "'decoder.*'); decoding needs the decoder: use the full VAE checkpoint "
+                "(Wan2.1_VAE.pth, Wan2.2_VAE.pth, ComfyUI's wan_2.1_vae / wan2.2_vae.safetensors "
+                "or diffusers' vae/ folder)"
+            )
+        sample = ", ".join(names[:5]) or "no tensors at all"
+        raise CheckpointError(
+            f"{origin} is not a Wan VAE checkpoint with a decoder: expected tensors named "
+            f"'decoder.conv1.*' (Wan's layout) or 'decoder.conv_in.*' (diffusers' layout), "
+            f"found {sample}"
+        )
     if any(
         n.startswith(("encoder.downsamples.", "encoder.conv1.", "encoder.head.")) for n in names
     ):
@@ -376,12 +491,11 @@ def diffusers_config(config: WanConfig, *, decoder_base_dim: int | None = None) 
 
 def _family_config(family: WanConfig, base_dim: int, **fields: Any) -> WanConfig:
     """``family`` at ``base_dim`` wide, named ``family-narrowN`` when narrower (LightVAE by name)."""
-    config = replace(family, base_dim=base_dim, **fields)
+    base = family if base_dim == family.base_dim else narrow(base_dim, family)
+    config = replace(base, **fields)
     if replace(config, name=LIGHTVAE.name) == LIGHTVAE:
         return LIGHTVAE
-    if base_dim == family.base_dim:
-        return config
-    return replace(config, name=f"{family.name}-narrow{base_dim}")
+    return config
 
 
 def config_from_diffusers(config_path: Path) -> WanConfig:
@@ -484,31 +598,108 @@ def load_encoder(
     Raises :class:`CheckpointError` naming the layout it saw and every missing, unexpected or
     mis-shaped tensor.
     """
+    encoder = _load(source, WanEncoder, device, dtype, revision, cache_dir)
+    assert isinstance(encoder, WanEncoder)
+    return encoder
+
+
+def load_decoder(
+    source: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> WanDecoder:
+    """Load a Wan-family VAE decoder from any of its real checkpoint layouts, in eval mode.
+
+    Takes everything :func:`load_encoder` takes (Wan's ``.pth`` holds both halves, ComfyUI's
+    files, diffusers' folder or file, hub ids); only the decoder's tensors (``decoder.*`` and
+    ``conv2`` / ``post_quant_conv``) are read, the encoder's are skipped without being loaded.
+    The model is told as for the encoder; the decoder's width comes from its own tensors (Wan
+    2.2's decoder is 256 wide against the encoder's 160).
+
+    >>> decoder = streamvae.load_decoder("Wan2.1_VAE.pth")  # doctest: +SKIP
+    >>> frames = decoder.decode(latents)                     # doctest: +SKIP
+    """
+    decoder = _load(source, WanDecoder, device, dtype, revision, cache_dir)
+    assert isinstance(decoder, WanDecoder)
+    return decoder
+
+
+def _decoder_config(config: WanConfig, shapes: dict[str, tuple[int, ...]]) -> WanConfig:
+    """``config`` with the decoder's width read off its ``conv_out`` (``[3 p p, d, 3, 3, 3]``)."""
+    conv_out = shapes.get("conv_out.weight")
+    if not conv_out or len(conv_out) != 5 or conv_out[1] == config.decoder_base_dim:
+        return config
+    return replace(config, decoder_dim=conv_out[1])
+
+
+def _decoder_family(shapes: dict[str, tuple[int, ...]]) -> WanConfig:
+    """The model of a checkpoint holding only a decoder, from its tensors."""
+    residual = any(re.match(r"up_blocks\.\d+\.upsampler\.", name) for name in shapes)
+    family = WAN22 if residual else WAN21
+    conv_out = shapes.get("conv_out.weight")
+    if residual or not conv_out or len(conv_out) != 5:
+        return family
+    return _family_config(family, conv_out[1])
+
+
+def _load(
+    source: str | os.PathLike[str],
+    model: type[WanEncoder] | type[WanDecoder],
+    device: str | torch.device | None,
+    dtype: torch.dtype | None,
+    revision: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+) -> WanEncoder | WanDecoder:
+    """One half of a checkpoint (``model``), its tensors read one at a time; the other half's
+    are never read."""
     device = torch.device("cpu" if device is None else device)
     dtype = torch.float32 if dtype is None else dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype}")
+    decoding = model is WanDecoder
     weights_path, config_path = _resolve(source, revision=revision, cache_dir=cache_dir)
     with open_tensors(weights_path) as tensors:
         names = list(tensors.shapes)
-        layout = detect_layout(names, str(weights_path))
-        mapped: dict[str, str] = {}  # streamvae name -> checkpoint name
+        layout = detect_layout(names, str(weights_path), decoder=decoding)
+        encoder_names: dict[str, str] = {}  # streamvae name -> checkpoint name
+        decoder_names: dict[str, str] = {}
         unexpected: list[str] = []
+        # Wan 2.1's flat decoder list is placed by num_res_blocks: the encoder's, or 2.
+        blocks = config_from_diffusers(config_path).num_res_blocks if config_path else 2
         for name in names:
+            if name.startswith(DECODER_PREFIXES):
+                ours = layout.to_decoder(name, blocks)
+                if ours is not None:
+                    decoder_names[ours] = name
+                continue
             ours = layout.to_streamvae(name)
             if ours is None:
-                if not name.startswith(DECODER_PREFIXES):
-                    unexpected.append(name)
+                unexpected.append(name)
                 continue
-            mapped[ours] = name
-        shapes = {ours: tensors.shapes[theirs] for ours, theirs in mapped.items()}
-        config = config_from_diffusers(config_path) if config_path else config_from_shapes(shapes)
+            encoder_names[ours] = name
+        encoder_shapes = {k: tensors.shapes[v] for k, v in encoder_names.items()}
+        decoder_shapes = {k: tensors.shapes[v] for k, v in decoder_names.items()}
+        if config_path:
+            config = config_from_diffusers(config_path)
+        elif encoder_names:
+            config = config_from_shapes(encoder_shapes)
+        else:
+            config = _decoder_family(decoder_shapes)
+        mapped, shapes = (
+            (decoder_names, decoder_shapes) if decoding else (encoder_names, encoder_shapes)
+        )
+        if decoding:
+            config = _decoder_config(config, decoder_shapes)
         with torch.device("meta"):
-            encoder = WanEncoder(config)
-        expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+            built = model(config)
+        expected = {k: tuple(v.shape) for k, v in built.state_dict().items()}
         unexpected += [mapped[k] for k in mapped if k not in expected]
         missing = [
-            f"{layout.from_streamvae(k, config)} {list(expected[k])}"
+            f"{f'{k} (streamvae name)' if decoding else layout.from_streamvae(k, config)} "
+            f"{list(expected[k])}"
             for k in expected
             if k not in mapped
         ]
@@ -519,15 +710,23 @@ def load_encoder(
         ]
         if missing or unexpected or misshaped:
             raise CheckpointError(
-                _mismatch_message(str(weights_path), layout, config, missing, unexpected, misshaped)
+                _mismatch_message(
+                    str(weights_path),
+                    layout,
+                    config,
+                    missing,
+                    unexpected,
+                    misshaped,
+                    "decoder" if decoding else "encoder",
+                )
             )
         state = {}
         for ours in expected:
             tensor = tensors.read(mapped[ours])
             state[ours] = tensor.to(device=device, dtype=dtype, copy=True)
             del tensor
-    encoder.load_state_dict(state, strict=True, assign=True)
-    return encoder.eval().requires_grad_(False)
+    built.load_state_dict(state, strict=True, assign=True)
+    return built.eval().requires_grad_(False)
 
 
 def _mismatch_message(
@@ -537,9 +736,10 @@ def _mismatch_message(
     missing: list[str],
     unexpected: list[str],
     misshaped: list[str],
+    half: str = "encoder",
 ) -> str:
     lines = [
-        f"{origin} does not fit the {config.name} encoder (layout detected: {layout.name}, "
+        f"{origin} does not fit the {config.name} {half} (layout detected: {layout.name}, "
         f"{layout.describe}):"
     ]
     for title, items in (
@@ -639,6 +839,30 @@ def random_encoder(
         encoder = WanEncoder(config)
     return (
         encoder.to(device=device or "cpu", dtype=dtype or torch.float32)
+        .eval()
+        .requires_grad_(False)
+    )
+
+
+def random_decoder(
+    config: WanConfig = WAN21,
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> WanDecoder:
+    """A decoder with random weights (PyTorch's default init, seeded): for timing and plumbing
+    only. Its frames mean nothing; anything that shows them should say so.
+
+    >>> from streamvae import narrow
+    >>> random_decoder(narrow(8)).config.name
+    'wan2.1-narrow8'
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        decoder = WanDecoder(config)
+    return (
+        decoder.to(device=device or "cpu", dtype=dtype or torch.float32)
         .eval()
         .requires_grad_(False)
     )

@@ -26,7 +26,10 @@ def test_presets():
     assert (WAN21.temporal_stride, WAN21.spatial_stride, WAN21.conv_in_channels) == (4, 8, 3)
     assert LIGHTVAE.dims == (24, 24, 48, 96, 96) and LIGHTVAE.latents_mean == WAN21.latents_mean
     assert dataclasses.replace(QWEN_IMAGE, name="wan2.1") == WAN21
-    assert narrow(8, WAN22) == dataclasses.replace(WAN22, base_dim=8, name="wan2.2-narrow8")
+    assert narrow(8, WAN22) == dataclasses.replace(
+        WAN22, base_dim=8, decoder_dim=12, name="wan2.2-narrow8"
+    )
+    assert WAN22.decoder_dims == (1024, 1024, 1024, 512, 256) and WAN21.decoder_base_dim == 96
 
 
 def test_stage_topology():

@@ -123,6 +123,12 @@ def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
     )
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--plot", type=Path, help="write the PNG here")
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="bench the decoder instead: streamvae's against diffusers' and Wan's decode "
+        "(--size, --frames, --repeats, --no-peers, --json)",
+    )
     add_pool_arguments(parser)  # --streams, --phases, --ticks, --sweep
     parser.set_defaults(run=bench_command)
 
@@ -138,6 +144,10 @@ def bench_command(args: argparse.Namespace) -> int:
             start_ticks(1, phase)
         except ValueError as exc:
             usage_error(f"--phases {args.phases}: {exc}")
+    if getattr(args, "decode", False):
+        from streamvae.bench.decode import decode_bench_command
+
+        return decode_bench_command(args)
     dtype = DTYPES[args.dtype]
     args32 = copy.copy(args)
     args32.dtype = "float32"

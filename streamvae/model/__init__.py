@@ -1,5 +1,13 @@
-"""The Wan VAE encoders (2.1, 2.2, ...): stepping layers, their streaming state, and the encoder chain."""
+"""The Wan VAE encoders and decoders (2.1, 2.2, ...): stepping layers, their streaming state, the chains."""
 
+from streamvae.model.decoder import DecoderState, WanDecoder
 from streamvae.model.encoder import EncoderState, WanEncoder, default_memory_format, state_nbytes
 
-__all__ = ["EncoderState", "WanEncoder", "default_memory_format", "state_nbytes"]
+__all__ = [
+    "DecoderState",
+    "EncoderState",
+    "WanDecoder",
+    "WanEncoder",
+    "default_memory_format",
+    "state_nbytes",
+]

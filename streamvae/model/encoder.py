@@ -41,7 +41,13 @@ from streamvae.model.layers import (
     StageState,
     StateSpec,
 )
-from streamvae.model.state import ConvState, FrameWindow, PairState, TimeDownState
+from streamvae.model.state import (
+    ConvState,
+    FrameWindow,
+    PairState,
+    TimeDownState,
+    check_memory,
+)
 
 __all__ = ["EncoderState", "WanEncoder", "default_memory_format", "state_nbytes"]
 
@@ -196,26 +202,8 @@ class EncoderState:
 
     def check_memory(self, tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> None:
         """Raise ``ValueError`` unless :meth:`load_memory` can take these exactly as they are."""
-        expected, expected_counters = self.memory_layout()
-        if set(tensors) != set(expected) or set(counters) != set(expected_counters):
-            missing = sorted(set(expected) - set(tensors))
-            extra = sorted(set(tensors) - set(expected))
-            raise ValueError(
-                f"state tensors do not match this encoder: missing {missing[:4]}, "
-                f"unexpected {extra[:4]} (of {len(expected)} expected)"
-            )
-        for name, shape in expected.items():
-            if tuple(tensors[name].shape) != shape:
-                raise ValueError(
-                    f"state tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
-                )
-            if tensors[name].dtype != self.spec.dtype:
-                raise ValueError(
-                    f"state tensor {name} is {tensors[name].dtype}, expected {self.spec.dtype}"
-                )
-        for name, (low, high) in expected_counters.items():
-            if not low <= counters[name] <= high:
-                raise ValueError(f"state counter {name}={counters[name]} is outside {low}..{high}")
+        shapes, ranges = self.memory_layout()
+        check_memory(tensors, counters, shapes, ranges, self.spec.dtype, "encoder")
 
     def memory_layout(self) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, int]]]:
         """Shapes of :meth:`memory`'s tensors and the allowed range of each counter."""

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ConvState", "FrameWindow", "PairState", "TimeDownState"]
+__all__ = [
+    "ConvState",
+    "FrameWindow",
+    "PairState",
+    "TimeDownState",
+    "TimeUpState",
+    "check_memory",
+]
 
 
 @dataclass(frozen=True)
@@ -185,3 +192,59 @@ class PairState:
     @property
     def nbytes(self) -> int:
         return self.window.nbytes
+
+
+class TimeUpState:
+    """State of a temporal upsample (the decoder's): whether frame 0 has passed, and the time
+    conv's memory.
+
+    Wan's rule (``Resample``'s ``'Rep'`` marker): the stream's first frame passes through
+    without the time conv (one frame out); every later frame ``s[j]`` goes through the causal
+    (3, 1, 1) time conv over ``[s[j-2], s[j-1], s[j]]``, where frame 0 and the frames before
+    it count as zeros, and gives two frames. ``conv`` is that time conv's :class:`ConvState`.
+    """
+
+    def __init__(self, window: FrameWindow) -> None:
+        self.conv = ConvState(window)
+        self.started = False
+
+    @property
+    def window(self) -> FrameWindow:
+        return self.conv.window
+
+    def reset(self) -> None:
+        self.conv.reset()
+        self.started = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv.nbytes
+
+
+def check_memory(
+    tensors: dict[str, torch.Tensor],
+    counters: dict[str, int],
+    shapes: dict[str, tuple[int, ...]],
+    ranges: dict[str, tuple[int, int]],
+    dtype: torch.dtype,
+    model: str,
+) -> None:
+    """Raise ``ValueError`` unless a state's remembered ``tensors`` and ``counters`` (from a
+    snapshot) have exactly the names, ``shapes``, ``dtype`` and counter ``ranges`` expected."""
+    if set(tensors) != set(shapes) or set(counters) != set(ranges):
+        missing = sorted(set(shapes) - set(tensors))
+        extra = sorted(set(tensors) - set(shapes))
+        raise ValueError(
+            f"state tensors do not match this {model}: missing {missing[:4]}, "
+            f"unexpected {extra[:4]} (of {len(shapes)} expected)"
+        )
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(
+                f"state tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
+            )
+        if tensors[name].dtype != dtype:
+            raise ValueError(f"state tensor {name} is {tensors[name].dtype}, expected {dtype}")
+    for name, (low, high) in ranges.items():
+        if not low <= counters[name] <= high:
+            raise ValueError(f"state counter {name}={counters[name]} is outside {low}..{high}")
