@@ -53,14 +53,13 @@ import torch
 from streamvae.frames import SPATIAL_MULTIPLE, CheckedFrame, FrameError, FrameLike
 from streamvae.model import EncoderState, WanEncoder, state_nbytes
 from streamvae.model.graphs import StepGraphs
+from streamvae.stepping import _END, _SyncReader
 from streamvae.stream import (
-    _END,
     Latent,
     Mode,
     StreamBroken,
     StreamEncoder,
     _in_worker,
-    _SyncReader,
     _wait_thread_exit,
 )
 

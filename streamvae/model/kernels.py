@@ -48,6 +48,16 @@ def onednn_available() -> bool:
 _ONEDNN = onednn_available()
 
 
+def onednn_bf16_available() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions on this CPU (it needs AVX-512 BF16 or AMX, or
+    at least AVX-512: on an AVX2-only CPU it raises "bf16 path needs avx512")."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return _ONEDNN and check is not None and bool(check())
+
+
+_ONEDNN_BF16 = onednn_bf16_available()
+
+
 class SlowPathWarning(RuntimeWarning):
     """A state was allocated that the CPU's fast (oneDNN) convolutions cannot run on."""
 
@@ -70,6 +80,12 @@ def cpu_slow_path_reason(
         return (
             f"this PyTorch build ({torch.__version__}) has no oneDNN convolution ops: the CPU "
             "runs PyTorch's reference convolutions (im2col, several times slower)"
+        )
+    if dtype == torch.bfloat16 and not _ONEDNN_BF16:
+        return (
+            "bfloat16 on a CPU without AVX-512: oneDNN has no bfloat16 convolutions here, so "
+            "PyTorch's reference convolutions (im2col, several times slower) run; float32 is "
+            "faster on this CPU"
         )
     if dtype not in _PACKABLE:
         return (
@@ -120,6 +136,8 @@ class PackedConv:
         autograd would record must take ``F.conv3d``.
         """
         if not _ONEDNN or x.device.type != "cpu" or x.dtype not in _PACKABLE:
+            return False
+        if x.dtype == torch.bfloat16 and not _ONEDNN_BF16:
             return False
         if weight.dtype != x.dtype:
             return False
