@@ -474,10 +474,17 @@ class Attention(nn.Module):
         b, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)
         qkv = self.to_qkv(self.norm(frames)).reshape(b * t, 3 * c, h * w).transpose(1, 2)
-        # Channels innermost (already so for channels-last activations): the fused attention
-        # kernels need unit stride along the head dimension, else the math fallback runs.
-        qkv = qkv.contiguous()
-        q, k, v = (part.unsqueeze(1) for part in qkv.chunk(3, dim=-1))
+        # q, k, v each dense [B*T, 1, H*W, C] with canonical strides (channels innermost: the
+        # fused kernels need unit stride along the head dimension). Not views of one tensor:
+        # their row stride is 3C, and where H*W or B*T is 1 PyTorch calls such a view
+        # contiguous whatever its strides along length-1 axes (a 1x1 frame gives stride 1
+        # along the sequence), so `.contiguous()` keeps it and CUDA's memory-efficient kernel
+        # finds none to launch ("cutlassF: no kernel found to launch!", float32, 1x1 frames).
+        # `clone(memory_format=contiguous_format)` always allocates canonical strides.
+        q, k, v = (
+            part.unsqueeze(1).clone(memory_format=torch.contiguous_format)
+            for part in qkv.chunk(3, dim=-1)
+        )
         attended = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))
         attended = attended.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
         out: torch.Tensor = self.proj(attended).reshape(b, t, c, h, w).transpose(1, 2)
