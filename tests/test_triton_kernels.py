@@ -93,7 +93,7 @@ def test_a_failed_self_check_leaves_the_eager_path(on_cpu, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image for this device")
 
-    monkeypatch.setattr(triton_kernels, "_launch", broken)
+    monkeypatch.setattr(triton_kernels, "add_rms_silu_into", broken)
     x = torch.randn(1, 16, 1, 4, 4).to(memory_format=CHANNELS_LAST)
     assert not triton_kernels.applies(x, torch.empty_like(x))
     described = triton_kernels.describe(x.device, x.dtype)
@@ -119,7 +119,7 @@ def test_encoder_with_the_kernels_equals_the_eager_encoder(on_cpu, monkeypatch):
     encoder = random_encoder(narrow(8), seed=3)
     video = to_model_video(random_video(1, 16, 16, seed=4)).contiguous(memory_format=CHANNELS_LAST)
     calls: list[bool] = []
-    launch = triton_kernels._launch
+    launch = triton_kernels.add_rms_silu_into
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("residual") is not None)
@@ -128,7 +128,7 @@ def test_encoder_with_the_kernels_equals_the_eager_encoder(on_cpu, monkeypatch):
     monkeypatch.setattr(triton_kernels, "TRITON_DEVICES", frozenset())
     expected = encoder.encode(video, normalize=False)
     monkeypatch.setattr(triton_kernels, "TRITON_DEVICES", frozenset({"cpu"}))
-    monkeypatch.setattr(triton_kernels, "_launch", counted)
+    monkeypatch.setattr(triton_kernels, "add_rms_silu_into", counted)
     got = encoder.encode(video, normalize=False)
     assert rel_err(got, expected) <= 1e-5
     # Every residual block's norms, and a residual add in each block that follows another.

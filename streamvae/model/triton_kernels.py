@@ -152,7 +152,7 @@ def _self_check(device: torch.device, dtype: torch.dtype) -> str | None:
         norm = torch.linalg.vector_norm(total, dim=1, keepdim=True).clamp_min(1e-12)
         expected = torch.nn.functional.silu(total / norm * 24**0.5 * gamma.float())
         got_sum, got = x.clone(), torch.empty_like(x)
-        _launch(got_sum, gamma, 24**0.5, got, residual=residual, sum_out=got_sum)
+        add_rms_silu_into(got_sum, gamma, 24**0.5, got, residual=residual, sum_out=got_sum)
         bound = 1e-5 if dtype == torch.float32 else 2e-2
         for name, a, b in (("sum", got_sum, expected_sum), ("norm", got, expected)):
             err = float((a.float() - b.float()).abs().max() / b.float().abs().max())
@@ -179,25 +179,11 @@ def add_rms_silu_into(
     The caller checks :func:`applies` first; tensors are ``[B, C, T, H, W]`` with channels
     innermost (see :func:`_rows`).
     """
-    _launch(x, gamma, scale, out, residual=residual, sum_out=sum_out, bias=bias)
-    return out
-
-
-def _launch(
-    x: torch.Tensor,
-    gamma: torch.Tensor,
-    scale: float,
-    out: torch.Tensor,
-    *,
-    residual: torch.Tensor | None = None,
-    sum_out: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-) -> None:
     triton = _triton()
     b, c, t, h, w = x.shape
     rows = b * t * h * w
     if rows == 0:
-        return
+        return out
     block_c = triton.next_power_of_2(c)
     block_r = max(1, min(64, 4096 // block_c))
     sx = _rows(x)
@@ -237,3 +223,4 @@ def _launch(
         BLOCK_R=block_r,
         BLOCK_C=block_c,
     )
+    return out
