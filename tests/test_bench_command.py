@@ -47,8 +47,14 @@ def test_bench_tiny_run_writes_its_json_and_plot(tmp_path, capsys):
         ]
     )
     assert status == 0
-    table = capsys.readouterr().out
+    printed = capsys.readouterr()
+    table = printed.out
     assert "streamvae" in table and "diffusers_batch" in table and "targets:" in table
+    # Progress on stderr as the run goes (a long run is not silent), the table on stdout.
+    for step in ("warm-up: streamvae", "repeat 1/2", "repeat 2/2", "live mode", "done"):
+        assert step in printed.err, printed.err
+    assert "repeat 1/2" not in table
+    assert "norm kernels: eager" in table  # no Triton kernels on the CPU (outside the tests)
 
     report = json.loads(out_json.read_text())
     for key in ("p50", "p95", "p99"):
@@ -69,6 +75,7 @@ def test_bench_tiny_run_writes_its_json_and_plot(tmp_path, capsys):
     assert run["frames"] == 9 and run["config"] == "wan2.1-narrow8"
     assert run["versions"]["torch"] == torch.__version__ and run["versions"]["diffusers"]
     assert run["device_name"]
+    assert run["norm_kernels"].startswith("eager (not used on cpu")
     sweep = report["memory_vs_length"]
     assert sweep["lengths"] == [9] and len(sweep["streamvae_mb"]) == 1
     assert all(isinstance(v, float) for v in sweep["streamvae_mb"] + sweep["diffusers_batch_mb"])
@@ -94,6 +101,15 @@ def test_bench_tiny_run_writes_its_json_and_plot(tmp_path, capsys):
         if name != "streamvae":
             assert row["latency_ratio"] > 0 and row["throughput_ratio"] > 0, name
     assert "every peer, same weights and frames" in table
+    # The summary's ratio is the table's (one definition: latent 0 left out of both).
+    ratio = report["vs_diffusers"]["group_latency_ratio"]
+    assert ratio == report["peers"]["diffusers_group"]["latency_ratio"]
+    peer_table = table.split("every peer, same weights and frames", 1)[1]
+    (group_row,) = [text for text in peer_table.splitlines() if text.startswith("diffusers_group ")]
+    assert f" {ratio} " in group_row + " "
+    assert f"latency after a group's last frame {ratio}x streamvae's" in table
+    after = report["latency_after_group_ms"]
+    assert after == report["peers"]["streamvae"]["latency_after_group_ms"] and after["n"] == 2 * 2
     assert {t["target"].split(" ")[0] for t in report["targets"]} >= {"last", "float32"}
     assert out_png.stat().st_size > 10_000
 

@@ -16,11 +16,19 @@ from streamvae import WAN21, StreamEncoder, WanEncoder, narrow
 from streamvae.bench.peers import DiffusersPeer
 from streamvae.model import encoder as encoder_module
 from streamvae.model import kernels
-from streamvae.model.kernels import PackedConv, onednn_available, rms_silu_into
+from streamvae.model.kernels import (
+    PackedConv,
+    onednn_available,
+    onednn_bf16_available,
+    rms_silu_into,
+)
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 CHANNELS_LAST = torch.channels_last_3d
 TOLERANCE = 1e-5
+# oneDNN's bfloat16 convolutions need AVX-512 (AVX2-only CPUs, e.g. many AMD EPYCs, lack them):
+# there bfloat16 runs PyTorch's reference convolutions, and the tests check that instead.
+NO_ONEDNN_BF16 = "oneDNN bfloat16 convolutions need AVX-512; this CPU has AVX2 only"
 
 
 def streamed(stream: StreamEncoder, frames: torch.Tensor) -> torch.Tensor:
@@ -100,7 +108,8 @@ def test_packed_conv_equals_conv3d(dtype):
     weight = (torch.randn(16, 24, 3, 3, 3, generator=generator) * 0.1).to(dtype)
     bias = torch.randn(16, generator=generator).to(dtype)
     conv = PackedConv(stride=(1, 1, 1), padding=(0, 1, 1))
-    assert conv.applies(x, weight)
+    # bfloat16 on an AVX2-only CPU: F.conv3d (oneDNN would raise "bf16 path needs avx512").
+    assert conv.applies(x, weight) == (dtype == torch.float32 or onednn_bf16_available())
     expected = torch.nn.functional.conv3d(
         x.float(), weight.float(), bias.float(), padding=(0, 1, 1)
     )
@@ -361,7 +370,19 @@ def saved_and_loaded(encoder: WanEncoder, tmp_path) -> WanEncoder:
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN ops")
-@pytest.mark.parametrize("how", ["direct", "direct_bfloat16", "deepcopy", "random", "loaded"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "direct",
+        pytest.param(
+            "direct_bfloat16",
+            marks=pytest.mark.skipif(not onednn_bf16_available(), reason=NO_ONEDNN_BF16),
+        ),
+        "deepcopy",
+        "random",
+        "loaded",
+    ],
+)
 def test_every_public_encoder_runs_the_onednn_convs(how, tmp_path):
     import streamvae
 
@@ -382,6 +403,23 @@ def test_every_public_encoder_runs_the_onednn_convs(how, tmp_path):
     # The same kernels as an encoder frozen by hand (the attention's 1x1 Conv2d included).
     frozen = copy.deepcopy(encoder).requires_grad_(False)
     assert conv_ops_of_a_group(frozen) == ops
+
+
+def test_bfloat16_without_onednn_bf16_takes_the_reference_convs(monkeypatch):
+    """What an AVX2-only CPU does with a bfloat16 encoder (emulated on any CPU): no oneDNN
+    conv (it would raise), a SlowPathWarning that says why, latents within bf16 error."""
+    monkeypatch.setattr(kernels, "_ONEDNN_BF16", False)
+    encoder = random_encoder(narrow(8), seed=27)
+    low = copy.deepcopy(encoder).to(torch.bfloat16)
+    with pytest.warns(kernels.SlowPathWarning, match="bfloat16 on a CPU without AVX-512"):
+        ops = conv_ops_of_a_group(low)
+    assert not [name for name in ops if "mkldnn" in name], ops
+    assert ops, "no convolution ran"
+    video = random_video(5, 16, 24, seed=28)
+    expected = encoder.encode(to_model_video(video), normalize=False)
+    with pytest.warns(kernels.SlowPathWarning):
+        got = streamed(StreamEncoder(low, normalize=False), video)
+    assert_bf16_close(got, expected)
 
 
 def test_the_direct_encoders_fast_path_equals_the_frozen_one():

@@ -72,7 +72,7 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         add("frames/s, one stream", report["fps"], 200, True)
         add(
             "p99 latency after a group's last frame (ms)",
-            report["latency_ms"]["p99"],
+            report["latency_after_group_ms"]["p99"],
             10,
             False,
         )
@@ -117,6 +117,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"({run['device_name']}, {run['threads']} threads), {run['memory_format']}, "
         f"mode={run['mode']}",
         f"weights: {run['weights']}",
+        f"norm kernels: {run.get('norm_kernels') or '-'}",
         f"load average before/after: {run['load_average_before'][0]:.2f} / "
         f"{run['load_average_after'][0]:.2f}",
         "",

@@ -33,8 +33,15 @@ from streamvae.bench.peers import (
 )
 from streamvae.bench.probes import memory_against_length, track_memory
 from streamvae.bench.report import check_targets
-from streamvae.bench.timing import Clock, cuda_event_time, median, percentiles_ms, rel_err
-from streamvae.model import WanEncoder, default_memory_format
+from streamvae.bench.timing import (
+    Clock,
+    Progress,
+    cuda_event_time,
+    median,
+    percentiles_ms,
+    rel_err,
+)
+from streamvae.model import WanEncoder, default_memory_format, triton_kernels
 
 __all__ = ["PEERS", "peer_table", "run_bench"]
 
@@ -120,6 +127,7 @@ def run_bench(
     """
     device, dtype = encoder.device, encoder.dtype
     clock = Clock(device)
+    progress = Progress()
     height, width = options.size
     group = encoder.config.temporal_stride
     memory_format = (
@@ -161,7 +169,11 @@ def run_bench(
             unavailable["streamdiffusionv2"] = str(exc)
     notes += [f"{name}: {why}" for name, why in unavailable.items()]
 
+    # Which norm kernels the steps run (the Triton ones self-check here, before any capture).
+    norm_kernels = triton_kernels.describe(device, dtype)
+    progress(f"norm kernels: {norm_kernels}")
     # Warm-up, each encoder once; memory is tracked on these passes (no timing is taken).
+    progress(f"warm-up: streamvae, {options.frames} frames at {height}x{width}")
     stream = new_stream(encoder, memory_format, options.mode, cuda_graphs=options.cuda_graphs)
     memory: dict[str, Any] = {}
     with track_memory(device) as peak:
@@ -177,6 +189,7 @@ def run_bench(
     if clock.cuda:  # the second pass captures the CUDA graphs of the steps the first one ran
         run_stream(stream, frames, clock, idle_before_push=True)
     if peer is not None:
+        progress("warm-up: peers")
         with track_memory(device) as peak:
             peer.batch(video)
         memory["diffusers_batch"] = peak.as_mb()
@@ -205,7 +218,8 @@ def run_bench(
     sdv2_latency_s: list[float] = []
     sdv2_total_s: list[float] = []
     batch_mean = group_mean = official_mean = sdv2_mean = None
-    for _ in range(options.repeats):
+    for repeat in range(options.repeats):
+        progress(f"repeat {repeat + 1}/{options.repeats}")
         latency_runs.append(run_stream(stream, frames, clock, idle_before_push=True))
         if clock.cuda:
             throughput_s.append(run_stream(stream, frames, clock, idle_before_push=False).total_s)
@@ -241,6 +255,7 @@ def run_bench(
     fps = options.frames / clip_s
 
     # Precision.
+    progress("errors, roofline")
     error: dict[str, float | None] = {"vs_diffusers": None, "vs_float32": None}
     if batch_mean is not None:
         error["vs_diffusers"] = rel_err(stream_latents, batch_mean)
@@ -301,8 +316,6 @@ def run_bench(
         }
         vs["batch_speedup"] = round(batch_clip / clip_s, 3)
         vs["group_speedup"] = round(group_clip / clip_s, 3)
-        p50, peer_p50 = percentiles_ms(latent_s)["p50"], percentiles_ms(group_latency_s)["p50"]
-        vs["group_latency_ratio"] = round(peer_p50 / p50, 3) if p50 and peer_p50 else None
     if batch32_s:
         batch32_clip = median(batch32_s)
         encoders["diffusers_batch_float32"] = {
@@ -343,9 +356,12 @@ def run_bench(
         missing = "not installed (pip install diffusers)"
         unavailable |= dict.fromkeys(("diffusers_batch", "diffusers_group"), missing)
     peers = peer_table(encoders, group_latencies, official_errors, unavailable)
+    if "group_speedup" in vs:  # the peer table's ratio: one definition (latent 0 left out)
+        vs["group_latency_ratio"] = peers["diffusers_group"].get("latency_ratio")
 
-    live = [
-        run_live(
+    def live_run(fps_value: float) -> dict[str, Any]:
+        progress(f"live mode at {fps_value:g} frames/s")
+        return run_live(
             encoder,
             fps_value,
             options.live_frames,
@@ -354,8 +370,10 @@ def run_bench(
             options.mode,
             cuda_graphs=options.cuda_graphs,
         ).as_json()
-        for fps_value in options.live_fps
-    ]
+
+    live = [live_run(fps_value) for fps_value in options.live_fps]
+    if options.lengths:
+        progress(f"memory vs stream length: {', '.join(map(str, options.lengths))} frames")
     sweep = (
         memory_against_length(
             encoder,
@@ -388,6 +406,7 @@ def run_bench(
             "tf32": options.tf32 if device.type == "cuda" else None,
             "cuda_graphs": options.cuda_graphs if device.type == "cuda" else None,
             "cudnn_benchmark": options.cudnn_benchmark if device.type == "cuda" else None,
+            "norm_kernels": norm_kernels,
             "versions": _versions(),
             "load_average_before": [round(v, 2) for v in load_before],
             "load_average_after": [round(v, 2) for v in load_after],
@@ -395,6 +414,7 @@ def run_bench(
             "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
         "latency_ms": percentiles_ms(latent_s),
+        "latency_after_group_ms": peers["streamvae"]["latency_after_group_ms"],
         "first_latent_ms": round(median(first_latent_s) * 1e3, 3),
         "cold_first_latent_ms": round(cold_first * 1e3, 3),
         "fps": round(fps, 3),
@@ -417,4 +437,5 @@ def run_bench(
         "notes": notes,
     }
     report["targets"] = check_targets(report)
+    progress("done")
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -9,7 +10,22 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Clock", "cuda_event_time", "median", "percentiles_ms", "rel_err"]
+__all__ = ["Clock", "Progress", "cuda_event_time", "median", "percentiles_ms", "rel_err"]
+
+
+class Progress:
+    """Progress lines of a long run on stderr (``bench [12.3 s] repeat 2/10``), flushed as
+    they are written, so that a run under ``timeout`` or in a pipe shows where it is."""
+
+    def __init__(self, prefix: str = "bench", *, enabled: bool = True) -> None:
+        self.prefix = prefix
+        self.enabled = enabled
+        self.began = time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        if self.enabled:
+            elapsed = time.perf_counter() - self.began
+            print(f"{self.prefix} [{elapsed:.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 class Clock:

@@ -482,13 +482,21 @@ class WanEncoder(nn.Module):
     def _advance(self, count: int, state: EncoderState) -> torch.Tensor | None:
         """The step after the input frames were written into ``conv_in``'s window."""
         h = self.conv_in.step(state.conv_in, count)
+        residual: torch.Tensor | None = None  # a residual block's shortcut, not yet added
         for block, block_state in zip(self._blocks, state.blocks):
             # new_state made block_state for this block: the pairing is by position, which
             # the union types cannot express.
+            if isinstance(block, ResidualBlock):  # its add in the next block's norm pass
+                h, residual = block.step_unsummed(h, block_state, residual)  # type: ignore[arg-type]
+                continue
+            if residual is not None:
+                h, residual = h.add_(residual), None
             out = block.step(h, block_state)  # type: ignore[arg-type]
             if out is None:  # a temporal downsample holds its frame for the next pair
                 return None
             h = out
+        if residual is not None:
+            h = h.add_(residual)
         h = self.mid_block.step(h, state.mid)
         count = h.shape[2]
         self.norm_out.silu_into(h, state.conv_out.slots(count))

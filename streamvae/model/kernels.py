@@ -19,9 +19,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from streamvae.model import triton_kernels
+
 __all__ = [
     "PackedConv",
     "SlowPathWarning",
+    "add_rms_silu_into",
     "cpu_slow_path_reason",
     "onednn_available",
     "rms_silu_into",
@@ -243,9 +246,14 @@ def rms_silu_into(
       measured faster than the fused kernel (which PyTorch's CPU build runs unfused); on CUDA
       it makes about 13 passes over the activations' bytes in half precision.
 
+    - **triton** (``fused=None`` where :func:`streamvae.model.triton_kernels.applies`: CUDA
+      with Triton, channels innermost): one pass, read and write (see that module).
+
     ``fused=None`` picks by device (:data:`FUSED_NORM_DEVICES`) and layout; ``True`` takes the
-    fused path wherever it applies (tests run it on the CPU).
+    fused path wherever it applies (tests run it on the CPU); ``False`` the eager one.
     """
+    if fused is None and triton_kernels.applies(x, out):
+        return triton_kernels.add_rms_silu_into(x, gamma, scale, out)
     if fused is None:
         fused = x.device.type in FUSED_NORM_DEVICES
     if fused and _fused_norm_applies(x, scale, out):
@@ -264,6 +272,23 @@ def rms_silu_into(
     normed.mul_(gamma)
     out.copy_(normed)
     return F.silu(out, inplace=True)
+
+
+def add_rms_silu_into(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    gamma: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """``x += residual`` (in place, as ``x.add_(residual)``), then :func:`rms_silu_into` of it
+    into ``out``: one pass with the Triton kernel where it applies, else the two ops."""
+    if triton_kernels.applies(x, out, residual):
+        triton_kernels.add_rms_silu_into(x, gamma, scale, out, residual=residual, sum_out=x)
+        return x
+    x.add_(residual)
+    rms_silu_into(x, gamma, scale, out)
+    return x
 
 
 def _channels_innermost(x: torch.Tensor) -> torch.Tensor:

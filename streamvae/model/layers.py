@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamvae.model.kernels import PackedConv, rms_silu_into
+from streamvae.model.kernels import PackedConv, add_rms_silu_into, rms_silu_into
 from streamvae.model.state import ConvState, FrameWindow, PairState, TimeDownState
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "ResidualState",
     "StageState",
     "StateSpec",
+    "step_resnets",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -95,8 +96,15 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self._normalized(x) * self.scale * self.gamma).to(x.dtype)
 
-    def silu_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``silu(norm(x))`` written into ``out`` (a slot of a conv's frame window)."""
+    def silu_into(
+        self, x: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``silu(norm(x))`` written into ``out`` (a slot of a conv's frame window); with
+        ``residual``, ``x += residual`` first (in place, in the same pass where the Triton
+        kernel runs)."""
+        if residual is not None:
+            add_rms_silu_into(x, residual, self.gamma, self.scale, out)
+            return out
         return rms_silu_into(x, self.gamma, self.scale, out)
 
 
@@ -218,17 +226,37 @@ class ResidualBlock(nn.Module):
         )
 
     def step(self, x: torch.Tensor, state: ResidualState) -> torch.Tensor:
+        h, shortcut = self.step_unsummed(x, state)
+        return h.add_(shortcut)
+
+    def step_unsummed(
+        self, x: torch.Tensor, state: ResidualState, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's main path and shortcut, not yet added (``step`` adds them), so that a
+        next block adds them in its first norm's pass (``residual``: the previous block's
+        shortcut, added to ``x`` in place first, as ``step`` would have)."""
         count = x.shape[2]
+        self.norm1.silu_into(x, state.conv1.slots(count), residual)
         shortcut = (
             x
             if self.conv_shortcut is None
             else self.shortcut_kernel(x, self.conv_shortcut.weight, self.conv_shortcut.bias)
         )
-        self.norm1.silu_into(x, state.conv1.slots(count))
         h = self.conv1.step(state.conv1, count)
         self.norm2.silu_into(h, state.conv2.slots(count))
         h = self.conv2.step(state.conv2, count)
-        return h.add_(shortcut)
+        return h, shortcut
+
+
+def step_resnets(
+    blocks: Sequence[ResidualBlock], x: torch.Tensor, states: Sequence[ResidualState]
+) -> torch.Tensor:
+    """Consecutive residual blocks: each block's residual add done in the next one's norm pass
+    (the same ops in the same order as ``step`` after ``step``; one pass with Triton)."""
+    residual = None
+    for block, state in zip(blocks, states):
+        x, residual = block.step_unsummed(x, state, residual)
+    return x if residual is None else x.add_(residual)
 
 
 class Downsample(nn.Module):
@@ -449,9 +477,7 @@ class ResidualStage(nn.Module):
     def step(self, x: torch.Tensor, state: StageState) -> torch.Tensor | None:
         # Before the blocks: the pair state copies x, or the pooled result is a new tensor.
         shortcut = self.avg_shortcut.step(x, state.shortcut)
-        h = x
-        for resnet, resnet_state in zip(_blocks(self.resnets), state.resnets):
-            h = resnet.step(h, resnet_state)
+        h = step_resnets(_blocks(self.resnets), x, state.resnets)
         out: torch.Tensor | None = h
         if self.downsampler is not None:
             out = self.downsampler.step(h, state.down)
@@ -474,10 +500,17 @@ class Attention(nn.Module):
         b, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)
         qkv = self.to_qkv(self.norm(frames)).reshape(b * t, 3 * c, h * w).transpose(1, 2)
-        # Channels innermost (already so for channels-last activations): the fused attention
-        # kernels need unit stride along the head dimension, else the math fallback runs.
-        qkv = qkv.contiguous()
-        q, k, v = (part.unsqueeze(1) for part in qkv.chunk(3, dim=-1))
+        # q, k, v each dense [B*T, 1, H*W, C] with canonical strides (channels innermost: the
+        # fused kernels need unit stride along the head dimension). Not views of one tensor:
+        # their row stride is 3C, and where H*W or B*T is 1 PyTorch calls such a view
+        # contiguous whatever its strides along length-1 axes (a 1x1 frame gives stride 1
+        # along the sequence), so `.contiguous()` keeps it and CUDA's memory-efficient kernel
+        # finds none to launch ("cutlassF: no kernel found to launch!", float32, 1x1 frames).
+        # `clone(memory_format=contiguous_format)` always allocates canonical strides.
+        q, k, v = (
+            part.unsqueeze(1).clone(memory_format=torch.contiguous_format)
+            for part in qkv.chunk(3, dim=-1)
+        )
         attended = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))
         attended = attended.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
         out: torch.Tensor = self.proj(attended).reshape(b, t, c, h, w).transpose(1, 2)
