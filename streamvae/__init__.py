@@ -8,7 +8,8 @@
 ...         print(latent.index, latent.data.shape)
 
 Scripts that choose their model as the CLI does (``--weights`` or ``--random-weights``,
-``--dtype``, ``--device``, ...) use :func:`add_model_arguments` and :func:`model_from_args`,
+``--dtype``, ``--device``, ...) use :func:`add_model_arguments` and :func:`model_from_args`
+(:func:`decoder_from_args` for the decoder),
 with :class:`HelpFormatter` for help that shows every default (see ``examples/``).
 """
 
@@ -34,7 +35,12 @@ from streamvae.io import (
     read_latents,
 )
 from streamvae.model import DecoderState, EncoderState, WanDecoder, WanEncoder, state_nbytes
-from streamvae.model_args import ModelChoice, add_model_arguments, model_from_args
+from streamvae.model_args import (
+    ModelChoice,
+    add_model_arguments,
+    decoder_from_args,
+    model_from_args,
+)
 from streamvae.pool import AdmissionError, PoolSourceError, PoolStepError, StreamPool
 from streamvae.receptive import latent_dependencies, receptive_field
 from streamvae.snapshot import SnapshotError
@@ -91,6 +97,7 @@ __all__ = [
     "WireError",
     "add_model_arguments",
     "decode_latent",
+    "decoder_from_args",
     "encode_latent",
     "encode_to_sinks",
     "iter_latents",

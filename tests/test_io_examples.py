@@ -90,6 +90,62 @@ def test_webcam_to_mqtt_and_subscriber_examples(broker: Broker, test_video: Path
     assert "(meaningless)" in lines[0]
 
 
+@pytest.mark.network
+def test_mqtt_decode_example_decodes_what_live_publishes(
+    broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """examples/mqtt_decode.py (in a thread of this process: no interpreter to start) against a
+    real mosquitto, fed by ``streamvae live``: its PNGs are StreamDecoder's frames of the latents
+    live wrote to its file, bit for bit."""
+    import asyncio
+    import runpy
+    import threading
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from streamvae import StreamDecoder, narrow, random_decoder, read_latents
+    from streamvae.cli import main as streamvae_main
+
+    example = runpy.run_path(str(EXAMPLES / "mqtt_decode.py"))  # not as __main__: nothing runs
+    frames_dir, latents = tmp_path / "frames", tmp_path / "cam.latents"
+    failures: list[BaseException] = []
+
+    def subscribe() -> None:
+        try:
+            asyncio.run(example["main"](
+                ["--mqtt", broker.url, "--count", "3", "--output", str(frames_dir), *NARROW]
+            ))  # fmt: skip
+        except BaseException as exc:  # reported by the test below
+            failures.append(exc)
+
+    thread = threading.Thread(target=subscribe, daemon=True)
+    thread.start()
+    printed = ""
+    deadline = time.monotonic() + 60
+    while "subscribed" not in printed and thread.is_alive() and time.monotonic() < deadline:
+        thread.join(0.05)  # bounded wait for the example's own "subscribed" line
+        printed += capsys.readouterr().out
+    assert "subscribed" in printed, (printed, failures)
+    status = streamvae_main([
+        "live", "synthetic://moving?frames=9&size=32x48", "--mqtt", broker.url,
+        "--stream-id", "cam", "-o", str(latents), "--stats-interval", "0", *NARROW,
+    ])  # fmt: skip
+    assert status == 0
+    thread.join(120)
+    assert not thread.is_alive() and not failures, failures
+    printed += capsys.readouterr().out
+    assert "decoder: RANDOM WEIGHTS narrow8" in printed or "RANDOM WEIGHTS" in printed
+    assert "cam #0 -> frames 0-0 (32x48)" in printed and "cam #2 -> frames 5-8" in printed
+    assert "cam: 3 latents -> 9 frames" in printed and "0 latent(s) missed" in printed
+    expected = StreamDecoder(random_decoder(narrow(8), seed=0)).push_many(read_latents(latents))
+    written = sorted((frames_dir / "cam").glob("frame_*.png"))
+    assert len(written) == len(expected) == 9
+    for path, frame in zip(written, expected):
+        assert np.array_equal(np.asarray(Image.open(path)), frame.to_rgb()), path
+
+
 def test_rtsp_example_help():
     result = run_example("rtsp_to_mqtt.py", "--help")
     assert result.returncode == 0 and "rtsp://" in result.stdout

@@ -91,7 +91,7 @@ def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
         "--memory-size",
         type=parse_size,
         default=None,
-        help="frame size for memory vs length (CPU 32x32, CUDA: --size)",
+        help="frame size for memory vs length (CPU 32x32, CUDA: --size; --decode: 8x8)",
     )
     parser.add_argument(
         "--mode",
@@ -126,8 +126,16 @@ def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
     parser.add_argument(
         "--decode",
         action="store_true",
-        help="bench the decoder instead: streamvae's against diffusers' and Wan's decode "
-        "(--size, --frames, --repeats, --no-peers, --json)",
+        help="bench the decoder instead: streamvae's against diffusers', Wan's and "
+        "StreamDiffusionV2's decode (--size, --frames, --repeats, --no-peers, --json, "
+        "--memory-latents, --memory-size)",
+    )
+    parser.add_argument(
+        "--memory-latents",
+        type=parse_lengths,
+        default="100,1000",
+        help="with --decode: stream lengths (latents) at which one stream's memory is read, "
+        "comma-separated (--memory-size, default: one latent, 8x8 pixels); 0 skips it",
     )
     add_pool_arguments(parser)  # --streams, --phases, --ticks, --sweep
     parser.set_defaults(run=bench_command)

@@ -9,39 +9,58 @@ latents (seeded, normalised, ``[1, z, T, h, w]`` for ``--frames`` frames at ``--
 - ``streamvae_batch``: :meth:`WanDecoder.decode` of the whole clip;
 - ``diffusers`` (whole clip) and ``diffusers_per_latent`` (its own cache stepped one latent a
   call, as its ``_decode`` loop does): a latent's frames all arrive when its call returns;
-- ``official_wan``: Wan's ``WanVAE_.decode`` (vae2_1.py / vae2_2.py) of the whole clip.
+- ``official_wan``: Wan's ``WanVAE_.decode`` (vae2_1.py / vae2_2.py) of the whole clip;
+- ``streamdiffusionv2``: StreamDiffusionV2's ``stream_decode`` (Wan 2.1 only), called as its
+  streaming loop calls it (latents 0 and 1, then one latent a call): a latent's frames all
+  arrive when its call returns.
+
+Also the error of a bfloat16 copy of the decoder (StreamDecoder, the same latents) against the
+float32 frames, and memory against stream length: one stream of tiny latents (``--memory-size``,
+default 8x8 pixels) read at ``--memory-latents`` (default 100 and 1000 pushed latents): RSS
+(and on CUDA the allocator's bytes) with the stream's state, which must stay flat.
 
 Frames/s over the clip, per-latent first/last-frame times (median over the later latents, the
 steady state), and each peer's error against streamvae's frames (``max |a - b| / max |b|``,
 clamped as Wan's wrapper clamps).
 
-    streamvae bench --decode --random-weights --device cpu --size 64x64 --frames 9
+    streamvae bench --decode --random-weights --device cpu --size 64x64 --frames 9 \
+        --memory-latents 100,1000,10000
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from streamvae.bench.peers import OFFICIAL_WAN, PeerUnavailable, load_peer_file
+from streamvae.bench.peers import (
+    OFFICIAL_WAN,
+    PeerUnavailable,
+    StreamDiffusionV2Decoder,
+    diffusers_model,
+    load_peer_file,
+    wan_model,
+)
+from streamvae.bench.probes import live_memory
 from streamvae.bench.timing import Clock, median, rel_err
 from streamvae.decoding import StreamDecoder
 from streamvae.model import WanDecoder
 from streamvae.model_args import decoder_from_args
 from streamvae.usage import usage_error
-from streamvae.weights import (
-    diffusers_config,
-    diffusers_to_streamvae_decoder_name,
-    wan_to_streamvae_decoder_name,
-)
 
-__all__ = ["decode_bench", "decode_bench_command", "format_decode_report"]
+__all__ = [
+    "decode_bench",
+    "decode_bench_command",
+    "decode_memory_against_length",
+    "format_decode_report",
+]
 
 
 def decode_bench_command(args: argparse.Namespace) -> int:
@@ -56,6 +75,12 @@ def decode_bench_command(args: argparse.Namespace) -> int:
     if args.frames < 1 + group:
         usage_error(f"--frames {args.frames}: at least {1 + group} (latent 0 and one more)")
     latents = 1 + (args.frames - 1) // group
+    memory_size = args.memory_size or (stride, stride)
+    if memory_size[0] % stride or memory_size[1] % stride:
+        usage_error(
+            f"--memory-size {memory_size[0]}x{memory_size[1]}: multiples of {stride} for "
+            f"{decoder.config.name}"
+        )
     cuda = decoder.device.type == "cuda"
     report = decode_bench(
         decoder,
@@ -63,6 +88,8 @@ def decode_bench_command(args: argparse.Namespace) -> int:
         latents,
         repeats=args.repeats or (10 if cuda else 3),
         peers=not args.no_peers,
+        memory_latents=[n for n in args.memory_latents if n > 0],
+        memory_size=(memory_size[0] // stride, memory_size[1] // stride),
     )
     report["label"] = label
     report["command"] = "streamvae " + " ".join(sys.argv[1:]) if sys.argv else ""
@@ -82,8 +109,15 @@ def decode_bench(
     repeats: int = 3,
     peers: bool = True,
     seed: int = 0,
+    bf16: bool = True,
+    memory_latents: Sequence[int] = (),
+    memory_size: tuple[int, int] = (1, 1),
 ) -> dict[str, Any]:
-    """Measure the decoders on ``latents`` latents of ``latent_size``; the JSON-ready report."""
+    """Measure the decoders on ``latents`` latents of ``latent_size``; the JSON-ready report.
+
+    ``bf16``: also the error of a bfloat16 copy of the decoder; ``memory_latents``: read the
+    memory of one stream of ``memory_size`` latents at these lengths
+    (:func:`decode_memory_against_length`)."""
     config = decoder.config
     clock = Clock(decoder.device)
     generator = torch.Generator().manual_seed(seed)
@@ -155,6 +189,17 @@ def decode_bench(
         else:
             results["diffusers"] = {"unavailable": "diffusers is not installed"}
         batch_run("official_wan", lambda: _official(decoder).decode(z))
+        _stream_diffusion_v2(decoder, z, clock, repeats, frames_total, reference, results)
+    extra: dict[str, Any] = {}
+    if bf16 and decoder.dtype != torch.bfloat16:
+        half = copy.deepcopy(decoder).to(torch.bfloat16)
+        frames = [f.data for f in StreamDecoder(half).push_many(list(z[0].unbind(1)))]
+        extra["bf16_error"] = rel_err(torch.stack(frames, dim=1)[None], reference)
+        del half
+    if memory_latents:
+        extra["memory_vs_length"] = decode_memory_against_length(
+            decoder, memory_latents, memory_size, seed=seed
+        )
     return {
         "config": config.name,
         "device": str(decoder.device),
@@ -167,6 +212,68 @@ def decode_bench(
         "repeats": repeats,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": results,
+        **extra,
+    }
+
+
+def _stream_diffusion_v2(
+    decoder: WanDecoder,
+    z: torch.Tensor,
+    clock: Clock,
+    repeats: int,
+    frames_total: int,
+    reference: torch.Tensor,
+    results: dict[str, dict[str, Any]],
+) -> None:
+    """StreamDiffusionV2's ``stream_decode`` over the clip (its first run warms up): frames/s,
+    each call's time as its latents' first and last frame, its error."""
+    try:
+        peer = StreamDiffusionV2Decoder(decoder)
+    except PeerUnavailable as exc:
+        results["streamdiffusionv2"] = {"unavailable": str(exc)}
+        return
+    runs = [peer.latents(z, clock) for _ in range(repeats + 1)][1:]
+    # Its first call holds latents 0 and 1: both arrive when it returns.
+    per_latent = [[times[0], *times] for times, _ in runs]
+    entry = _entry([sum(times) for times, _ in runs], frames_total)
+    per = [median([run[i] for run in per_latent]) for i in range(z.shape[2])]
+    entry["first_frame_ms"] = entry["last_frame_ms"] = _ms(per)
+    entry["error"] = rel_err(runs[0][1], reference)
+    results["streamdiffusionv2"] = entry
+
+
+def decode_memory_against_length(
+    decoder: WanDecoder, lengths: Sequence[int], latent_size: tuple[int, int], *, seed: int = 0
+) -> dict[str, Any]:
+    """Memory of one :class:`StreamDecoder` stream as it grows: pushed ``max(lengths)`` latents
+    of ``latent_size`` (seeded, normalised; their frames dropped as they come), the process's
+    memory read after latent 1 (the state allocated) and after each of ``lengths`` latents.
+    A streaming decoder's memory is flat: what it holds does not grow with the stream."""
+    config = decoder.config
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn((16, config.z_dim, *latent_size), generator=generator).to(decoder.device)
+    stream = StreamDecoder(decoder, output_device=None)
+    points = sorted(set(lengths))
+    rss: list[float] = []
+    cuda: list[float] = []
+    readings = sorted({1, *points})
+    started = time.monotonic()
+    for n in range(1, points[-1] + 1):
+        stream.push(inputs[n % len(inputs)])
+        if n in readings:
+            host, device = live_memory(decoder.device)
+            rss.append(round(host / 2**20, 1))
+            if device is not None:
+                cuda.append(round(device / 2**20, 1))
+    stride = config.spatial_stride
+    return {
+        "size": f"{latent_size[0] * stride}x{latent_size[1] * stride}",
+        "latents": readings,
+        "rss_mb": rss,
+        "cuda_allocated_mb": cuda or None,
+        "state_mb": round(stream.state_nbytes / 2**20, 3),
+        "growth_mb": round(rss[-1] - rss[0], 1),
+        "seconds": round(time.monotonic() - started, 1),
     }
 
 
@@ -201,23 +308,9 @@ def _diffusers_twin(decoder: WanDecoder) -> Any:
     """diffusers' ``AutoencoderKLWan`` holding ``decoder``'s tensors (its encoder never built
     beyond the meta device); ``None`` without diffusers."""
     try:
-        from diffusers import AutoencoderKLWan
+        return diffusers_model(decoder)
     except ImportError:
         return None
-    config = decoder.config
-    kwargs = diffusers_config(config, decoder_base_dim=config.decoder_base_dim)
-    with torch.device("meta"):
-        vae: Any = AutoencoderKLWan(**kwargs)  # type: ignore[no-untyped-call]
-    ours = decoder.state_dict()
-    for prefix, module in (("decoder.", vae.decoder), ("post_quant_conv.", vae.post_quant_conv)):
-        theirs = {}
-        for name in module.state_dict():
-            target = diffusers_to_streamvae_decoder_name(prefix + name)
-            if target is None or target not in ours:
-                raise KeyError(f"diffusers tensor {prefix + name} has no streamvae twin")
-            theirs[name] = ours[target]
-        module.load_state_dict(theirs, strict=True, assign=True)
-    return vae.eval().requires_grad_(False)
 
 
 @torch.inference_mode()
@@ -250,28 +343,9 @@ class _OfficialDecoder:
 
     def __init__(self, decoder: WanDecoder) -> None:
         config = decoder.config
-        module = load_peer_file(OFFICIAL_WAN["2_2" if config.residual else "2_1"])
-        shared = diffusers_config(config)
-        keys = ("z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample")
-        kwargs: dict[str, Any] = {"dim": config.base_dim, "dropout": 0.0}
-        kwargs |= {k: shared[k] for k in keys}
-        if config.residual:
-            kwargs["dec_dim"] = config.decoder_base_dim
-        elif config.decoder_base_dim != config.base_dim:
-            raise PeerUnavailable("Wan 2.1's code builds its decoder as wide as its encoder")
-        with torch.device("meta"):
-            model = module.WanVAE_(**kwargs)
-        ours = decoder.state_dict()
-        for prefix in ("decoder.", "conv2."):
-            part = getattr(model, prefix[:-1])
-            theirs = {}
-            for name in part.state_dict():
-                target = wan_to_streamvae_decoder_name(prefix + name, config.num_res_blocks)
-                if target is None or target not in ours:
-                    raise PeerUnavailable(f"Wan's {prefix + name} has no streamvae twin")
-                theirs[name] = ours[target]
-            part.load_state_dict(theirs, strict=True, assign=True)
-        self.model = model.eval().requires_grad_(False)
+        version = "2_2" if config.residual else "2_1"
+        extra = {"dec_dim": config.decoder_base_dim} if config.residual else {}
+        self.model = wan_model(load_peer_file(OFFICIAL_WAN[version]), decoder, **extra)
         self.scale = [
             torch.tensor(config.latents_mean, device=decoder.device),
             1.0 / torch.tensor(config.latents_std, device=decoder.device),
@@ -318,9 +392,28 @@ def format_decode_report(report: dict[str, Any]) -> str:
         f"streamvae: first frame of a latent at {ours['first_of_last_share']} of the time to its "
         "last (steady state)"
     )
-    for peer in ("diffusers", "diffusers_per_latent", "official_wan"):
+    for peer in ("diffusers", "diffusers_per_latent", "official_wan", "streamdiffusionv2"):
         entry = results.get(peer, {})
         if "frames_per_s" in entry:
             ratio = ours["frames_per_s"] / entry["frames_per_s"]
             lines.append(f"streamvae frames/s vs {peer}: {ratio:.2f}x")
+    for peer in ("streamdiffusionv2", "diffusers_per_latent"):
+        theirs = results.get(peer, {}).get("first_frame_ms", {}).get("steady")
+        if theirs:
+            share = ours["first_frame_ms"]["steady"] / theirs
+            lines.append(
+                f"streamvae's first frame of a latent at {share:.2f} of the time of {peer}'s "
+                "call for that latent (steady state)"
+            )
+    if "bf16_error" in report:
+        lines.append(f"bfloat16 decoder: error {report['bf16_error']:.2e} against float32")
+    memory = report.get("memory_vs_length")
+    if memory:
+        readings = ", ".join(f"{n}: {mb} MB" for n, mb in zip(memory["latents"], memory["rss_mb"]))
+        lines.append(
+            f"memory against stream length ({memory['size']}, RSS after n latents): {readings}; "
+            f"growth {memory['growth_mb']} MB, the stream's state {memory['state_mb']} MB"
+        )
+        if memory["cuda_allocated_mb"]:
+            lines.append(f"  CUDA allocated: {memory['cuda_allocated_mb']} MB")
     return "\n".join(lines)

@@ -11,6 +11,10 @@ latent means ``[1, z, m, h, w]`` on the host:
 - :class:`StreamDiffusionV2Peer`: StreamDiffusionV2's ``WanVAE_.stream_encode`` from
   ``models/wan/wan_base/modules/vae.py``, PyPI ``streamdiffusionv2`` 0.1.1.
 
+``streamvae bench --decode`` builds its peers with the same loaders (:func:`wan_model`,
+:func:`diffusers_model` take a :class:`~streamvae.model.WanDecoder` too), and
+:class:`StreamDiffusionV2Decoder` is that file's ``stream_decode``.
+
 The last two files are loaded by path (``import wan`` or ``import models`` would pull in the
 rest of those projects); they need only torch and einops. A peer that cannot run here raises
 :class:`PeerUnavailable` saying why (not installed, or not built for this model).
@@ -21,7 +25,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -31,12 +35,14 @@ import numpy as np
 import torch
 
 from streamvae.bench.timing import Clock
-from streamvae.model import WanEncoder
+from streamvae.model import WanDecoder, WanEncoder
 from streamvae.stream import StreamEncoder
 from streamvae.weights import (
     diffusers_config,
+    diffusers_to_streamvae_decoder_name,
     diffusers_to_streamvae_name,
     streamvae_to_wan_name,
+    wan_to_streamvae_decoder_name,
 )
 
 __all__ = [
@@ -45,12 +51,16 @@ __all__ = [
     "DiffusersPeer",
     "OfficialWanPeer",
     "PeerUnavailable",
+    "StreamDiffusionV2Decoder",
     "StreamDiffusionV2Peer",
     "StreamRun",
+    "diffusers_model",
     "last_push_shares",
     "load_peer_file",
     "new_stream",
     "run_stream",
+    "timed_calls",
+    "wan_model",
 ]
 
 
@@ -175,29 +185,88 @@ def load_peer_file(where: PeerFile) -> ModuleType:
     return module
 
 
-def _wan_model(module: ModuleType, encoder: WanEncoder, **extra: object) -> Any:
-    """``module.WanVAE_`` for ``encoder``'s config on the meta device, its encoder and ``conv1``
-    assigned ``encoder``'s tensors under Wan's own names (strict: every tensor, right shapes).
+def wan_model(module: ModuleType, half: WanEncoder | WanDecoder, **extra: object) -> Any:
+    """``module.WanVAE_`` for ``half``'s config on the meta device with only that half
+    materialised: an encoder's ``encoder`` and ``conv1``, or a decoder's ``decoder`` and
+    ``conv2``, assigned ``half``'s tensors (shared) under Wan's own names (strict: every tensor,
+    right shapes); :class:`PeerUnavailable` where the file's model cannot hold them.
 
     Untyped third-party code, so ``Any``: the typed peer classes are its only callers.
     """
-    config = encoder.config
+    config = half.config
     shared = diffusers_config(config)
     keys = ("z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample")
-    kwargs = {"dim": config.base_dim, "dropout": 0.0, **{k: shared[k] for k in keys}, **extra}
+    decoding = isinstance(half, WanDecoder)
+    # Wan 2.1's code builds its decoder as wide as ``dim``; Wan 2.2's takes ``dec_dim``.
+    dim = config.decoder_base_dim if decoding and not config.residual else config.base_dim
+    kwargs = {"dim": dim, "dropout": 0.0, **{k: shared[k] for k in keys}, **extra}
     with torch.device("meta"):
         model = module.WanVAE_(**kwargs)
-    wan = {streamvae_to_wan_name(n, config): t for n, t in encoder.state_dict().items()}
-    for prefix in ("encoder.", "conv1."):
-        part = {n[len(prefix) :]: t for n, t in wan.items() if n.startswith(prefix)}
+    ours = half.state_dict()
+    parts = ("decoder", "conv2") if decoding else ("encoder", "conv1")
+    if decoding:
+        wan = {}
+        for part in parts:
+            for name in getattr(model, part).state_dict():
+                target = wan_to_streamvae_decoder_name(f"{part}.{name}", config.num_res_blocks)
+                if target is None or target not in ours:
+                    raise PeerUnavailable(f"Wan's {part}.{name} has no streamvae twin")
+                wan[f"{part}.{name}"] = ours[target]
+    else:
+        wan = {streamvae_to_wan_name(n, config): t for n, t in ours.items()}
+    for part in parts:
+        tensors = {n[len(part) + 1 :]: t for n, t in wan.items() if n.startswith(part + ".")}
         try:
-            getattr(model, prefix[:-1]).load_state_dict(part, strict=True, assign=True)
+            getattr(model, part).load_state_dict(tensors, strict=True, assign=True)
         except RuntimeError as exc:
             raise PeerUnavailable(f"cannot hold {config.name}: {str(exc)[:300]}") from None
-    held = [*model.encoder.parameters(), *model.encoder.buffers(), *model.conv1.parameters()]
+    held = [t for part in parts for t in getattr(model, part).state_dict().values()]
     if any(t.is_meta for t in held):
-        raise PeerUnavailable(f"{module.__name__}: a tensor of its encoder has no weights")
+        raise PeerUnavailable(f"{module.__name__}: a tensor of its {parts[0]} has no weights")
     return model.eval().requires_grad_(False)
+
+
+def diffusers_model(half: WanEncoder | WanDecoder) -> Any:
+    """diffusers' ``AutoencoderKLWan`` for ``half``'s config, built on the meta device with only
+    that half materialised (``encoder`` and ``quant_conv``, or ``decoder`` and
+    ``post_quant_conv``), sharing ``half``'s tensors; the other half is never allocated."""
+    from diffusers import AutoencoderKLWan
+
+    config = half.config
+    decoding = isinstance(half, WanDecoder)
+    kwargs = diffusers_config(
+        config, decoder_base_dim=config.decoder_base_dim if decoding else None
+    )
+    with torch.device("meta"):
+        vae: Any = AutoencoderKLWan(**kwargs)  # type: ignore[no-untyped-call]
+    ours = half.state_dict()
+    rename = diffusers_to_streamvae_decoder_name if decoding else diffusers_to_streamvae_name
+    for part in ("decoder", "post_quant_conv") if decoding else ("encoder", "quant_conv"):
+        module = getattr(vae, part)
+        theirs = {}
+        for name in module.state_dict():
+            target = rename(f"{part}.{name}")
+            if target is None or target not in ours:
+                raise KeyError(f"diffusers tensor {part}.{name} has no streamvae twin")
+            theirs[name] = ours[target]
+        module.load_state_dict(theirs, strict=True, assign=True)
+    return vae.eval().requires_grad_(False)
+
+
+def timed_calls(
+    bounds: Sequence[tuple[int, int]],
+    call: Callable[[int, int], torch.Tensor],
+    clock: Clock,
+) -> tuple[list[float], torch.Tensor]:
+    """``call(start, stop)`` for each of ``bounds`` in turn: each call's time, and their outputs
+    joined along time (dim 2)."""
+    times: list[float] = []
+    outputs: list[torch.Tensor] = []
+    for start, stop in bounds:
+        began = clock.now()
+        outputs.append(call(start, stop))
+        times.append(clock.now() - began)
+    return times, torch.cat(outputs, dim=2)
 
 
 class OfficialWanPeer:
@@ -213,7 +282,7 @@ class OfficialWanPeer:
     def __init__(self, encoder: WanEncoder) -> None:
         version = "2_2" if encoder.config.residual else "2_1"
         extra = {"dec_dim": encoder.config.base_dim} if encoder.config.residual else {}
-        self.model = _wan_model(load_peer_file(OFFICIAL_WAN[version]), encoder, **extra)
+        self.model = wan_model(load_peer_file(OFFICIAL_WAN[version]), encoder, **extra)
         self.file = OFFICIAL_WAN[version].path
 
     @torch.inference_mode()
@@ -238,7 +307,7 @@ class StreamDiffusionV2Peer:
             raise PeerUnavailable(
                 f"not applicable to {encoder.config.name}: StreamDiffusionV2's VAE is Wan 2.1's"
             )
-        self.model = _wan_model(load_peer_file(STREAMDIFFUSIONV2), encoder)
+        self.model = wan_model(load_peer_file(STREAMDIFFUSIONV2), encoder)
         self.group = encoder.config.temporal_stride
 
     def calls(self, frames: int) -> list[tuple[int, int]]:
@@ -256,15 +325,63 @@ class StreamDiffusionV2Peer:
         """Its calls over the clip from a fresh cache; each call's time (latents on the host)."""
         model = self.model
         model.first_encode = True  # the next call starts a stream (and clears its cache)
-        times: list[float] = []
-        means: list[torch.Tensor] = []
-        for start, stop in self.calls(video.shape[2]):
-            began = clock.now()
-            means.append(model.stream_encode(video[:, :, start:stop], None).cpu())
-            times.append(clock.now() - began)
+        timed = timed_calls(
+            self.calls(video.shape[2]),
+            lambda start, stop: model.stream_encode(video[:, :, start:stop], None).cpu(),
+            clock,
+        )
         model.first_encode = True
         model.clear_cache_encode()
-        return times, torch.cat(means, dim=2)
+        return timed
+
+
+class StreamDiffusionV2Decoder:
+    """StreamDiffusionV2's ``WanVAE_.stream_decode``, holding exactly a WanDecoder's weights.
+
+    Called as its pipeline's streaming loop calls it: the first call takes latents 0 and 1 (its
+    first-decode branch steps latent 0, then the rest in one step), every later call one
+    latent, the cache carried between calls. Normalised latents in (its scale is Wan's mean
+    and 1 / std), frames out clamped to [-1, 1] as Wan's wrapper clamps. Wan 2.1's topology
+    only (the file has no Wan 2.2 code).
+    """
+
+    name = "streamdiffusionv2"
+
+    def __init__(self, decoder: WanDecoder) -> None:
+        config = decoder.config
+        if config.residual:
+            raise PeerUnavailable(
+                f"not applicable to {config.name}: StreamDiffusionV2's VAE is Wan 2.1's"
+            )
+        self.model = wan_model(load_peer_file(STREAMDIFFUSIONV2), decoder)
+        self.scale = [
+            torch.tensor(config.latents_mean, device=decoder.device),
+            1.0 / torch.tensor(config.latents_std, device=decoder.device),
+        ]
+
+    @staticmethod
+    def calls(latents: int) -> list[tuple[int, int]]:
+        """The latent ranges of its calls for a stream of ``latents`` latents."""
+        if latents < 2:
+            return []
+        return [(0, 2)] + [(i, i + 1) for i in range(2, latents)]
+
+    @torch.inference_mode()
+    def latents(self, z: torch.Tensor, clock: Clock) -> tuple[list[float], torch.Tensor]:
+        """Its calls over ``z`` (``[1, z, n, h, w]``, normalised) from a fresh cache; each
+        call's time, the frames on the host."""
+        model = self.model
+        model.first_decode = True  # the next call starts a stream (and clears its cache)
+        timed = timed_calls(
+            self.calls(z.shape[2]),
+            lambda start, stop: (
+                model.stream_decode(z[:, :, start:stop], self.scale).float().clamp_(-1, 1).cpu()
+            ),
+            clock,
+        )
+        model.first_decode = True
+        model.clear_cache_decode()
+        return timed
 
 
 class DiffusersPeer:
@@ -277,21 +394,8 @@ class DiffusersPeer:
     name = "diffusers"
 
     def __init__(self, encoder: WanEncoder) -> None:
-        from diffusers import AutoencoderKLWan
-
         config = encoder.config
-        with torch.device("meta"):
-            vae: Any = AutoencoderKLWan(**diffusers_config(config))  # type: ignore[no-untyped-call]
-        ours = encoder.state_dict()
-        for prefix, module in (("encoder.", vae.encoder), ("quant_conv.", vae.quant_conv)):
-            theirs = {}
-            for name in module.state_dict():
-                target = diffusers_to_streamvae_name(prefix + name)
-                if target is None or target not in ours:
-                    raise KeyError(f"diffusers tensor {prefix + name} has no streamvae twin")
-                theirs[name] = ours[target]
-            module.load_state_dict(theirs, strict=True, assign=True)
-        self.vae = vae.eval().requires_grad_(False)
+        self.vae = diffusers_model(encoder)
         self.z_dim = config.z_dim
         self.group = config.temporal_stride
 

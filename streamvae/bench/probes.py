@@ -21,7 +21,13 @@ from streamvae.bench.clips import frames_to_video, synthetic_frame
 from streamvae.bench.peers import DiffusersPeer, new_stream
 from streamvae.model import WanEncoder
 
-__all__ = ["MemoryPeak", "memory_against_length", "memory_probe_main", "track_memory"]
+__all__ = [
+    "MemoryPeak",
+    "live_memory",
+    "memory_against_length",
+    "memory_probe_main",
+    "track_memory",
+]
 
 MEMORY_SAMPLE_S = 0.001
 
@@ -36,6 +42,17 @@ def _rss() -> int:
     import psutil
 
     return int(psutil.Process().memory_info().rss)
+
+
+def live_memory(device: torch.device) -> tuple[int, int | None]:
+    """This process's memory now, in bytes: its RSS once freed heap memory is given back to
+    the OS, and on CUDA the bytes ``device``'s allocator has allocated (else ``None``)."""
+    gc.collect()
+    _malloc_trim()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return _rss(), int(torch.cuda.memory_allocated(device))
+    return _rss(), None
 
 
 _STATUS = Path("/proc/self/status")

@@ -46,6 +46,12 @@ import torch
 from streamvae.config import PRESETS, WanConfig
 from streamvae.frames import FrameError
 from streamvae.io.backoff import Backoff
+from streamvae.io.decode import (
+    DECODE_FORMATS,
+    DecodeSink,
+    check_decode_output,
+    decoded_output_path,
+)
 from streamvae.io.filesink import FileSink
 from streamvae.io.pipeline import (
     LatentSink,
@@ -65,7 +71,13 @@ from streamvae.io.sources import (
 )
 from streamvae.io.topics import PASSWORD_ENV, validate_stream_id
 from streamvae.io.wire import STORAGE_DTYPES
-from streamvae.model_args import ModelChoice, add_model_arguments, model_from_args
+from streamvae.model import WanDecoder
+from streamvae.model_args import (
+    ModelChoice,
+    add_model_arguments,
+    decoder_from_args,
+    model_from_args,
+)
 from streamvae.stream import StreamEncoder
 from streamvae.usage import (
     check_output_file,
@@ -81,13 +93,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RESIZE_HELP",
+    "add_decode_argument",
     "add_encode_command",
     "add_live_command",
     "add_resize_argument",
+    "decoder_for_round_trip",
     "default_stream_id",
     "model_labels",
     "mqtt_settings",
     "mqtt_sink",
+    "round_trip_line",
+    "round_trip_summary",
 ]
 
 
@@ -145,6 +161,7 @@ def add_live_command(
         default=2.0,
         help="seconds between stats lines (0: none)",
     )
+    add_decode_argument(parser, "beside the -o file: clip.latents -> clip.decoded.mp4")
     _add_output_arguments(parser)
     parser.set_defaults(run=run_live)
     return parser
@@ -185,6 +202,32 @@ def _add_mqtt_arguments(parser: argparse.ArgumentParser) -> None:
         default=5.0,
         help="seconds to publish buffered latents at exit",
     )
+
+
+def add_decode_argument(parser: argparse.ArgumentParser, where: str) -> None:
+    """``--decode [FORMAT]`` of ``live`` and ``serve``: the round trip written beside the
+    latents (``where`` says where)."""
+    parser.add_argument(
+        "--decode",
+        nargs="?",
+        const="mp4",
+        choices=DECODE_FORMATS,
+        metavar="FORMAT",
+        help="also decode every latent and write the frames (the round trip), "
+        f"{where}; FORMAT: {', '.join(DECODE_FORMATS)} (png: a folder of frames; default "
+        "without FORMAT: mp4)",
+    )
+
+
+def decoder_for_round_trip(args: argparse.Namespace) -> WanDecoder:
+    """The decoder of ``--decode``: the weights the encoder came from (random ones said so)."""
+    decoder, _, random = decoder_from_args(args)
+    if random:
+        print(
+            "streamvae: RANDOM WEIGHTS: the decoded frames (--decode) are meaningless too",
+            file=sys.stderr,
+        )
+    return decoder
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -773,13 +816,24 @@ def run_live(args: argparse.Namespace) -> int:
         check_output_file(args.output, "--output")
     if not args.mqtt and not args.output:
         usage_error("live needs --mqtt URL and/or --output FILE")
+    decoded: Path | None = None
+    if args.decode:
+        if not args.output:
+            usage_error(
+                "--decode writes the decoded frames beside the latents file: give -o FILE.latents"
+            )
+        decoded = decoded_output_path(args.output, args.decode)
+        check_decode_output(decoded, "--decode", folder=args.decode == "png")
     _setup_logging(args)
     with user_errors():
         stream_id = validate_stream_id(args.stream_id or default_stream_id(args.source))
         settings = mqtt_settings(args)
     source = _open_source_from_args(args.source, args)
     choice, encoder = _stream_encoder(args)
-    return _run_until_done(_live(args, source, choice, encoder, settings, stream_id))
+    round_trip = None
+    if decoded is not None:
+        round_trip = (decoded, decoder_for_round_trip(args))
+    return _run_until_done(_live(args, source, choice, encoder, settings, stream_id, round_trip))
 
 
 async def _live(
@@ -789,6 +843,7 @@ async def _live(
     encoder: StreamEncoder,
     settings: MqttSettings | None,
     stream_id: str,
+    round_trip: tuple[Path, WanDecoder] | None = None,
 ) -> int:
     labels = {**model_labels(choice, normalize=not args.no_normalize), "stream": stream_id}
     stats = PipelineStats()
@@ -813,6 +868,12 @@ async def _live(
                 FileSink(args.output, labels=labels, dtype=args.latent_dtype)
             )
             sinks.append(file_sink)
+        decode_sink: DecodeSink | None = None
+        if round_trip is not None:
+            decode_sink = stack.enter_context(
+                DecodeSink(round_trip[0], round_trip[1], normalized=not args.no_normalize)
+            )
+            sinks.append(decode_sink)
         await stack.enter_async_context(source)
         stopped = stack.enter_context(_stop_on_signals(source.stop))
         reporter = asyncio.ensure_future(_report_live(args.stats_interval, source, stats, mqtt))
@@ -881,12 +942,32 @@ async def _live(
             lines.append(f"removed {args.output} ({why})")
         else:
             lines.append(f"wrote {args.output} ({file_sink.latents_written} latents)")
+    if decode_sink is not None:
+        summary["decoded"] = round_trip_summary(decode_sink)
+        lines.append(round_trip_line(decode_sink, choice.random))
     if error:
         lines.append(f"error: {error}")
     _print_summary(args, summary, lines)
     if never_opened:
         return stopped.status
     return 1 if error else 0
+
+
+def round_trip_summary(sink: DecodeSink) -> dict[str, Any]:
+    """``--decode``'s part of a summary: where the frames went and how many."""
+    return {
+        "output": str(sink.path),
+        "latents": sink.latents_decoded,
+        "frames": sink.frames_written,
+    }
+
+
+def round_trip_line(sink: DecodeSink, random: bool) -> str:
+    """``--decode``'s line of a summary."""
+    where = f"into {sink.path}" if sink.frames_written else f"(nothing written to {sink.path})"
+    return f"decoded {_latents(sink.latents_decoded)} -> {sink.frames_written} frames {where}" + (
+        " (RANDOM WEIGHTS: meaningless)" if random else ""
+    )
 
 
 def _not_open_text(source: FrameSource) -> str:

@@ -16,11 +16,15 @@ and a summary at the end.
 Exit status: 0 when every latent was decoded and written; 2 for a command line that cannot run
 as given (bad options, weights whose latent space is not the file's); 1 when the file or the
 writer failed. A failed run removes the video file it created.
+
+:class:`DecodeSink` is the same decode as a :class:`~streamvae.io.LatentSink`: ``live --decode``
+and ``serve --decode`` write the round trip (the decoded frames) beside the latents file with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import sys
 import time
@@ -29,15 +33,28 @@ from typing import Any
 
 import numpy as np
 
-from streamvae.decoding import LatentError, StreamDecoder
+from streamvae.decoding import DecodedFrame, LatentError, StreamDecoder
 from streamvae.io.filesink import iter_latents
+from streamvae.io.pipeline import SinkError
 from streamvae.io.wire import WireError
+from streamvae.model import WanDecoder
 from streamvae.model_args import add_model_arguments, decoder_from_args
+from streamvae.stream import Latent
 from streamvae.usage import check_output_dir, check_output_file, usage_error
 
-__all__ = ["add_decode_command", "run_decode"]
+__all__ = [
+    "DECODE_FORMATS",
+    "DecodeSink",
+    "add_decode_command",
+    "check_decode_output",
+    "decoded_output_path",
+    "run_decode",
+]
 
 VIDEO_SUFFIXES = {".mp4": "libx264", ".mkv": "libx264", ".avi": "mpeg4", ".webm": "libvpx-vp9"}
+
+DECODE_FORMATS = ("png", *(suffix[1:] for suffix in VIDEO_SUFFIXES))
+"""What ``--decode`` writes: ``png`` (a folder of frames) or a video container."""
 
 
 def add_decode_command(
@@ -84,17 +101,7 @@ def run_decode(args: argparse.Namespace) -> int:
     source = Path(args.input)
     if not source.is_file():
         raise SystemExit(f"streamvae: {args.input}: no such file")
-    folder = _is_folder(args.output)
-    if folder:
-        check_output_dir(args.output, "--output")
-    else:
-        suffix = Path(args.output).suffix.lower()
-        if suffix not in VIDEO_SUFFIXES:
-            usage_error(
-                f"--output {args.output}: expected a video ({', '.join(VIDEO_SUFFIXES)}) or a "
-                "folder for PNG frames"
-            )
-        check_output_file(args.output, "--output")
+    folder = check_decode_output(args.output, "--output")
     decoder, label, random = decoder_from_args(args)
     if random:
         print(
@@ -102,31 +109,27 @@ def run_decode(args: argparse.Namespace) -> int:
             "pipeline)",
             file=sys.stderr,
         )
-    writer: _Writer = _PngWriter(Path(args.output)) if folder else _VideoWriter(args)
+    writer = open_frame_writer(Path(args.output), args.fps, folder=folder)
     created = not folder and not Path(args.output).exists()
     started = time.monotonic()
-    latents = frames = 0
-    size = (0, 0)
+    sink: DecodeSink | None = None
     try:
-        latent_iter = iter_latents(source)
-        stream: StreamDecoder | None = None
-        for latent in latent_iter:
-            if stream is None:
-                stream = _stream_for(decoder, latent, args)
+        for latent in iter_latents(source):
+            if sink is None:
+                sink = DecodeSink(
+                    writer, _checked_decoder(decoder, latent, args), normalized=_normalized(latent)
+                )
             try:
-                decoded = stream.push(latent)
-            except LatentError as exc:
-                raise SystemExit(f"streamvae: {args.input}: latent {latent.index}: {exc}") from None
-            for frame in decoded:
-                rgb = frame.to_rgb()
-                size = rgb.shape[:2]
-                writer.write(rgb)
-                frames += 1
-            latents += 1
+                sink.write(latent)
+            except SinkError as exc:
+                raise SystemExit(
+                    f"streamvae: {args.input}: latent {latent.index}: {exc.__cause__}"
+                ) from None
             if not args.quiet:
                 elapsed = max(time.monotonic() - started, 1e-9)
                 print(
-                    f"\rdecode: {latents} latents, {frames} frames, {frames / elapsed:.1f} frames/s",
+                    f"\rdecode: {sink.latents_decoded} latents, {sink.frames_written} frames, "
+                    f"{sink.frames_written / elapsed:.1f} frames/s",
                     end="",
                     file=sys.stderr,
                     flush=True,
@@ -140,19 +143,21 @@ def run_decode(args: argparse.Namespace) -> int:
         raise
     if not args.quiet:
         print(file=sys.stderr)
-    if latents == 0:
+    if sink is None:
         _discard(writer, created, args.output)
         raise SystemExit(f"streamvae: {args.input}: no complete latent in the file")
     elapsed = time.monotonic() - started
+    size = sink.size or (0, 0)
     print(
-        f"decoded {latents} latents -> {frames} frames ({size[0]}x{size[1]}) into {args.output} "
-        f"in {elapsed:.1f} s ({frames / max(elapsed, 1e-9):.1f} frames/s; model: {label})"
+        f"decoded {sink.latents_decoded} latents -> {sink.frames_written} frames "
+        f"({size[0]}x{size[1]}) into {args.output} in {elapsed:.1f} s "
+        f"({sink.frames_written / max(elapsed, 1e-9):.1f} frames/s; model: {label})"
     )
     return 0
 
 
-def _stream_for(decoder: Any, latent: Any, args: argparse.Namespace) -> StreamDecoder:
-    """The stream for this file's latents; a usage error if the weights cannot decode them."""
+def _checked_decoder(decoder: WanDecoder, latent: Latent, args: argparse.Namespace) -> WanDecoder:
+    """``decoder``; a usage error if it cannot decode this file's latents."""
     config = decoder.config
     z = latent.data.shape[0]
     labelled = latent.meta.get("config", "?")
@@ -162,11 +167,118 @@ def _stream_for(decoder: Any, latent: Any, args: argparse.Namespace) -> StreamDe
             f"({config.name}) decodes {config.z_dim}: give the weights (or --config) they were "
             "encoded with"
         )
-    normalized = latent.meta.get("normalization", "wan") != "none"
-    return StreamDecoder(decoder, normalized=normalized)
+    return decoder
+
+
+def _normalized(latent: Latent) -> bool:
+    """Whether a stored latent carries Wan's normalisation (``encode --no-normalize``: not)."""
+    return latent.meta.get("normalization", "wan") != "none"
+
+
+def check_decode_output(output: str | Path, option: str, *, folder: bool | None = None) -> bool:
+    """A usage error (status 2) unless ``output`` can take decoded frames: a video file
+    (:data:`VIDEO_SUFFIXES`) or a folder for PNGs (``folder``: which, else told by the name).
+    ``True`` for a folder."""
+    text = str(output)
+    if folder or (folder is None and _is_folder(text)):
+        check_output_dir(text, option)
+        return True
+    if Path(text).suffix.lower() not in VIDEO_SUFFIXES:
+        usage_error(
+            f"{option} {text}: expected a video ({', '.join(VIDEO_SUFFIXES)}) or a "
+            "folder for PNG frames"
+        )
+    check_output_file(text, option)
+    return False
+
+
+def decoded_output_path(latents_path: str | Path, fmt: str) -> Path:
+    """Where ``--decode FMT`` writes beside a latents file: ``clip.latents`` ->
+    ``clip.decoded.mp4`` (a video), or the folder ``clip.decoded/`` for ``png``."""
+    if fmt not in DECODE_FORMATS:
+        raise ValueError(f"--decode takes one of {', '.join(DECODE_FORMATS)}, got {fmt!r}")
+    path = Path(latents_path)
+    stem = path.with_suffix("").name + ".decoded"
+    return path.with_name(stem if fmt == "png" else f"{stem}.{fmt}")
+
+
+def open_frame_writer(path: Path, fps: float, *, folder: bool | None = None) -> _Writer:
+    """The writer of decoded frames into ``path``: a video at ``fps`` where its suffix names
+    one (:data:`VIDEO_SUFFIXES`), else a folder of PNGs (``folder`` says which outright)."""
+    if folder is None:
+        folder = path.suffix.lower() not in VIDEO_SUFFIXES
+    return _PngWriter(path) if folder else _VideoWriter(path, fps)
+
+
+class DecodeSink:
+    """A latent sink that decodes every latent it is sent and writes the frames: the round trip.
+
+    One :class:`StreamDecoder` over ``decoder`` (weights shared with any other sink), its frames
+    written into ``path`` (a video, or a folder of PNGs: see :func:`check_decode_output`) as each
+    latent arrives; the decode runs in a worker thread, so the event loop stays free. A latent
+    with ``gap`` (the source restarted) starts a new run of the decoder, as it does the
+    encoder's. ``normalized``: the latents carry Wan's normalisation (the encoder's default).
+    A latent the decoder or the writer cannot take raises :class:`streamvae.io.SinkError`.
+    """
+
+    def __init__(
+        self,
+        output: str | Path | _Writer,
+        decoder: WanDecoder,
+        *,
+        normalized: bool = True,
+        fps: float = 16.0,
+    ) -> None:
+        if isinstance(output, _Writer):
+            self._writer: _Writer | None = output
+            self.path = output.path
+        else:
+            self.path = Path(output)
+            self._writer = open_frame_writer(self.path, fps)
+        self.stream = StreamDecoder(decoder, normalized=normalized)
+        self.latents_decoded = 0
+        self.frames_written = 0
+        self.size: tuple[int, int] | None = None
+
+    async def send(self, latent: Latent) -> None:
+        """Decode ``latent`` and write its frames (1 for a stream's first latent, else 4)."""
+        await asyncio.to_thread(self.write, latent)
+
+    def write(self, latent: Latent) -> list[DecodedFrame]:
+        """:meth:`send`, in the calling thread; the frames written."""
+        try:
+            frames = self.stream.push(latent)
+            if self._writer is None:
+                raise ValueError("the sink is closed")
+            for frame in frames:
+                rgb = frame.to_rgb()
+                self.size = (rgb.shape[0], rgb.shape[1])
+                self._writer.write(rgb)
+                self.frames_written += 1
+        except (LatentError, OSError, ValueError) as exc:
+            raise SinkError(f"decoding into {self.path}: {exc}") from exc
+        self.latents_decoded += 1
+        return frames
+
+    def close(self) -> None:
+        """Finish the output (a video's trailer); nothing was created if no frame came."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> DecodeSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _Writer:
+    path: Path
+
     def write(self, rgb: np.ndarray) -> None:
         raise NotImplementedError
 
@@ -179,19 +291,20 @@ class _Writer:
 
 class _PngWriter(_Writer):
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder = folder
+        self.path = self.folder = folder
         self.count = 0
 
     def write(self, rgb: np.ndarray) -> None:
         from PIL import Image
 
+        if self.count == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rgb).save(self.folder / f"frame_{self.count:06d}.png")
         self.count += 1
 
 
 class _VideoWriter(_Writer):
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, path: Path, fps: float) -> None:
         try:
             import av
         except ImportError:
@@ -200,9 +313,9 @@ class _VideoWriter(_Writer):
                 "for PNG frames"
             )
         self.av = av
-        self.path = Path(args.output)
+        self.path = path
         self.codec = VIDEO_SUFFIXES[self.path.suffix.lower()]
-        self.fps = args.fps
+        self.fps = fps
         self.container: Any = None
         self.stream: Any = None
 

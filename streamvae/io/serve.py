@@ -54,10 +54,15 @@ from streamvae.io.commands import (
     _run_until_done,
     _setup_logging,
     _stop_on_signals,
+    add_decode_argument,
+    decoder_for_round_trip,
     model_labels,
     mqtt_settings,
     mqtt_sink,
+    round_trip_line,
+    round_trip_summary,
 )
+from streamvae.io.decode import DecodeSink, check_decode_output, decoded_output_path
 from streamvae.io.filesink import FileSink
 from streamvae.io.pipeline import LatentSink, PipelineStats, SinkError, _counted, latent_latency
 from streamvae.io.sources import FrameSource, SourceError
@@ -73,6 +78,7 @@ __all__ = [
     "SourceSpec",
     "StreamSinks",
     "add_serve_command",
+    "decoded_path",
     "read_sources",
     "run_serve",
     "stream_output_path",
@@ -132,6 +138,7 @@ def add_serve_command(
     _add_source_arguments(parser)
     _add_encoder_arguments(parser)
     add_model_arguments(parser)
+    add_decode_argument(parser, "beside each stream's latents: DIR/ID.decoded.mp4")
     _add_output_arguments(parser)
     parser.set_defaults(run=run_serve)
     return parser
@@ -194,10 +201,11 @@ class StreamSinks:
 
     mqtt: MqttSink | None
     file: FileSink | None
+    decode: DecodeSink | None = None
 
     @property
     def sinks(self) -> list[LatentSink]:
-        return [sink for sink in (self.mqtt, self.file) if sink is not None]
+        return [sink for sink in (self.mqtt, self.file, self.decode) if sink is not None]
 
 
 def stream_output_path(output_dir: str | Path, stream_id: str) -> Path:
@@ -224,7 +232,13 @@ async def stream_sinks(
             path = stream_output_path(args.output_dir, stream_id)
             path.parent.mkdir(parents=True, exist_ok=True)
             file = stack.enter_context(FileSink(path, labels=labels, dtype=args.latent_dtype))
-        yield StreamSinks(mqtt, file)
+        decode = None
+        decoder = getattr(args, "round_trip_decoder", None)
+        if decoder is not None and args.output_dir:
+            decode = stack.enter_context(
+                DecodeSink(decoded_path(args, stream_id), decoder, normalized=not args.no_normalize)
+            )
+        yield StreamSinks(mqtt, file, decode)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -239,11 +253,21 @@ def run_serve(args: argparse.Namespace) -> int:
         args.size = args.size or defaults.get("size")
         if not args.mqtt and not args.output_dir:
             raise ValueError("give --mqtt URL and/or --output-dir DIR (or mqtt/output_dir in TOML)")
+        if args.decode and not args.output_dir:
+            raise ValueError(
+                "--decode writes the decoded frames beside each stream's latents: give "
+                "--output-dir DIR (or output_dir in TOML)"
+            )
         if not (args.deadline >= 0):
             raise ValueError(f"--deadline must be >= 0 seconds, got {args.deadline}")
         settings = mqtt_settings(args)
     if args.output_dir:
         check_output_dir(args.output_dir, "--output-dir")
+    if args.decode:
+        for spec in specs:
+            check_decode_output(
+                decoded_path(args, spec.stream_id), "--decode", folder=args.decode == "png"
+            )
     sources = {
         spec.stream_id: _open_source_from_args(
             spec.uri, argparse.Namespace(**{**vars(args), "size": spec.size or args.size})
@@ -254,7 +278,13 @@ def run_serve(args: argparse.Namespace) -> int:
     pool = StreamPool(
         choice.encoder, mode=args.mode, pad_tail=args.pad_tail, normalize=not args.no_normalize
     )
+    args.round_trip_decoder = decoder_for_round_trip(args) if args.decode else None
     return _run_until_done(_serve(args, sources, choice, pool, settings))
+
+
+def decoded_path(args: argparse.Namespace, stream_id: str) -> Path:
+    """Where ``--decode`` writes a stream's frames: beside ``DIR/ID.latents``."""
+    return decoded_output_path(stream_output_path(args.output_dir, stream_id), args.decode)
 
 
 async def _serve(
@@ -269,6 +299,7 @@ async def _serve(
     sinks: dict[str, list[LatentSink]] = {sid: [] for sid in sources}
     mqtt: dict[str, MqttSink] = {}
     files: dict[str, FileSink] = {}
+    decoded: dict[str, DecodeSink] = {}
     errors: dict[str, str] = {}
     dropped: dict[str, int] = {}
     # Sources that cannot come back (files, synthetic://) are refused before any output exists;
@@ -294,6 +325,8 @@ async def _serve(
                 mqtt[sid] = opened.mqtt
             if opened.file is not None:
                 files[sid] = opened.file
+            if opened.decode is not None:
+                decoded[sid] = opened.decode
         if settings is not None:
             print(
                 f"streamvae: publishing {len(sources)} streams to {settings.display}",
@@ -382,6 +415,9 @@ async def _serve(
             if sid in errors and sid in created and not files[sid].latents_written:
                 files[sid].path.unlink(missing_ok=True)  # a failed stream leaves no empty file
                 entry["output_removed"] = True
+        if sid in decoded:
+            entry["decoded"] = round_trip_summary(decoded[sid])
+            line += ", " + round_trip_line(decoded[sid], choice.random)
         if sid in errors:
             line += f", error: {errors[sid]}"
         summary["streams"][sid] = entry
