@@ -31,7 +31,7 @@ import torch
 from streamvae.model import DecoderState, WanDecoder
 from streamvae.model.encoder import default_memory_format
 from streamvae.stepping import OutputStream, StreamCore, check_snapshot_meta
-from streamvae.stream import Latent
+from streamvae.stream import Latent, warmup_steps
 
 __all__ = ["DecodedFrame", "FrameStream", "LatentError", "StreamDecoder", "decoder_receptive_field"]
 
@@ -194,6 +194,24 @@ class StreamDecoder(StreamCore[DecoderState, DecodedFrame]):
         frames = self._with_pending(list)
         self.reset()
         return frames
+
+    # -- warming up ----
+
+    def warmup(self, height: int, width: int) -> int:
+        """Decode a stream's first latents of ``height x width`` (latent size) on a throwaway
+        state before the first latent (as :meth:`streamvae.StreamEncoder.warmup`: cuDNN's
+        autotuning on CUDA, oneDNN's first calls on the CPU); the stream is left as it was.
+        Returns the latents stepped."""
+        self._check_usable()
+        if height < 1 or width < 1:
+            raise LatentError(f"a latent size is positive, got {height}x{width}")
+        state = self._allocate(height, width)
+        raw = torch.zeros(
+            (1, self.decoder.config.z_dim, 1, height, width),
+            dtype=self.decoder.dtype,
+            device=self._device,
+        )
+        return self._run_on_lane(warmup_steps, state, lambda _: self.decoder.step(raw, state), 1)
 
     # -- resuming and moving ----
 

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -65,7 +66,7 @@ from collections.abc import (
     Mapping,
 )
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, cast, overload
 
 import torch
@@ -83,6 +84,7 @@ from streamvae.stream import (
     StreamEncoder,
     _in_worker,
     _wait_thread_exit,
+    warmup_steps,
 )
 
 __all__ = [
@@ -91,6 +93,7 @@ __all__ = [
     "PoolStepError",
     "PoolStream",
     "StreamPool",
+    "TickBreakdown",
     "TickStats",
 ]
 
@@ -156,6 +159,152 @@ class TickStats:
     @property
     def mean_batch(self) -> float:
         return self.stepped_streams / self.steps if self.steps else 0.0
+
+
+@dataclass
+class TickBreakdown:
+    """Where the wall time of the pool's ticks went, in seconds summed since it was made
+    (:attr:`StreamPool.breakdown`; assign a fresh one to start over).
+
+    Every moment inside :meth:`StreamPool.push` is counted in exactly one part, so the parts
+    sum to ``total``:
+
+    - ``host``: the checks, admission, grouping into cohorts, the outputs' labels (Python);
+    - ``uploads``: inputs to the model's device and into the streams' input buffers (on CUDA
+      one pinned, double-buffered, asynchronous copy per batch);
+    - ``steps``: each batched model step, by ``"HxW xB"`` (size and batch); on CUDA the time
+      to launch it (the device runs it asynchronously: ``device_steps`` has its device time,
+      read from CUDA events once the tick has synchronised);
+    - ``downloads``: outputs to ``output_device`` (on CUDA one asynchronous copy per batch);
+    - ``syncs``: every wait for the device, by where: ``"upload buffer"`` (a pinned buffer
+      still being read by the copy of two ticks ago), ``"downloads"`` (the tick's copies back,
+      once per tick); ``sync_counts`` counts them. The CPU has none.
+    """
+
+    ticks: int = 0
+    total: float = 0.0
+    host: float = 0.0
+    uploads: float = 0.0
+    steps: dict[str, float] = field(default_factory=dict)
+    downloads: float = 0.0
+    syncs: dict[str, float] = field(default_factory=dict)
+    sync_counts: dict[str, int] = field(default_factory=dict)
+    device_steps: dict[str, float] = field(default_factory=dict)
+    # CUDA events of steps whose device time is not read yet (read once they have completed).
+    _events: list[tuple[str, Any, Any]] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def parts(self) -> float:
+        """The sum of the parts (equal to ``total`` up to float rounding)."""
+        return (self.host + self.uploads + sum(self.steps.values()) + self.downloads) + sum(
+            self.syncs.values()
+        )
+
+    def per_tick_ms(self) -> dict[str, float]:
+        """Milliseconds per tick: total, host, uploads, steps, downloads, syncs (summed), and
+        each step and synchronisation on its own (``step HxW xB``, ``sync WHERE``)."""
+        ticks = max(self.ticks, 1)
+        row = {
+            "total": self.total,
+            "host": self.host,
+            "uploads": self.uploads,
+            "steps": sum(self.steps.values()),
+            "downloads": self.downloads,
+            "syncs": sum(self.syncs.values()),
+        }
+        row |= {f"step {key}": value for key, value in self.steps.items()}
+        row |= {f"device step {key}": value for key, value in self.device_steps.items()}
+        row |= {f"sync {key}": value for key, value in self.syncs.items()}
+        return {key: value * 1000 / ticks for key, value in row.items()}
+
+
+class _TickClock:
+    """Attributes the time since the last mark to a part of a :class:`TickBreakdown`."""
+
+    def __init__(self, into: TickBreakdown, device: torch.device) -> None:
+        self.into = into
+        self.cuda = device.type == "cuda"
+        self.start = self.last = time.perf_counter()
+        self.copies: Any = None  # on CUDA: an event after the tick's copies back
+
+    def mark(self, part: str, key: str | None = None) -> None:
+        now = time.perf_counter()
+        spent, self.last = now - self.last, now
+        into = self.into
+        if key is None:
+            setattr(into, part, getattr(into, part) + spent)
+            return
+        table: dict[str, float] = getattr(into, part)
+        table[key] = table.get(key, 0.0) + spent
+        if part == "syncs":
+            into.sync_counts[key] = into.sync_counts.get(key, 0) + 1
+
+    def step_events(self, key: str) -> tuple[Any, Any] | None:
+        """CUDA events to record around a step (its device time), ``None`` elsewhere."""
+        if not self.cuda:
+            return None
+        events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.into._events.append((key, *events))
+        return events
+
+    def copied(self) -> None:
+        """A copy back was enqueued (on the current stream): :meth:`wait_copies` waits for it."""
+        if self.copies is None:
+            self.copies = torch.cuda.Event()
+        self.copies.record()  # on one stream: the last record covers every earlier copy
+
+    def wait_copies(self) -> None:
+        if self.copies is not None:
+            self.mark("host")
+            self.copies.synchronize()
+            self.copies = None
+            self.mark("syncs", "downloads")
+
+    def finish(self) -> None:
+        """End of the tick: wait for the copies back (once), read the steps' device times."""
+        self.wait_copies()
+        waiting = []
+        for key, begin, end in self.into._events:
+            if end.query():  # never waits: a step still running is read at a later tick
+                seconds = begin.elapsed_time(end) / 1000
+                table = self.into.device_steps
+                table[key] = table.get(key, 0.0) + seconds
+            else:
+                waiting.append((key, begin, end))
+        self.into._events = waiting
+        self.mark("host")
+        self.into.ticks += 1
+        self.into.total += self.last - self.start
+
+
+class _PinnedUploads:
+    """CUDA: host tensors to the device as one batch, through double-buffered pinned memory,
+    copied asynchronously on the caller's current stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[tuple[Any, ...], list[tuple[torch.Tensor, Any]]] = {}
+        self.turns: dict[tuple[Any, ...], int] = {}
+
+    def upload(self, tensors: list[torch.Tensor], clock: _TickClock) -> torch.Tensor:
+        first = tensors[0]
+        key = (len(tensors), tuple(first.shape), first.dtype)
+        if key not in self.buffers:
+            shape = (len(tensors), *first.shape)
+            self.buffers[key] = [
+                (torch.empty(shape, dtype=first.dtype).pin_memory(), torch.cuda.Event())
+                for _ in range(2)
+            ]
+            self.turns[key] = 0
+        self.turns[key] ^= 1
+        buffer, done = self.buffers[key][self.turns[key]]
+        clock.mark("uploads")
+        done.synchronize()  # the copy that last read this buffer (two uploads ago) has ended
+        clock.mark("syncs", "upload buffer")
+        torch.stack(tensors, out=buffer)
+        out = buffer.to(self.device, non_blocking=True)
+        done.record()
+        return out
 
 
 class _PooledStream(StreamEncoder):
@@ -404,6 +553,11 @@ class StreamPool(Generic[OutT]):
         self.gather = False
         self._scratches: dict[tuple[tuple[int, int], int], _State] = {}
         self.stats = TickStats()
+        self.breakdown = TickBreakdown()
+        """Where the ticks' time went (see :class:`TickBreakdown`)."""
+        cuda = model.device.type == "cuda"
+        self._uploads = _PinnedUploads(model.device) if cuda else None
+        self._clock = _TickClock(TickBreakdown(), model.device)  # the tick's, set by push
 
     @property
     def decoding(self) -> bool:
@@ -519,6 +673,45 @@ class StreamPool(Generic[OutT]):
         """Bytes of state the pool has allocated (every bank's slots, every stream's buffer)."""
         return self._allocated()
 
+    # -- warming up ----
+
+    def warmup(self, size: tuple[int, int], *, streams: int = 1) -> int:
+        """Run the first steps of ``streams`` streams of ``size`` (frames ``(H, W)``; a decoder
+        pool: latents ``(h, w)``), batched as a cohort of them would be, on a throwaway state
+        before they go live: cuDNN's autotuning on CUDA, oneDNN's first calls on the CPU, for
+        the shapes their ticks will step (see :meth:`streamvae.StreamEncoder.warmup`). No
+        stream, bank or counter changes. Returns the steps run.
+
+        >>> from streamvae import WanEncoder, narrow
+        >>> pool = StreamPool(WanEncoder(narrow(8)))
+        >>> pool.warmup((16, 16), streams=2) > 0, pool.state_nbytes, pool.stats.ticks
+        (True, 0, 0)
+        """
+        size = _check_size("warmup", size, 1 if self.decoding else SPATIAL_MULTIPLE)
+        if streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
+        state = self._new_state(size, streams)
+        device, dtype = self.model.device, self.model.dtype
+        step: Callable[[int], Any]
+        if self.decoder is not None:
+            decoder = self.decoder
+            assert isinstance(state, DecoderState)
+            latents = torch.zeros(
+                (streams, decoder.config.z_dim, 1, *size), dtype=dtype, device=device
+            )
+            step = lambda _: decoder.step(latents, state)  # noqa: E731
+        else:
+            encoder = self.encoder
+            assert encoder is not None and isinstance(state, EncoderState)
+            frames = torch.zeros(
+                (streams, 3, self._frames_per_step, *size), dtype=dtype, device=device
+            )
+            step = lambda count: encoder.step(frames[:, :, :count], state)  # noqa: E731
+        stepped = warmup_steps(state, step, self._frames_per_step)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+        return stepped
+
     # -- ticks ----
 
     def push(
@@ -545,11 +738,15 @@ class StreamPool(Generic[OutT]):
             raise ValueError(
                 f"timestamps for streams given no frame: {sorted(set(stamps) - set(frames))!r}"
             )
-        if self.decoding:
-            if stamps:
-                raise ValueError("a decoder pool takes no timestamps: a Latent carries its own")
-            return cast("dict[str, list[OutT]]", self._push_latents(frames))
-        return cast("dict[str, list[OutT]]", self._push_frames(frames, stamps))
+        if self.decoding and stamps:
+            raise ValueError("a decoder pool takes no timestamps: a Latent carries its own")
+        self._clock = _TickClock(self.breakdown, self.model.device)
+        try:
+            if self.decoding:
+                return cast("dict[str, list[OutT]]", self._push_latents(frames))
+            return cast("dict[str, list[OutT]]", self._push_frames(frames, stamps))
+        finally:
+            self._clock.finish()
 
     def _push_frames(
         self, frames: Mapping[str, FrameLike], stamps: Mapping[str, float | None]
@@ -582,7 +779,9 @@ class StreamPool(Generic[OutT]):
             out[sid] = latents
             count = self._step_frames(stream)
             if count == 0:  # group mode, mid-group: buffered, no step
+                self._clock.mark("host")
                 stream._stage(item)
+                self._clock.mark("uploads")
                 out[sid] += stream._commit(item, None)
                 continue
             assert stream._state is not None and stream.bank is not None
@@ -700,20 +899,37 @@ class StreamPool(Generic[OutT]):
     ) -> dict[str, list[Latent]]:
         """Step streams of one cohort in contiguous slots as one batch."""
         assert self.encoder is not None
+        clock = self._clock
+        clock.mark("host")
+        items = self._uploaded([checked[stream.stream_id] for stream in run])
         inputs = []
-        for stream in run:
-            step_input = stream._stage(checked[stream.stream_id])
+        for stream, item in zip(run, items):
+            step_input = stream._stage(item)
             assert step_input is not None
             inputs.append(step_input)
+        clock.mark("uploads")
         view, gathered = self._batch_view(run)
         assert isinstance(view, EncoderState)
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=0)
+        label = self._step_label(run)
+        events = clock.step_events(label)
+        if events is not None:
+            events[0].record()
         mean = self.encoder.step(x, view)
+        if events is not None:
+            events[1].record()
+        clock.mark("steps", label)
         self._after_run(run, view, gathered)
+        if mean is not None:
+            # One copy back for the batch; the streams label (and normalise) their slices
+            # on the host, so it must have arrived: one wait per batch, not one per stream.
+            mean = self._download(mean, run[0].output_device)
+            clock.mark("downloads")
+            clock.wait_copies()
         result = {}
-        for i, stream in enumerate(run):
+        for i, (stream, item) in enumerate(zip(run, items)):
             out = None if mean is None else mean[i : i + 1]
-            result[stream.stream_id] = stream._commit(checked[stream.stream_id], out)
+            result[stream.stream_id] = stream._commit(item, out)
         return result
 
     def _decode_run(
@@ -724,21 +940,60 @@ class StreamPool(Generic[OutT]):
     ) -> dict[str, list[DecodedFrame]]:
         """Step decoder streams of one cohort in contiguous slots as one batch."""
         assert self.decoder is not None
+        clock = self._clock
+        clock.mark("host")
         view, gathered = self._batch_view(run)
         assert isinstance(view, DecoderState)
         parts = [inputs[stream.stream_id] for stream in run]
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        clock.mark("uploads")
+        label = self._step_label(run)
+        events = clock.step_events(label)
+        if events is not None:
+            events[0].record()
         chunks = list(self.decoder.step(x, view))
-        self._after_run(run, view, gathered)
         frames = torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]
         frames = frames.float().clamp(-1.0, 1.0)
+        if events is not None:
+            events[1].record()
+        clock.mark("steps", label)
+        self._after_run(run, view, gathered)
+        # One copy back for the batch, waited for once at the end of the tick (the frames'
+        # labels need no data).
+        frames = self._download(frames, run[0].output_device)
+        clock.mark("downloads")
         result = {}
         for i, stream in enumerate(run):
             item = checked[stream.stream_id]
-            data = stream._deliver(frames[i : i + 1], stream.output_device)
-            result[stream.stream_id] = stream._frames_of(item, data, 0)
+            result[stream.stream_id] = stream._frames_of(item, frames[i : i + 1], 0)
             stream._latents += 1
         return result
+
+    def _step_label(self, run: list[Any]) -> str:
+        height, width = run[0].bank.size
+        return f"{height}x{width} x{len(run)}"
+
+    def _uploaded(self, items: list[CheckedFrame]) -> list[CheckedFrame]:
+        """On CUDA: the run's frames uploaded as one batch (pinned, asynchronous), as items
+        whose tensors are on the device; elsewhere (or frames already there) ``items``."""
+        if self._uploads is None or len({(i.tensor.shape, i.tensor.dtype) for i in items}) != 1:
+            return items
+        if any(item.tensor.device.type != "cpu" for item in items):
+            return items
+        batch = self._uploads.upload([item.tensor for item in items], self._clock)
+        return [replace(item, tensor=batch[k]) for k, item in enumerate(items)]
+
+    def _download(self, data: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+        """``data`` on ``device`` (``None``: where it is). CUDA to the CPU: an asynchronous copy
+        into pinned memory, complete after :meth:`_TickClock.wait_copies`."""
+        if device is None or device == data.device:
+            return data
+        if data.device.type == "cuda" and device.type == "cpu":
+            host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+            host.copy_(data, non_blocking=True)
+            self._clock.copied()
+            return host
+        return data.to(device)
 
     # -- checks and admission ----
 
