@@ -31,7 +31,7 @@ import torch
 from streamvae.model import DecoderState, WanDecoder
 from streamvae.model.encoder import default_memory_format
 from streamvae.stepping import OutputStream, StreamCore, check_snapshot_meta
-from streamvae.stream import Latent
+from streamvae.stream import Latent, warmup_steps
 
 __all__ = ["DecodedFrame", "FrameStream", "LatentError", "StreamDecoder", "decoder_receptive_field"]
 
@@ -194,6 +194,24 @@ class StreamDecoder(StreamCore[DecoderState, DecodedFrame]):
         frames = self._with_pending(list)
         self.reset()
         return frames
+
+    # -- warming up ----
+
+    def warmup(self, height: int, width: int) -> int:
+        """Decode a stream's first latents of ``height x width`` (latent size) on a throwaway
+        state before the first latent (as :meth:`streamvae.StreamEncoder.warmup`: cuDNN's
+        autotuning on CUDA, oneDNN's first calls on the CPU); the stream is left as it was.
+        Returns the latents stepped."""
+        self._check_usable()
+        if height < 1 or width < 1:
+            raise LatentError(f"a latent size is positive, got {height}x{width}")
+        state = self._allocate(height, width)
+        raw = torch.zeros(
+            (1, self.decoder.config.z_dim, 1, height, width),
+            dtype=self.decoder.dtype,
+            device=self._device,
+        )
+        return self._run_on_lane(warmup_steps, state, lambda _: self.decoder.step(raw, state), 1)
 
     # -- resuming and moving ----
 
@@ -389,30 +407,52 @@ class StreamDecoder(StreamCore[DecoderState, DecodedFrame]):
 
     def _decode(self, item: _Checked) -> Iterator[DecodedFrame]:
         """Step one checked latent; a generator of its frames (run it to the end)."""
-        if self._latents > 0 and (item.gap or item.index == 0):
-            # A new run of the source (the encoder restarted): a first latent again.
-            self.reset()
-        if self._latents == 0:
-            self._ensure_state(item.raw.shape[1], item.raw.shape[2])
-            self._size = (item.raw.shape[1], item.raw.shape[2])
+        x = self._stage(item)
         state = self._state
         assert state is not None
-        position = self._latents
-        first = 0 if position == 0 else self.group_size * position - self.group_size + 1
-        latent_index = position if item.index is None else item.index
-        approximate = position < self._exact_from
-        steps = self.decoder.step(item.raw[None, :, None].to(self.decoder.dtype), state)
-        count = 0
+        steps = self.decoder.step(x, state)
+        done = 0
         while True:
             with self._lane():
                 chunk = self._guarded(lambda: next(steps, None))
                 if chunk is None:
                     break
                 out = chunk.float().clamp(-1.0, 1.0)
-            out = self._deliver(out, self.output_device)
-            ready, ready_monotonic = time.time(), time.monotonic()
-            for k in range(out.shape[2]):
-                yield DecodedFrame(
+            frames = self._frames_of(item, self._deliver(out, self.output_device), done)
+            done += len(frames)
+            yield from frames
+        self._latents += 1
+
+    def _starts_run(self, item: _Checked) -> bool:
+        return item.gap or item.index == 0
+
+    def _stage(self, item: _Checked) -> torch.Tensor:
+        """Before the step of a latent: a new run where it starts one (the encoder restarted),
+        the state for its size; the step's input ``[1, z, 1, h, w]``.
+
+        With :meth:`_frames_of` and ``_latents += 1`` after the step, the halves of
+        :meth:`_decode` around the model's step, so that :class:`streamvae.StreamPool` can step
+        many streams' latents as one batch.
+        """
+        if self._latents > 0 and self._starts_run(item):
+            self.reset()
+        if self._latents == 0:
+            self._ensure_state(item.raw.shape[1], item.raw.shape[2])
+            self._size = (item.raw.shape[1], item.raw.shape[2])
+        return item.raw[None, :, None].to(self.decoder.dtype)
+
+    def _frames_of(self, item: _Checked, out: torch.Tensor, done: int) -> list[DecodedFrame]:
+        """The frames in ``out`` (``[1, 3, k, H, W]``, clamped, delivered) of the latent being
+        decoded, of which ``done`` frames were handed out before."""
+        position = self._latents
+        first = 0 if position == 0 else self.group_size * position - self.group_size + 1
+        latent_index = position if item.index is None else item.index
+        ready, ready_monotonic = time.time(), time.monotonic()
+        frames = []
+        for k in range(out.shape[2]):
+            count = done + k
+            frames.append(
+                DecodedFrame(
                     data=out[0, :, k],
                     index=first + count,
                     latent=latent_index,
@@ -420,10 +460,10 @@ class StreamDecoder(StreamCore[DecoderState, DecodedFrame]):
                     gap=item.gap and count == 0,
                     ready_time=ready,
                     ready_monotonic=ready_monotonic,
-                    approximate=approximate,
+                    approximate=position < self._exact_from,
                 )
-                count += 1
-        self._latents += 1
+            )
+        return frames
 
 
 def decoder_receptive_field(decoder: WanDecoder) -> int:

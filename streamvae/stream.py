@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -40,7 +40,7 @@ from streamvae.stepping import (
     wait_thread_exit,
 )
 
-__all__ = ["Latent", "LatentStream", "StreamBroken", "StreamEncoder"]
+__all__ = ["Latent", "LatentStream", "StreamBroken", "StreamEncoder", "warmup_steps"]
 
 # The stepping core's async helpers under the names streamvae.pool imports them by.
 _in_worker = in_worker
@@ -271,6 +271,53 @@ class StreamEncoder(StreamCore[EncoderState, Latent]):
         )
         self.reset()
         return latents
+
+    # -- warming up ----
+
+    def warmup(self, height: int, width: int) -> int:
+        """Run a stream's first steps at ``height x width`` before its first frame, so that
+        what the first steps pay once happens here and not on the live path: on CUDA cuDNN's
+        autotuning and (``cuda_graphs``) the graph captures, on the CPU oneDNN's first calls.
+
+        The stream is left as it was: its latents are exactly those of a cold stream. Zero
+        frames are stepped through every step signature once (:func:`warmup_steps`) on a
+        throwaway state; with ``cuda_graphs`` on CUDA, and no frame pushed yet, on the state
+        the stream will use (its graphs read its buffers), twice (seen, then captured), and
+        that state is then reset in place. Returns the frames stepped.
+
+        >>> import numpy as np
+        >>> from streamvae import WanEncoder, narrow
+        >>> stream = StreamEncoder(WanEncoder(narrow(8)).eval())
+        >>> stream.warmup(16, 16) > 0, stream.frames_pushed
+        (True, 0)
+        """
+        self._check_usable()
+        problem = self.encoder.config.size_error(height, width)
+        if problem is not None:
+            raise FrameError(problem)
+        graphs = self.cuda_graphs and self._device.type == "cuda" and self._frames == 0
+        if graphs:
+            self._ensure_state(height, width)
+            state = self._state
+        else:
+            state, _ = self._allocate(height, width)
+        assert state is not None
+        group = self.group_size if self.mode == "group" else 1
+
+        def run() -> int:
+            stepped = 0
+            for _ in range(2 if graphs else 1):
+                state.reset()
+                stepped += warmup_steps(
+                    state, lambda count: self.encoder.step(frames[:, :, :count], state), group
+                )
+            state.reset()
+            return stepped
+
+        frames = torch.zeros(
+            (1, 3, group, height, width), dtype=self.encoder.dtype, device=self._device
+        )
+        return self._run_on_lane(run)
 
     # -- resuming and moving ----
 
@@ -670,6 +717,29 @@ class StreamEncoder(StreamCore[EncoderState, Latent]):
                 last = number
         self._last_number = last
         return dropped
+
+
+def warmup_steps(state: Any, step: Callable[[int], Any], group: int) -> int:
+    """Step ``state`` (``step(count)`` steps it by ``count`` frames or latents) through every
+    step signature it can reach once, from where it is; the frames stepped.
+
+    The next signature is a function of the current one (and the count), so the walk stops
+    at the first that repeats: the stream's first steps, then one cycle of its steady state.
+    ``group`` > 1 (group mode): 1 frame, then ``group`` at a time.
+    """
+    seen: set[Any] = set()
+    stepped = 0
+    while True:
+        count = 1 if stepped == 0 else group
+        key = (count, state.signature())
+        if key in seen:
+            return stepped
+        seen.add(key)
+        out = step(count)
+        if isinstance(out, Iterator):  # a decoder's step yields its frames as they complete
+            for _ in out:
+                pass
+        stepped += count
 
 
 def _with_padding(latent: Latent, padded: int, real_frames: int) -> Latent:

@@ -27,6 +27,10 @@ def test_rows_against_separate_streams(narrow_encoder):
     for row in rows:
         assert row.pool_fps > 0 and row.alone_fps > 0 and row.pool_gflops > 0
         assert row.pool_latency_ms["p50"] is not None and row.alone_latency_ms["p99"] is not None
+        tick = row.pool_breakdown_ms  # the pool's tick, part by part
+        parts = ("host", "uploads", "steps", "downloads", "syncs")
+        assert tick["total"] == pytest.approx(sum(tick[p] for p in parts))
+        assert tick["steps"] > 0 and any(key.startswith("step 8x8 x") for key in tick)
 
 
 def test_start_ticks_refuses_unknown_schedules():
@@ -59,3 +63,7 @@ def test_bench_streams_command_writes_json(tmp_path):
         (1, "aligned"), (1, "interleaved"), (2, "aligned"), (2, "interleaved"),
     ]  # fmt: skip
     assert report["sweep"][0]["size"] == [8, 8]
+    assert (
+        "where the pool's tick goes" in result.stdout and "| total ms | host ms |" in result.stdout
+    )
+    assert report["streams"][0]["pool_breakdown_ms"]["total"] > 0

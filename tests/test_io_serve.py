@@ -331,3 +331,23 @@ async def test_one_bad_source_ends_alone_and_serve_says_which(tmp_path: Path, cl
     for latent in stored:
         assert rel_err(latent.data, expected[:, latent.index]) <= 1e-5
     assert not (out / "bad.latents").exists()  # it failed before any latent: no empty file
+
+
+async def test_serve_warms_up_before_going_live_and_encodes_as_cold(tmp_path: Path, cli_encoder):
+    """Issue 25 item 5: ``--warmup on`` runs the streams' first steps (two streams of one size:
+    one batch) before the pool goes live; the latents are a cold run's."""
+    out = tmp_path / "out"
+    code, summary, stderr = await run_serve(
+        "--source", "a=synthetic://moving?frames=9", "--source", "b=synthetic://moving?frames=9",
+        "--size", "32x32", "--output-dir", str(out), "--warmup", "on", *NARROW,
+        "--stats-interval", "0",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "streamvae: warmed up 32x32 for 2 stream(s)" in stderr
+    assert summary["streams"]["a"]["latents"] == 3
+    expected = direct_latents(cli_encoder, [synthetic_frame(n, 32, 32) for n in range(9)])
+    for sid in "ab":
+        stored = read_latents(out / f"{sid}.latents")
+        assert [x.index for x in stored] == [0, 1, 2]
+        for latent in stored:
+            assert rel_err(latent.data, expected[:, latent.index]) <= 1e-5

@@ -616,3 +616,35 @@ def test_asyncio_run_returns_after_a_cancel_during_a_hung_sync_read(narrow_encod
     finally:
         hang.set()
     assert result == [0]
+
+
+# -- the tick's breakdown ----
+
+
+@pytest.mark.parametrize("mode", ["frame", "group"])
+def test_tick_breakdown_parts_sum_to_the_tick_and_latents_are_unchanged(narrow_encoder, mode):
+    """Every moment of a push is counted in one part (host, uploads, each step, downloads,
+    syncs); the CPU waits for no device. The latents still equal each stream's own encoder's."""
+    mirror = Mirror(narrow_encoder, mode=mode)
+    for sid in "abc":
+        mirror.add(sid)
+    clips = {sid: frames_of(70 + i, 5, 16, 16) for i, sid in enumerate("abc")}
+    for t in range(5):
+        mirror.push({sid: clips[sid][t] for sid in "abc" if not (sid == "c" and t == 2)})
+    mirror.check()
+    pool = mirror.pool
+    breakdown = pool.breakdown
+    assert breakdown.ticks == 5 == pool.stats.ticks
+    assert breakdown.parts == pytest.approx(breakdown.total, rel=1e-9, abs=1e-9)
+    assert min(breakdown.host, breakdown.uploads, *breakdown.steps.values()) > 0
+    assert breakdown.syncs == {} and breakdown.sync_counts == {} and breakdown.downloads >= 0
+    assert sorted(breakdown.steps) == sorted(
+        f"16x16 x{size}" for size in pool.stats.batches
+    )  # each batched step by size and batch, e.g. the straggler stepped alone
+    row = breakdown.per_tick_ms()
+    assert row["total"] == pytest.approx(
+        row["host"] + row["uploads"] + row["steps"] + row["downloads"] + row["syncs"]
+    )
+    pool.breakdown = type(breakdown)()  # start over
+    mirror.push({"a": clips["a"][0]})
+    assert pool.breakdown.ticks == 1

@@ -51,3 +51,29 @@ def test_gpu_pool_equals_own_streams(exact_fp32, config, size, cuda_graphs):
         for a, b in zip(got[sid], expected[sid]):
             assert rel_err(a.data, b.data) <= 1e-5, sid
     assert max(pool.stats.batches) >= 2
+    # The tick's breakdown: one pinned upload per batch, one wait for the copies back per tick
+    # with latents (never one per stream); the parts sum to the tick; device times read.
+    tick = pool.breakdown
+    assert tick.parts == pytest.approx(tick.total, rel=1e-9, abs=1e-9)
+    assert tick.sync_counts.get("downloads", 0) <= tick.ticks
+    assert tick.device_steps and all(v > 0 for v in tick.device_steps.values())
+
+
+def test_gpu_decoder_pool_equals_own_decoders(exact_fp32):
+    from streamvae import StreamDecoder, random_decoder
+
+    decoder = random_decoder(narrow(8), seed=4).to("cuda")
+    generator = torch.Generator().manual_seed(0)
+    clips = {sid: [torch.randn(16, 4, 6, generator=generator) for _ in range(4)] for sid in "ab"}
+    pool = StreamPool(decoder)
+    own = {sid: StreamDecoder(decoder) for sid in "ab"}
+    for sid in "ab":
+        pool.add(sid)
+    for k in range(4):
+        tick = {sid: clips[sid][k] for sid in "ab" if not (sid == "b" and k == 0)}
+        for sid, frames in pool.push(tick).items():
+            expected = own[sid].push(tick[sid])
+            assert [f.index for f in frames] == [f.index for f in expected]
+            for a, b in zip(frames, expected):
+                assert a.data.device.type == "cpu" and rel_err(a.data, b.data) <= 1e-5
+    assert pool.breakdown.sync_counts.get("downloads", 0) == pool.breakdown.ticks

@@ -35,6 +35,7 @@ from streamvae.bench.pool import (
     PHASES,
     bench_streams,
     bench_sweep,
+    format_breakdown,
     format_stages,
     format_streams,
     format_sweep,
@@ -266,6 +267,8 @@ def pool_bench_command(args: argparse.Namespace, encoder: WanEncoder) -> int:
         if args.reference_size:
             results += bench_streams(encoder, args.reference_size, [1], **common)
         print(format_streams(results), flush=True)
+        print("where the pool's tick goes (ms per tick):", flush=True)
+        print(format_breakdown(results), flush=True)
         if args.stage_times:
             report["stage_times_ms"] = {}
             for size in args.pool_sizes or [args.size]:

@@ -31,7 +31,7 @@ import torch
 from streamvae.bench.clips import synthetic_frames
 from streamvae.bench.timing import Clock, percentiles_ms
 from streamvae.model import WanEncoder
-from streamvae.pool import StreamPool
+from streamvae.pool import StreamPool, TickBreakdown
 from streamvae.stream import StreamEncoder
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "SweepResult",
     "bench_streams",
     "bench_sweep",
+    "format_breakdown",
     "format_stages",
     "format_streams",
     "format_sweep",
@@ -73,6 +74,7 @@ class TickRun:
     frames: int
     latencies: list[float] = field(default_factory=list)
     mean_batch: float = 1.0
+    breakdown: dict[str, float] = field(default_factory=dict)  # the pool's, ms per tick
 
 
 def _clips(streams: int, ticks: int, size: tuple[int, int]) -> list[list[np.ndarray]]:
@@ -107,6 +109,7 @@ def run_ticks(
         timed = tick >= WARMUP_TICKS
         if timed and tick == WARMUP_TICKS and pool is not None:
             stepped_before, steps_before = pool.stats.stepped_streams, pool.stats.steps
+            pool.breakdown = TickBreakdown()  # the timed ticks only
         frames = {sid: clips[i][tick - starts[i]] for i, sid in enumerate(ids) if tick >= starts[i]}
         start = clock.now()
         if pool is not None:
@@ -126,6 +129,7 @@ def run_ticks(
     if pool is not None:
         steps = pool.stats.steps - steps_before
         run.mean_batch = (pool.stats.stepped_streams - stepped_before) / max(steps, 1)
+        run.breakdown = pool.breakdown.per_tick_ms()
     return run
 
 
@@ -179,6 +183,9 @@ class StreamsResult:
     pool_latency_ms: dict[str, float | None]
     alone_latency_ms: dict[str, float | None]
     mean_batch: float
+    pool_breakdown_ms: dict[str, float] = field(default_factory=dict)
+    """The pool's tick, ms per tick: host, uploads, each step, downloads, every sync
+    (:meth:`streamvae.pool.TickBreakdown.per_tick_ms`), of its fastest repeat."""
 
     @property
     def speedup(self) -> float:
@@ -236,6 +243,7 @@ def bench_streams(
                     pool_latency_ms=percentiles_ms(pool.latencies),
                     alone_latency_ms=percentiles_ms(alone.latencies),
                     mean_batch=pool.mean_batch,
+                    pool_breakdown_ms=pool.breakdown,
                 )
             )
     return results
@@ -363,6 +371,27 @@ def format_streams(results: Sequence[StreamsResult]) -> str:
             f"| {_ms(r.alone_latency_ms, 'p50')} / {_ms(r.alone_latency_ms, 'p99')} "
             f"| {r.pixels_per_s() / 1e6:.3f} |"
         )
+    return "\n".join(lines)
+
+
+def format_breakdown(results: Sequence[StreamsResult]) -> str:
+    """Where the pool's tick goes, one row per result: ms per tick in each part."""
+    parts = ["total", "host", "uploads", "steps", "downloads", "syncs"]
+    lines = [
+        "| streams | size | phases | "
+        + " | ".join(f"{p} ms" for p in parts)
+        + " | each step, sync |",
+        "|---|---|---|" + "---|" * (len(parts) + 1),
+    ]
+    for r in results:
+        row = r.pool_breakdown_ms
+        each = ", ".join(
+            f"{key.removeprefix('step ')} {value:.2f}"
+            for key, value in row.items()
+            if key.startswith(("step ", "device step ", "sync "))
+        )
+        cells = " | ".join(f"{row.get(p, 0.0):.2f}" for p in parts)
+        lines.append(f"| {r.streams} | {r.size[0]}x{r.size[1]} | {r.phases} | {cells} | {each} |")
     return "\n".join(lines)
 
 

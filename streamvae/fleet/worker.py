@@ -244,6 +244,8 @@ class _StreamTask:
         if registry is None or registry.get("start_seq") is None:
             return None
         self.size = _parse_size(registry.get("size"))
+        if self.size is not None and self.slot.encoder.encoder.device.type == "cuda":
+            await asyncio.to_thread(self.slot.encoder.warmup, *self.size)  # before it goes live
         if progress is not None and progress.get("run") == registry["run"]:
             if progress.get("done"):
                 return None

@@ -489,6 +489,24 @@ def cuda_options(args: argparse.Namespace, device: torch.device) -> dict[str, bo
     }
 
 
+WARMUP_HELP = (
+    "run each stream size's first steps before the streams go live (cuDNN autotuning and "
+    "kernel setup off the live path): auto (default) on CUDA, where a cold first latent "
+    "takes seconds; on; off"
+)
+
+
+def add_warmup_argument(parser: argparse.ArgumentParser) -> None:
+    """``--warmup {auto,on,off}`` of the commands that serve live streams."""
+    parser.add_argument("--warmup", choices=("auto", "on", "off"), default="auto", help=WARMUP_HELP)
+
+
+def warmup_wanted(args: argparse.Namespace, device: torch.device) -> bool:
+    """Whether ``--warmup`` asks to warm up on ``device`` (``auto``: on CUDA only)."""
+    choice = getattr(args, "warmup", "auto")
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
+
+
 @dataclass
 class _Stop:
     """Which signal (if any) stopped a run: ``status`` is its exit status (130 for SIGINT, 143

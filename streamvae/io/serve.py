@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,12 +56,14 @@ from streamvae.io.commands import (
     _setup_logging,
     _stop_on_signals,
     add_decode_argument,
+    add_warmup_argument,
     decoder_for_round_trip,
     model_labels,
     mqtt_settings,
     mqtt_sink,
     round_trip_line,
     round_trip_summary,
+    warmup_wanted,
 )
 from streamvae.io.decode import DecodeSink, check_decode_output, decoded_output_path
 from streamvae.io.filesink import FileSink
@@ -137,6 +140,7 @@ def add_serve_command(
     _add_mqtt_arguments(parser)
     _add_source_arguments(parser)
     _add_encoder_arguments(parser)
+    add_warmup_argument(parser)
     add_model_arguments(parser)
     add_decode_argument(parser, "beside each stream's latents: DIR/ID.decoded.mp4")
     _add_output_arguments(parser)
@@ -340,6 +344,16 @@ async def _serve(
                 source.stop()
 
         stack.enter_context(_stop_on_signals(stop))
+        if warmup_wanted(args, pool.model.device):  # sizes known now; others at their 1st frame
+            sizes = Counter(source.size for source in sources.values() if source.size)
+            for size, count in sizes.items():
+                began = time.monotonic()
+                await asyncio.to_thread(pool.warmup, size, streams=count)
+                print(
+                    f"streamvae: warmed up {size[0]}x{size[1]} for {count} stream(s) in "
+                    f"{time.monotonic() - began:.1f} s",
+                    file=sys.stderr,
+                )
         reporter = asyncio.ensure_future(_report(args.stats_interval, sources, stats, mqtt, pool))
         counted = {sid: _counted(src, stats[sid], args.frames) for sid, src in sources.items()}
         try:

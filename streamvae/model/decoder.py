@@ -28,6 +28,7 @@ from torch import nn
 
 from streamvae.config import WAN21, WanConfig
 from streamvae.model.encoder import default_memory_format
+from streamvae.model.graphs import Signature
 from streamvae.model.kernels import PackedConv
 from streamvae.model.layers import (
     CausalConv3d,
@@ -344,6 +345,52 @@ class DecoderState:
             conv.head = keep
         for i, up in enumerate(self._ups):
             up.started = bool(counters[f"up.{i}.started"])
+
+    def signature(self) -> Signature:
+        """The Python-side state that decides which kernels the next step launches (the
+        :class:`streamvae.StreamPool` batches streams of one signature)."""
+        return (
+            *((conv.history, conv.head) for conv in self._convs),
+            *(up.started for up in self._ups),
+        )
+
+    def restore(self, signature: Signature) -> None:
+        """Set the Python-side state to ``signature``."""
+        convs = len(self._convs)
+        for conv, history_head in zip(self._convs, signature[:convs]):
+            conv.history, conv.head = history_head  # type: ignore[misc]
+        for up, started in zip(self._ups, signature[convs:]):
+            up.started = bool(started)
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every state tensor (``[B, ...]``), in one fixed order for states of one layout."""
+        return [window.frames for window in self.windows()]
+
+    def batch_view(self, start: int, stop: int) -> DecoderState:
+        """Streams ``start:stop`` of this batched state, as a state of their own (views, no
+        copy); its Python-side state starts as this state's (see
+        :meth:`streamvae.model.EncoderState.batch_view`)."""
+        spec = self.spec.batch_view(start, stop)
+
+        def conv(state: ConvState) -> ConvState:
+            return state.batch_view(start, stop)
+
+        def residual(state: ResidualState) -> ResidualState:
+            return ResidualState(conv(state.conv1), conv(state.conv2))
+
+        def up(state: TimeUpState | None) -> TimeUpState | None:
+            if state is None:
+                return None
+            view = TimeUpState(FrameWindow(state.window.frames[start:stop]))
+            view.conv = state.conv.batch_view(start, stop)
+            view.started = state.started
+            return view
+
+        blocks = [UpState([residual(r) for r in b.resnets], up(b.up)) for b in self.blocks]
+        mid = [residual(m) for m in self.mid]
+        return DecoderState(
+            spec, self.height, self.width, conv(self.conv_in), mid, blocks, conv(self.conv_out)
+        )
 
     @property
     def nbytes(self) -> int:

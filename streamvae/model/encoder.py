@@ -268,17 +268,10 @@ class EncoderState:
         >>> view.spec.batch, view.conv_in.window.frames.data_ptr() > state.conv_in.window.frames.data_ptr()
         (2, True)
         """
-        if not 0 <= start < stop <= self.spec.batch:
-            raise ValueError(f"batch view {start}:{stop} outside a state of {self.spec.batch}")
-        old = self.spec
-        spec = StateSpec(
-            stop - start, old.capacity, old.dtype, old.device, old.memory_format, ring=old.ring
-        )
+        spec = self.spec.batch_view(start, stop)
 
         def conv(state: ConvState) -> ConvState:
-            view = ConvState(FrameWindow(state.window.frames[start:stop]), ring=state.ring)
-            view.history, view.head = state.history, state.head
-            return view
+            return state.batch_view(start, stop)
 
         def leaf(state: Part) -> Part:
             if isinstance(state, ConvState):

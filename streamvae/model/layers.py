@@ -66,6 +66,14 @@ class StateSpec:
         self.memory_format = memory_format
         self.ring = ring
 
+    def batch_view(self, start: int, stop: int) -> StateSpec:
+        """The spec of streams ``start:stop`` of a state of this spec (``ValueError`` outside)."""
+        if not 0 <= start < stop <= self.batch:
+            raise ValueError(f"batch view {start}:{stop} outside a state of {self.batch}")
+        return StateSpec(
+            stop - start, self.capacity, self.dtype, self.device, self.memory_format, ring=self.ring
+        )
+
     def window(self, channels: int, keep: int, height: int, width: int) -> FrameWindow:
         return FrameWindow.allocate(
             self.batch,

@@ -135,6 +135,13 @@ class ConvState:
         self.history = 0
         self.head = self.KEEP
 
+    def batch_view(self, start: int, stop: int) -> ConvState:
+        """Streams ``start:stop`` of this batched state (a view of the window, the same
+        Python-side state)."""
+        view = ConvState(FrameWindow(self.window.frames[start:stop]), ring=self.ring)
+        view.history, view.head = self.history, self.head
+        return view
+
     @property
     def nbytes(self) -> int:
         return self.window.nbytes

@@ -41,9 +41,11 @@ from streamvae.io.commands import (
     _setup_logging,
     _stop_on_signals,
     add_resize_argument,
+    add_warmup_argument,
     cuda_options,
     model_labels,
     mqtt_settings,
+    warmup_wanted,
 )
 from streamvae.io.pipeline import LatentSink
 from streamvae.io.serve import stream_output_path, stream_sinks
@@ -141,6 +143,7 @@ def add_web_command(commands: Any) -> argparse.ArgumentParser:
     )
     _add_mqtt_arguments(parser)
     _add_encoder_arguments(parser)
+    add_warmup_argument(parser)
     add_model_arguments(parser)
     _add_output_arguments(parser)
     parser.set_defaults(run=run_web)
@@ -198,6 +201,8 @@ def run_web(args: argparse.Namespace) -> int:
         normalize=not args.no_normalize,
         cuda_graphs=options["cuda_graphs"],
     )
+    if size is not None and warmup_wanted(args, choice.encoder.device):  # before going live
+        pool.warmup(size)
     labels = model_labels(choice, normalize=not args.no_normalize)
     kinds = (("mqtt",) if settings is not None else ()) + (("file",) if args.output_dir else ())
     info = PageInfo(
