@@ -37,7 +37,11 @@ def test_bad_frame_messages_are_refused_with_the_reason():
     cases = [
         ({**headers, "Svae-Codec": "webp"}, payload, "unknown frame codec 'webp'"),
         (headers, b"garbage", "does not decode"),
-        ({**headers, "Svae-Size": "8x8"}, payload, "decodes to 16x24, its header says 8x8"),
+        (
+            {**headers, "Svae-Size": "8x8"},
+            payload,
+            "declares 16x24 in its image header, its message header says 8x8",
+        ),
         (
             {k: v for k, v in headers.items() if k != "Svae-Index"},
             payload,

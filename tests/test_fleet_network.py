@@ -18,6 +18,7 @@ from fleet_fixtures import FleetProcess, NatsServer, fleet_env, read_latents
 
 from streamvae import StreamEncoder, narrow
 from streamvae.fleet.messages import decode_frame, is_end
+from streamvae.frames import Frame
 from streamvae.weights import random_encoder
 
 pytestmark = [pytest.mark.network]
@@ -89,12 +90,19 @@ async def _frames_of(url: str, stream_id: str) -> list:
         await nc.close()
 
 
-def reference_latents(frames) -> list:
-    """One uninterrupted single-process run over the same frames and weights."""
+def reference_latents(frames) -> dict:
+    """One uninterrupted single-process run over the same frames and weights, by (segment,
+    index): a jump in the frame indices (frames the ingest's source dropped, say during an
+    outage) starts a new segment, as the workers do (gap=True, indices from 0 again)."""
     stream = StreamEncoder(random_encoder(narrow(8), seed=0))
-    out = []
+    out = {}
+    segment, expected = 0, None
     for frame in frames:
-        out += stream.push(frame.image, timestamp=frame.timestamp)
+        gap = expected is not None and frame.index != expected
+        segment += gap
+        expected = frame.index + 1
+        for latent in stream.push(Frame(frame.image, frame.timestamp, gap=gap)):
+            out[(segment, latent.index)] = latent
     return out
 
 
@@ -102,19 +110,22 @@ def check_against_reference(received, reference) -> dict:
     """Every reference latent arrives exactly once per (stream, run, index), equal within 1e-5."""
     keys = [(lat.meta["stream"], lat.meta["run"], lat.index) for _, lat in received]
     duplicates = len(keys) - len(set(keys))
-    by_index = {}
+    by_key = {}
     for _, latent in received:
-        by_index.setdefault(latent.index, latent)
-    indices = [lat.index for _, lat in received]
-    assert sorted(set(indices)) == list(range(len(reference))), indices
+        run = latent.meta["run"]
+        segment = int(run.rpartition("~")[2]) if "~" in run else 0
+        by_key.setdefault((segment, latent.index), latent)
+    assert sorted(by_key) == sorted(reference), sorted(by_key)
     worst = 0.0
-    for ref in reference:
-        got = by_index[ref.index]
+    for key, ref in reference.items():
+        got = by_key[key]
         assert got.frames == ref.frames and got.timestamps == ref.timestamps
+        assert got.gap == ref.gap
         worst = max(worst, float((got.data - ref.data).abs().max() / ref.data.abs().max()))
     assert worst <= TOLERANCE
     return {
         "latents": len(reference),
+        "segments": 1 + max(segment for segment, _ in reference),
         "lost": 0,
         "duplicates_received": duplicates,
         "max_rel_err": worst,

@@ -76,7 +76,14 @@ def add_fleet_command(
         help="frames kept per stream for replays (>= R + 8)",
     )
     ing.add_argument("--frames", type=positive_int, help="stop after this many frames")
-    ing.add_argument("--run-id", help="run id (default: time and a random suffix)")
+    ing.add_argument(
+        "--run-id", help="run id, new for each start (default: time and a random suffix)"
+    )
+    ing.add_argument(
+        "--take-over",
+        action="store_true",
+        help="replace the ingest that publishes this --stream-id now (else refused)",
+    )
     _common_arguments(ing)
     ing.set_defaults(func=run_ingest)
 
@@ -217,6 +224,7 @@ def run_ingest(args: argparse.Namespace) -> int:
                     run=args.run_id,
                     max_frames=args.frames,
                     jpeg_quality=args.jpeg_quality,
+                    take_over=args.take_over,
                 )
             )
 

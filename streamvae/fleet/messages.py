@@ -43,6 +43,7 @@ __all__ = [
     "CODECS",
     "FrameMessage",
     "FrameMessageError",
+    "declared_size",
     "decode_frame",
     "encode_frame",
     "end_headers",
@@ -152,6 +153,16 @@ def decode_frame(
             )
         image: np.ndarray = np.frombuffer(payload, np.uint8).reshape(height, width, 3).copy()
     else:
+        # The image's own header first: a small message may declare a huge image (an image
+        # bomb); nothing is decoded unless it declares the size the message says.
+        declared = declared_size(codec, payload)
+        if declared is None:
+            raise FrameMessageError(f"{codec} frame {index} does not decode (no valid header)")
+        if declared != (height, width):
+            raise FrameMessageError(
+                f"{codec} frame {index} declares {declared[0]}x{declared[1]} in its image "
+                f"header, its message header says {height}x{width}; not decoded"
+            )
         bgr = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
         if bgr is None:
             raise FrameMessageError(f"{codec} frame {index} does not decode")
@@ -162,3 +173,51 @@ def decode_frame(
             )
         image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     return FrameMessage(image, index, run, stamp)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless...; not DHT, JPG, DAC).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def declared_size(codec: str, payload: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` as a PNG's IHDR or a JPEG's start-of-frame declares it, read from the
+    bytes alone (nothing is decoded); ``None`` if there is no such header.
+
+    >>> png = cv2.imencode(".png", np.zeros((16, 24, 3), np.uint8))[1].tobytes()
+    >>> declared_size("png", png), declared_size("jpeg", png)
+    ((16, 24), None)
+    """
+    data = memoryview(payload)
+    if codec == "png":
+        if len(data) < 24 or bytes(data[:8]) != _PNG_SIGNATURE or bytes(data[12:16]) != b"IHDR":
+            return None
+        width = int.from_bytes(data[16:20], "big")
+        height = int.from_bytes(data[20:24], "big")
+        return height, width
+    if codec == "jpeg":
+        if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
+            return None
+        at = 2
+        while at + 4 <= len(data):
+            if data[at] != 0xFF:
+                return None
+            marker = data[at + 1]
+            if marker == 0xFF:  # fill byte
+                at += 1
+                continue
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length
+                at += 2
+                continue
+            length = int.from_bytes(data[at + 2 : at + 4], "big")
+            if marker in _JPEG_SOF:
+                if at + 9 > len(data) or length < 7:
+                    return None
+                height = int.from_bytes(data[at + 5 : at + 7], "big")
+                width = int.from_bytes(data[at + 7 : at + 9], "big")
+                return height, width
+            if marker in (0xD9, 0xDA) or length < 2:  # end, or scan data before any frame
+                return None
+            at += 2 + length
+        return None
+    return None

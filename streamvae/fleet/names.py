@@ -9,6 +9,7 @@
 ``svae_leases``       KV with a TTL: stream id -> the worker that owns it (renewed while alive)
 ``svae_progress``     KV: stream id -> the last latent published and where its replay starts
 ``svae_workers``      KV with a TTL: worker id -> capacity and load (for least-loaded claims)
+``svae_ingests``      KV with a TTL: stream id -> the ingest publishing it (one at a time)
 ``svae.control.<w>``  requests to worker ``w`` (planned moves)
 ====================  ===========================================================================
 """
@@ -26,6 +27,7 @@ __all__ = [
     "HEADER_RUN",
     "HEADER_SIZE",
     "HEADER_TIME",
+    "INGESTS_BUCKET",
     "LATENTS_STREAM",
     "LEASES_BUCKET",
     "PROGRESS_BUCKET",
@@ -42,6 +44,7 @@ STREAMS_BUCKET = "svae_streams"
 LEASES_BUCKET = "svae_leases"
 PROGRESS_BUCKET = "svae_progress"
 WORKERS_BUCKET = "svae_workers"
+INGESTS_BUCKET = "svae_ingests"
 CONTROL_SUBJECT = "svae.control.{worker}"
 
 HEADER_INDEX = "Svae-Index"

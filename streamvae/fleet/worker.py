@@ -95,9 +95,27 @@ from streamvae.io.wire import encode_latent
 from streamvae.model import WanEncoder
 from streamvae.stream import Latent, StreamEncoder
 
-__all__ = ["EncoderSlot", "FleetWorker", "StreamStats", "WorkerOptions", "group_start"]
+__all__ = [
+    "MAX_INDEX_JUMP",
+    "EncoderSlot",
+    "FleetWorker",
+    "PoolSlots",
+    "PooledSlot",
+    "StreamStats",
+    "WorkerOptions",
+    "group_start",
+]
 
 log = logging.getLogger(__name__.rpartition(".")[0])  # one logger for the fleet: streamvae.fleet
+
+
+MAX_INDEX_JUMP = 1 << 20
+"""The most frames a frame message's index may skip (about 9.7 hours at 30 fps): a message
+further ahead is refused, never trusted as the stream's new position."""
+
+
+DONE_RUNS = 32
+"""How many finished runs a stream's progress remembers (a worker never enters them again)."""
 
 
 def group_start(frame: int, group: int = 4) -> int:
@@ -125,6 +143,7 @@ class WorkerOptions:
     mqtt: Any = None  # streamvae.io.MqttSettings
     output_dir: Path | None = None
     fetch_batch: int = 16
+    batch: bool = True  # every stream through one StreamPool (False: a StreamEncoder each)
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -157,13 +176,15 @@ class StreamStats:
     gaps: int = 0
     takeovers: list[dict[str, Any]] = field(default_factory=list)
     ended: bool = False
+    failed: str | None = None
 
 
 class EncoderSlot:
-    """One stream's encoder as the worker uses it: four calls, each run off the event loop.
+    """One stream's encoder as the worker uses it: four coroutines and two properties.
 
-    Today a :class:`StreamEncoder` per stream; a pool that batches many streams on one GPU
-    replaces this class by one with the same four coroutines.
+    A :class:`PooledSlot` of the worker's :class:`PoolSlots` (every stream of a worker stepped
+    through one :class:`streamvae.StreamPool`); this class, one :class:`StreamEncoder` run in a
+    thread, is the reference the pooled slot is measured against.
     """
 
     def __init__(self, make: Callable[[], StreamEncoder]) -> None:
@@ -172,6 +193,10 @@ class EncoderSlot:
     @property
     def receptive_field(self) -> int:
         return self.encoder.receptive_field
+
+    async def warmup(self, height: int, width: int) -> None:
+        """Autotune and capture for ``height x width`` frames before the stream goes live."""
+        await asyncio.to_thread(self.encoder.warmup, height, width)
 
     @property
     def at_group_boundary(self) -> bool:
@@ -196,6 +221,182 @@ class EncoderSlot:
     async def reset(self) -> None:
         await asyncio.to_thread(self.encoder.reset)
 
+    async def close(self) -> None:
+        pass
+
+
+class PoolSlots:
+    """Every stream of a worker in one :class:`streamvae.StreamPool`, stepped as batches.
+
+    Each owned stream gets a :class:`PooledSlot`. A slot's ``push`` queues its frame and waits;
+    one tick at a time, the frames queued meanwhile (at most one per stream: a stream awaits its
+    push before the next) go to the pool as one :meth:`StreamPool.push`, in the pool's own
+    thread, so the streams are batched without any waiting for stragglers. Everything else
+    (``resume``, ``flush``, ``reset``, adding and removing streams) runs in that same thread, in
+    the order asked, so the pool has one caller. A tick the pool refuses (a bad frame, a model
+    error) is taken apart: the streams whose frame was used keep their latents, the others are
+    pushed one by one, so an error reaches only the stream it belongs to.
+    """
+
+    def __init__(self, encoder: WanEncoder, *, mode: str, normalize: bool) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from streamvae.pool import StreamPool
+
+        self.pool = StreamPool(encoder, mode=mode, normalize=normalize)  # type: ignore[arg-type]
+        self.group_size = 4
+        self.receptive_field = StreamEncoder(encoder).receptive_field
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="streamvae-pool")
+        self._queued: dict[str, tuple[Frame, asyncio.Future[list[Latent]]]] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._serial = 0
+        self.ticks = 0
+        self.batched_frames = 0
+
+    async def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``function(*args, **kwargs)`` in the pool's thread, after everything asked before."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, lambda: function(*args, **kwargs))
+
+    async def slot(self, stream_id: str) -> PooledSlot:
+        self._serial += 1
+        key = f"{stream_id}#{self._serial}"  # a stream claimed again never meets its old slot
+        await self.call(self.pool.add, key)
+        return PooledSlot(self, key)
+
+    def queue(self, key: str, frame: Frame) -> asyncio.Future[list[Latent]]:
+        future: asyncio.Future[list[Latent]] = asyncio.get_running_loop().create_future()
+        self._queued[key] = (frame, future)
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.ensure_future(self._tick_while_queued())
+        return future
+
+    def unqueue(self, key: str) -> None:
+        self._queued.pop(key, None)
+
+    async def _tick_while_queued(self) -> None:
+        while self._queued:
+            batch, self._queued = self._queued, {}
+            frames = {key: frame for key, (frame, _) in batch.items()}
+            try:
+                results = await self.call(self._tick, frames)
+            except BaseException as exc:  # cancelled: nobody waits for these any more
+                for _, future in batch.values():
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError())
+                raise
+            self.ticks += 1
+            self.batched_frames += len(frames)
+            for key, (_, future) in batch.items():
+                if future.done():
+                    continue
+                outcome = results[key]
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    def _tick(self, frames: dict[str, Frame]) -> dict[str, list[Latent] | BaseException]:
+        """One :meth:`StreamPool.push` (in the pool's thread); a refused tick one by one."""
+        from streamvae.pool import PoolStepError
+
+        out: dict[str, list[Latent] | BaseException] = {}
+        try:
+            return dict(self.pool.push(frames))
+        except PoolStepError as exc:
+            out.update(exc.latents)
+            for key in exc.broken:
+                out[key] = exc
+            again = [key for key in frames if key not in out]
+        except Exception:  # a refused frame: no stream advanced
+            again = list(frames)
+        for key in again:
+            try:
+                out[key] = self.pool.push({key: frames[key]})[key]
+            except Exception as exc:
+                out[key] = exc
+        return out
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(BaseException):
+                await self._ticker
+        self._thread.shutdown(wait=True)
+
+
+class PooledSlot:
+    """One stream of a :class:`PoolSlots`: :class:`EncoderSlot`'s calls, batched with the rest."""
+
+    def __init__(self, slots: PoolSlots, key: str) -> None:
+        self.slots = slots
+        self.key = key
+        self.receptive_field = slots.receptive_field
+        self._frames = 0
+
+    @property
+    def at_group_boundary(self) -> bool:
+        return self._frames == 0 or (self._frames - 1) % self.slots.group_size == 0
+
+    async def resume(self, frames: list[FrameMessage], first_index: int) -> list[Latent]:
+        pool, key = self.slots.pool, self.key
+        height, width = frames[0].image.shape[:2]
+
+        def resume() -> list[Latent]:
+            pool.remove(key, flush=False)
+            pool.add(key, size=(height, width))
+            # The pool's streams are StreamEncoders on a slot of its bank; a replay runs on
+            # that one stream (StreamPool has no resume of its own).
+            stream = pool._get(key)
+            return stream.resume(
+                [f.image for f in frames],
+                first_index=first_index,
+                timestamps=[f.timestamp for f in frames],
+            )
+
+        latents: list[Latent] = await self.slots.call(resume)
+        self._frames = first_index + len(frames)
+        return latents
+
+    async def push(self, frame: FrameMessage, *, gap: bool = False) -> list[Latent]:
+        future = self.slots.queue(self.key, Frame(frame.image, frame.timestamp, gap=gap))
+        try:
+            latents = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self.slots.unqueue(self.key)
+            raise
+        self._frames = 1 if gap else self._frames + 1
+        return latents
+
+    async def flush(self) -> list[Latent]:
+        pool, key = self.slots.pool, self.key
+
+        def flush() -> list[Latent]:
+            tail = pool.remove(key)
+            pool.add(key)
+            return tail
+
+        latents: list[Latent] = await self.slots.call(flush)
+        self._frames = 0
+        return latents
+
+    async def reset(self) -> None:
+        await self.slots.call(self.slots.pool.reset, self.key)
+
+    async def warmup(self, height: int, width: int) -> None:
+        """Autotune and capture for ``height x width`` frames before the stream goes live."""
+        await self.slots.call(self.slots.pool.warmup, (height, width))
+        self._frames = 0
+
+    async def close(self) -> None:
+        pool, key = self.slots.pool, self.key
+
+        def remove() -> None:
+            if key in pool:
+                pool.remove(key, flush=False)
+
+        await self.slots.call(remove)
+
 
 class _StreamTask:
     """One owned stream: read its frames from JetStream, encode, publish, record progress."""
@@ -204,8 +405,8 @@ class _StreamTask:
         self.worker = worker
         self.sid = stream_id
         self.claimed_at = claimed_at
-        self.slot = EncoderSlot(worker.make_stream)
-        self.r = self.slot.receptive_field
+        self.slot: EncoderSlot | PooledSlot = worker.slots_placeholder
+        self.r = worker.receptive_field
         self.stats = worker.stream_stats.setdefault(stream_id, StreamStats(stream_id))
         self.release_requested = False
         self.prefer: str | None = None
@@ -227,7 +428,9 @@ class _StreamTask:
         self.seqs: OrderedDict[int, int] = OrderedDict()
         self.last_seq = 0
         self.sinks: dict[str, Any] = {}
+        self.file_last: dict[str, int] = {}  # per file sink: the last index the file holds
         self.progress: dict[str, Any] | None = None
+        self.left_runs: set[str] = set()  # runs this stream has ended or left: never again
 
     @property
     def run_label(self) -> str:
@@ -244,8 +447,12 @@ class _StreamTask:
         if registry is None or registry.get("start_seq") is None:
             return None
         self.size = _parse_size(registry.get("size"))
-        if self.size is not None and self.slot.encoder.encoder.device.type == "cuda":
-            await asyncio.to_thread(self.slot.encoder.warmup, *self.size)  # before it goes live
+        if progress is not None:
+            # Runs already done (the newest DONE_RUNS) are never entered again, so claims of
+            # a stream whose runs are interleaved (two ingests) end once each run is done.
+            self.left_runs.update(str(r) for r in progress.get("done_runs", ()))
+            if progress.get("done") and progress.get("run"):
+                self.left_runs.add(str(progress["run"]))
         if progress is not None and progress.get("run") == registry["run"]:
             if progress.get("done"):
                 return None
@@ -285,6 +492,9 @@ class _StreamTask:
         start = await self.plan()
         if start is None:
             return "ended"
+        self.slot = await self.worker.new_slot(self.sid)
+        if self.size is not None and self.worker.encoder.device.type == "cuda":
+            await self.slot.warmup(*self.size)  # autotuning and graph capture before it goes live
         if self.takeover is not None:
             self.worker.event("takeover_started", **self.takeover, start_seq=start)
         js = self.worker.js
@@ -335,6 +545,8 @@ class _StreamTask:
             for sink in self.sinks.values():
                 with contextlib.suppress(Exception):
                     await sink.aclose()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.slot.close())
 
     async def _subscribe(self, js: Any, subject: str, start: int) -> Any:
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -363,17 +575,27 @@ class _StreamTask:
                 self.stats.ended = True
                 return True
             return False
-        if run is not None and run != self.run:
-            await self.new_run(run, seq)
+        # A refused message changes nothing: the run, the next index expected and the state
+        # stay as they were. If it held a real frame, the next good frame's index shows the hole.
+        new_run = run != self.run
         try:
-            frame = decode_frame(headers, message.data, size=self.size)
+            frame = await asyncio.to_thread(  # off the event loop: leases keep being renewed
+                decode_frame, headers, message.data, size=None if new_run else self.size
+            )
+            if frame.run in self.left_runs:
+                raise FrameMessageError(f"frame {frame.index} of run {frame.run}, which has ended")
+            base = 0 if new_run else self.expected
+            if frame.index > base + MAX_INDEX_JUMP:
+                raise FrameMessageError(
+                    f"frame index {frame.index} is more than {MAX_INDEX_JUMP} frames ahead of "
+                    f"frame {base}, the next expected; not trusted"
+                )
         except FrameMessageError as exc:
             self.stats.bad_frames += 1
             log.warning("stream %s: refused frame message (sequence %d): %s", self.sid, seq, exc)
-            with contextlib.suppress(KeyError, ValueError):
-                self.expected = max(self.expected, int(headers[HEADER_INDEX]) + 1)
-            self.gap_next = True
             return False
+        if new_run:
+            await self.new_run(frame.run, seq)
         if self.size is None:
             self.size = frame.image.shape[:2]
         if frame.index < self.expected:
@@ -411,6 +633,8 @@ class _StreamTask:
         return False
 
     async def new_run(self, run: str, seq: int) -> None:
+        if self.run is not None:
+            self.left_runs.add(self.run)
         self.run = run
         self.size = None
         self.segment = 0
@@ -438,11 +662,15 @@ class _StreamTask:
     # -- publishing ----
 
     async def publish(self, latent: Latent) -> None:
-        if latent.index <= self.suppress_upto:
-            self.stats.suppressed += 1
-            return
         worker = self.worker
         label = self.run_label
+        if latent.index <= self.suppress_upto:
+            self.stats.suppressed += 1
+            # Published before; a file of ours that lost it (a torn last record) gets it back.
+            for sink in self._sinks(label):
+                if isinstance(sink, FileSink):
+                    await self._send_file(sink, latent)
+            return
         labels = {**worker.options.labels, "stream": self.sid, "run": label}
         if worker.options.jetstream_latents:
             payload = encode_latent(latent, labels, dtype=worker.options.latent_dtype)
@@ -460,7 +688,10 @@ class _StreamTask:
             if ack.duplicate:
                 self.stats.duplicates += 1
         for sink in self._sinks(label):
-            await sink.send(latent)
+            if isinstance(sink, FileSink):
+                await self._send_file(sink, latent)
+            else:
+                await sink.send(latent)
         self.stats.latents += 1
         if self.takeover is not None and "first_latent_at" not in self.takeover:
             self.takeover["first_latent_at"] = time.time()
@@ -493,17 +724,55 @@ class _StreamTask:
                 folder = options.output_dir / self.sid
                 folder.mkdir(parents=True, exist_ok=True)
                 path = folder / f"{label}.{options.worker_id}.latents"
-                self.sinks[key] = FileSink(
-                    path,
-                    labels={**options.labels, "stream": self.sid, "run": label},
-                    dtype=options.latent_dtype,
-                    append=path.exists(),
-                )
+                self.sinks[key] = self._open_file(path, label)
             sinks.append(self.sinks[key])
         return sinks
 
-    async def write_progress(self, *, last: Latent | None = None, done: bool = False) -> None:
+    def _open_file(self, path: Path, label: str) -> FileSink:
+        """This worker's file of the run: a new one, or the one it wrote before a restart,
+        continued after its last complete latent (a torn last record is cut off, logged)."""
+        from streamvae.io.filesink import iter_latents
+
+        options = self.worker.options
+        last = -1
+        if path.exists():
+            for latent in iter_latents(path):  # a torn tail: a warning, then it stops
+                last = latent.index
+        sink = FileSink(
+            path,
+            labels={**options.labels, "stream": self.sid, "run": label},
+            dtype=options.latent_dtype,
+            append=path.exists(),
+            repair=True,
+        )
+        self.file_last[str(path)] = last
+        if last >= 0:
+            log.info("stream %s: %s holds latents up to %d; continuing it", self.sid, path, last)
+        return sink
+
+    async def _send_file(self, sink: FileSink, latent: Latent) -> None:
+        """Each index once, in order: what the file already holds is not written again."""
+        key = str(sink.path)
+        if latent.index <= self.file_last.get(key, -1):
+            return
+        if latent.index > self.file_last.get(key, -1) + 1 and self.file_last.get(key, -1) >= 0:
+            log.warning(
+                "stream %s: %s ends at latent %d, the next one here is %d: a hole in the file",
+                self.sid,
+                sink.path,
+                self.file_last[key],
+                latent.index,
+            )
+        await sink.send(latent)
+        self.file_last[key] = latent.index
+
+    async def write_progress(
+        self, *, last: Latent | None = None, done: bool = False, failed: str | None = None
+    ) -> None:
         entry = dict(self.progress or {})
+        done_runs = [str(r) for r in entry.get("done_runs", ())]
+        if done and self.run is not None and self.run not in done_runs:
+            done_runs = [*done_runs, self.run][-DONE_RUNS:]
         if last is not None or entry.get("run") != self.run:
             index = -1 if last is None else last.index
             first = 0 if index < 0 else group_start(4 * index - self.r + 1)
@@ -517,7 +786,11 @@ class _StreamTask:
                 "last_frame": None if last is None else self.segment_start + last.frames.stop - 1,
                 "replay_seq": self.seqs.get(frame, self.segment_seq),
             }
-        entry.update(worker=self.worker.options.worker_id, time=time.time(), done=done)
+        entry.update(
+            worker=self.worker.options.worker_id, time=time.time(), done=done, done_runs=done_runs
+        )
+        if failed is not None:
+            entry["failed"] = failed
         if self.prefer:
             entry["prefer"] = self.prefer
         self.progress = entry
@@ -551,9 +824,24 @@ class FleetWorker:
         self.js: Any = None
         self.buckets: FleetBuckets = None  # type: ignore[assignment]
         self._stopping = False
+        self.receptive_field = StreamEncoder(encoder).receptive_field
+        self.slots: PoolSlots | None = None
+        self.slots_placeholder = EncoderSlot(self.make_stream)  # until a task gets its own
+        self.claimed_at_revision: dict[str, int] = {}  # the registry entry a claim started from
+        self.ended_at_revision: dict[str, int] = {}  # ... and the same after it ended
 
     def make_stream(self) -> StreamEncoder:
         return StreamEncoder(self.encoder, mode=self.options.mode, normalize=self.options.normalize)  # type: ignore[arg-type]
+
+    async def new_slot(self, stream_id: str) -> EncoderSlot | PooledSlot:
+        """A stream's encoder: a slot of the worker's pool (or its own StreamEncoder)."""
+        if not self.options.batch:
+            return EncoderSlot(self.make_stream)
+        if self.slots is None:
+            self.slots = PoolSlots(
+                self.encoder, mode=self.options.mode, normalize=self.options.normalize
+            )
+        return await self.slots.slot(stream_id)
 
     def event(self, name: str, **fields: Any) -> None:
         record = {"event": name, "worker": self.options.worker_id, "time": time.time(), **fields}
@@ -602,6 +890,8 @@ class FleetWorker:
                     await control.unsubscribe()
                 with contextlib.suppress(Exception):
                     await self.buckets.workers.delete(self.options.worker_id)
+                if self.slots is not None:
+                    await self.slots.close()
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), 5)
@@ -682,7 +972,9 @@ class FleetWorker:
                 continue
             if self.cooldown.get(sid, 0) > now:
                 continue
-            registry = await _get_json(self.buckets.streams, sid)
+            registry, revision = await _get_entry(self.buckets.streams, sid)
+            if self.ended_at_revision.get(sid) == revision:
+                continue  # this worker ended it and its ingest has published nothing new since
             progress = await _get_json(self.buckets.progress, sid)
             if registry is None or (
                 progress is not None
@@ -698,11 +990,12 @@ class FleetWorker:
             if waited < self.options.grace and not await self._am_first_choice(progress):
                 continue
             try:
-                revision = await self.buckets.leases.create(sid, self._lease_value())
+                lease = await self.buckets.leases.create(sid, self._lease_value())
             except KeyWrongLastSequenceError:
                 continue
             self.unowned_since.pop(sid, None)
-            self._start(sid, revision)
+            self.claimed_at_revision[sid] = revision
+            self._start(sid, lease)
 
     async def _am_first_choice(self, progress: dict[str, Any] | None) -> bool:
         """Whether this worker is the one to claim now: the preferred one of a planned move,
@@ -739,15 +1032,34 @@ class FleetWorker:
 
     async def _serve(self, task: _StreamTask) -> str:
         sid = task.sid
+        frames_before = task.stats.frames
         try:
             outcome = await task.run_stream()
         except asyncio.CancelledError:
             self.event("stopped", stream=sid, reason="lease lost or worker stopping")
             raise
-        except Exception:
-            log.exception("stream %s: failed; releasing it", sid)
+        except OSError:  # a full disk, say: another try later may work
+            log.exception("stream %s: failed; releasing it, to be tried again", sid)
             self.cooldown[sid] = time.time() + 5 * self.options.lease_ttl
             outcome = "failed"
+        except Exception as exc:  # frames the model refuses, a broken encoder: not worth a retry
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "stream %s: run %s cannot be encoded (%s); marked failed, not claimed again "
+                "until its ingest starts a new run",
+                sid,
+                task.run,
+                reason,
+                exc_info=True,
+            )
+            task.stats.failed = reason
+            outcome = "failed"
+            with contextlib.suppress(Exception):
+                await task.write_progress(done=True, failed=reason)
+        if sid in self.claimed_at_revision and (
+            outcome == "failed" or (outcome == "ended" and task.stats.frames == frames_before)
+        ):  # nothing to do here until its ingest writes something new: no claim loop
+            self.ended_at_revision[sid] = self.claimed_at_revision[sid]
         if outcome == "released":
             await task.write_progress()
         with contextlib.suppress(Exception):
@@ -787,6 +1099,19 @@ class FleetWorker:
             _, pending = await asyncio.wait(futures, timeout=30)
             for future in pending:
                 future.cancel()
+
+
+async def _get_entry(kv: Any, key: str) -> tuple[dict[str, Any] | None, int]:
+    """A JSON entry and its revision (0: none)."""
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        return None, 0
+    try:
+        value = json.loads(entry.value) if entry.value is not None else None
+    except ValueError:
+        value = None
+    return (value if isinstance(value, dict) else None), int(entry.revision or 0)
 
 
 async def _get_json(kv: Any, key: str) -> dict[str, Any] | None:
