@@ -382,11 +382,11 @@ class PooledSlot:
 
     async def reset(self) -> None:
         await self.slots.call(self.slots.pool.reset, self.key)
+        self._frames = 0
 
     async def warmup(self, height: int, width: int) -> None:
         """Autotune and capture for ``height x width`` frames before the stream goes live."""
         await self.slots.call(self.slots.pool.warmup, (height, width))
-        self._frames = 0
 
     async def close(self) -> None:
         pool, key = self.slots.pool, self.key
