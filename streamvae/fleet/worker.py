@@ -65,7 +65,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nats
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
@@ -93,7 +93,7 @@ from streamvae.io.backoff import Backoff
 from streamvae.io.filesink import FileSink
 from streamvae.io.wire import encode_latent
 from streamvae.model import WanEncoder
-from streamvae.stream import Latent, StreamEncoder
+from streamvae.stream import Latent, Mode, StreamEncoder
 
 __all__ = [
     "MAX_INDEX_JUMP",
@@ -243,7 +243,9 @@ class PoolSlots:
 
         from streamvae.pool import StreamPool
 
-        self.pool = StreamPool(encoder, mode=mode, normalize=normalize)  # type: ignore[arg-type]
+        self.pool: StreamPool[Latent] = StreamPool(
+            encoder, mode=cast(Mode, mode), normalize=normalize
+        )
         self.group_size = 4
         self.receptive_field = StreamEncoder(encoder).receptive_field
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="streamvae-pool")
@@ -347,7 +349,7 @@ class PooledSlot:
             pool.add(key, size=(height, width))
             # The pool's streams are StreamEncoders on a slot of its bank; a replay runs on
             # that one stream (StreamPool has no resume of its own).
-            stream = pool._get(key)
+            stream: StreamEncoder = pool._get(key)
             return stream.resume(
                 [f.image for f in frames],
                 first_index=first_index,
