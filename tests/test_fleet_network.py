@@ -189,7 +189,7 @@ def test_planned_move_hands_over_at_a_group_boundary_without_duplicate(server, t
     b = ingest = None
     try:
         a.wait_event(lambda e: e["event"] == "worker_started", 120)
-        ingest = FleetProcess("ingest", ingest_args(server.url, "cam2", 240, 25), tmp_path).start()
+        ingest = FleetProcess("ingest", ingest_args(server.url, "cam2", 400, 25), tmp_path).start()
         a.wait_event(lambda e: e["event"] == "claimed", 60)
         b = FleetProcess("wB", worker_args(server.url, "wB"), tmp_path).start()
         b.wait_event(lambda e: e["event"] == "worker_started", 120)
