@@ -185,17 +185,22 @@ def test_takeover_after_kill_9_loses_no_latent(server, tmp_path):
 
 
 def test_planned_move_hands_over_at_a_group_boundary_without_duplicate(server, tmp_path):
+    # Both workers run before the stream starts (a worker's start can take longer than the
+    # stream on a loaded machine); the one that claims it moves it to the other.
     a = FleetProcess("wA", worker_args(server.url, "wA"), tmp_path).start()
-    b = ingest = None
+    b = FleetProcess("wB", worker_args(server.url, "wB"), tmp_path).start()
+    ingest = None
     try:
         a.wait_event(lambda e: e["event"] == "worker_started", 120)
-        ingest = FleetProcess("ingest", ingest_args(server.url, "cam2", 240, 25), tmp_path).start()
-        a.wait_event(lambda e: e["event"] == "claimed", 60)
-        b = FleetProcess("wB", worker_args(server.url, "wB"), tmp_path).start()
         b.wait_event(lambda e: e["event"] == "worker_started", 120)
-        wait_progress(server.url, "cam2", 31, 120)
+        ingest = FleetProcess("ingest", ingest_args(server.url, "cam2", 400, 25), tmp_path).start()
+        progress = wait_progress(server.url, "cam2", 31, 120)
+        if progress["worker"] == "wB":
+            a, b = b, a
         move = FleetProcess(
-            "move", ["move", "cam2", "--nats", server.url, "--to", "wB", "--json"], tmp_path
+            "move",
+            ["move", "cam2", "--nats", server.url, "--to", b.name, "--json"],
+            tmp_path,
         ).start()
         assert move.wait(60) == 0
         released = a.wait_event(lambda e: e["event"] == "released", 60)

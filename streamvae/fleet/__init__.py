@@ -10,7 +10,7 @@ See ``docs/fleet.md`` for the design and its numbers.
 """
 
 from streamvae.fleet.broker import NATS_PASSWORD_ENV, NatsSettings
-from streamvae.fleet.ingest import DEFAULT_RETAIN, IngestStats, ingest
+from streamvae.fleet.ingest import DEFAULT_RETAIN, IngestRefused, IngestStats, ingest
 from streamvae.fleet.messages import FrameMessage, FrameMessageError, decode_frame, encode_frame
 from streamvae.fleet.worker import FleetWorker, StreamStats, WorkerOptions, group_start
 
@@ -20,6 +20,7 @@ __all__ = [
     "FleetWorker",
     "FrameMessage",
     "FrameMessageError",
+    "IngestRefused",
     "IngestStats",
     "NatsSettings",
     "StreamStats",

@@ -42,14 +42,21 @@ stops after a latent, at a group boundary, with its progress written, and delete
 next owner (the requested one if it is alive) replays up to that latent without publishing it
 again: no duplicate.
 
-**Bad frames**: a message that does not decode, has the wrong size or an unknown codec is
-refused, counted (``bad_frames``) and logged with the stream id; the stream goes on from the next
-good frame as a new segment (its first latent has ``gap=True``, index 0, and the run label
-``<run>~<segment>``). A jump in frame indices (frames lost) is a gap too.
+**Bad frames**: a message that does not decode, has the wrong size, an unknown codec, an image
+header declaring another size (checked before decoding), an index more than
+:data:`MAX_INDEX_JUMP` ahead, or a run already done, is refused, counted (``bad_frames``) and
+logged with the stream id, and changes nothing. A jump in frame indices (frames lost, or dropped
+at the ingest) starts a new segment at the next good frame (its first latent has ``gap=True``,
+index 0, and the run label ``<run>~<segment>``).
 
-**Encoding**: one :class:`streamvae.StreamEncoder` per stream, behind :class:`EncoderSlot`
-(``resume``/``push``/``flush``/``reset``), run in a thread; a pool of batched streams can take
-its place by implementing those four calls.
+**Runs done, streams failed**: the progress remembers the last :data:`DONE_RUNS` runs done, and
+no worker enters them again. A stream the model cannot encode is marked failed in its progress
+(logged) and not claimed again until its ingest starts a new run.
+
+**Encoding**: all of a worker's streams go through one :class:`streamvae.StreamPool`
+(:class:`PoolSlots`), one batch per tick of whatever frames are ready; each stream sees it as
+a :class:`PooledSlot` (``resume``/``push``/``flush``/``reset``). ``WorkerOptions(batch=False)``
+gives each stream its own :class:`streamvae.StreamEncoder` (:class:`EncoderSlot`) instead.
 """
 
 from __future__ import annotations
@@ -1040,11 +1047,11 @@ class FleetWorker:
         except asyncio.CancelledError:
             self.event("stopped", stream=sid, reason="lease lost or worker stopping")
             raise
-        except OSError:  # a full disk, say: another try later may work
+        except (OSError, RuntimeError):  # a full disk, a full GPU: another try later may work
             log.exception("stream %s: failed; releasing it, to be tried again", sid)
             self.cooldown[sid] = time.time() + 5 * self.options.lease_ttl
             outcome = "failed"
-        except Exception as exc:  # frames the model refuses, a broken encoder: not worth a retry
+        except Exception as exc:  # frames the model refuses (ValueError): not worth a retry
             reason = f"{type(exc).__name__}: {exc}"
             log.error(
                 "stream %s: run %s cannot be encoded (%s); marked failed, not claimed again "
