@@ -353,6 +353,9 @@ class _PooledDecoder(StreamDecoder):
     def _ensure_state(self, height: int, width: int) -> None:
         _ensure_slot(self, height, width)
 
+    def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor  # the pool uploads a batch's latents together (_decode_run)
+
 
 _Pooled = _PooledStream | _PooledDecoder
 _State = EncoderState | DecoderState
@@ -945,7 +948,11 @@ class StreamPool(Generic[OutT]):
         view, gathered = self._batch_view(run)
         assert isinstance(view, DecoderState)
         parts = [inputs[stream.stream_id] for stream in run]
-        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if self._uploads is not None and all(part.device.type == "cpu" for part in parts):
+            x = self._uploads.upload([part[0] for part in parts], clock)
+        else:
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            x = x.to(self.decoder.device)
         clock.mark("uploads")
         label = self._step_label(run)
         events = clock.step_events(label)
