@@ -48,7 +48,7 @@ stream within its group, and the warm-up of its first frames) and steps each coh
 contiguous slots as one batch, on views of the bank. A stream that skips a tick falls out of
 its cohort's phase and forms its own; nothing is copied to keep cohorts together. (A decoder's
 step has no phase: every latent after the second steps the same kernels, so decoder streams
-that joined at different times step as one batch from their third latent on.)
+that joined at different times step as one batch from their fourth latent on.)
 """
 
 from __future__ import annotations
