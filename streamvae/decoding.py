@@ -73,9 +73,9 @@ class DecodedFrame:
 
 @dataclass(frozen=True)
 class _Checked:
-    """A latent accepted by :meth:`StreamDecoder._check`: raw (de-normalised) data on the device."""
+    """A latent accepted by :meth:`StreamDecoder._check`: raw (de-normalised) data."""
 
-    raw: torch.Tensor  # [z, h, w] float32, not normalised
+    raw: torch.Tensor  # [z, h, w] float32, not normalised, on the CPU or the decoder's device
     index: int | None
     timestamps: tuple[float | None, ...]
     gap: bool
@@ -387,7 +387,10 @@ class StreamDecoder(StreamCore[DecoderState, DecodedFrame]):
             raise LatentError(
                 f"{where}: expected a float tensor (normalised latent), got {data.dtype}"
             )
-        data = data.detach().to(self._device)
+        # Checked where it is (a latent on the CPU: no wait for the GPU); uploaded by _stage.
+        data = data.detach()
+        if data.device.type != "cpu":
+            data = data.to(self._device)
         raw = self.decoder.denormalize(data) if self.normalized else data.float()
         if not bool(torch.isfinite(raw).all()):
             raise LatentError(f"{where}: the latent holds NaN or infinite values")
@@ -439,7 +442,7 @@ class StreamDecoder(StreamCore[DecoderState, DecodedFrame]):
         if self._latents == 0:
             self._ensure_state(item.raw.shape[1], item.raw.shape[2])
             self._size = (item.raw.shape[1], item.raw.shape[2])
-        return item.raw[None, :, None].to(self.decoder.dtype)
+        return self._upload(item.raw[None, :, None].to(self.decoder.dtype))
 
     def _frames_of(self, item: _Checked, out: torch.Tensor, done: int) -> list[DecodedFrame]:
         """The frames in ``out`` (``[1, 3, k, H, W]``, clamped, delivered) of the latent being

@@ -48,7 +48,7 @@ stream within its group, and the warm-up of its first frames) and steps each coh
 contiguous slots as one batch, on views of the bank. A stream that skips a tick falls out of
 its cohort's phase and forms its own; nothing is copied to keep cohorts together. (A decoder's
 step has no phase: every latent after the second steps the same kernels, so decoder streams
-that joined at different times step as one batch from their third latent on.)
+that joined at different times step as one batch from their fourth latent on.)
 """
 
 from __future__ import annotations
@@ -352,6 +352,9 @@ class _PooledDecoder(StreamDecoder):
 
     def _ensure_state(self, height: int, width: int) -> None:
         _ensure_slot(self, height, width)
+
+    def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor  # the pool uploads a batch's latents together (_decode_run)
 
 
 _Pooled = _PooledStream | _PooledDecoder
@@ -945,7 +948,11 @@ class StreamPool(Generic[OutT]):
         view, gathered = self._batch_view(run)
         assert isinstance(view, DecoderState)
         parts = [inputs[stream.stream_id] for stream in run]
-        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if self._uploads is not None and all(part.device.type == "cpu" for part in parts):
+            x = self._uploads.upload([part[0] for part in parts], clock)
+        else:
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            x = x.to(self.decoder.device)
         clock.mark("uploads")
         label = self._step_label(run)
         events = clock.step_events(label)

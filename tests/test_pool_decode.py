@@ -30,7 +30,11 @@ def decoder():
     return random_decoder(narrow(8), seed=3)
 
 
-@pytest.fixture(scope="module", params=[narrow(8), narrow(8, WAN22)], ids=lambda c: c.name)
+@pytest.fixture(
+    scope="module",
+    params=[narrow(8), pytest.param(narrow(8, WAN22), marks=pytest.mark.slow)],
+    ids=lambda c: c.name,
+)
 def any_decoder(request):
     """Wan 2.1 and Wan 2.2 (its DupUp3D shortcuts, first_chunk trim) for the exactness test."""
     return random_decoder(request.param, seed=3)
@@ -87,7 +91,7 @@ class Mirror:
 
 
 def test_streams_joining_at_different_times_equal_their_own_decoders(any_decoder):
-    """Stragglers: b joins a tick late, c two ticks late, a skips a tick; from their third
+    """Stragglers: b joins a tick late, c two ticks late, a skips a tick; from their fourth
     latent on (a decoder step has no phase) they step as one batch again."""
     decoder = any_decoder
     h, w = latent_hw(decoder)
@@ -114,7 +118,7 @@ def test_streams_joining_at_different_times_equal_their_own_decoders(any_decoder
 
 
 def test_latents_carry_their_labels_and_a_gap_restarts_the_stream(decoder):
-    h, w = latent_hw(decoder)
+    h, w = 2, 2
     mirror = Mirror(decoder)
     mirror.add("a")
     mirror.add("b")
@@ -133,7 +137,7 @@ def test_latents_carry_their_labels_and_a_gap_restarts_the_stream(decoder):
 
 
 def test_a_bad_latent_is_refused_with_nothing_changed_and_the_others_go_on(decoder):
-    h, w = latent_hw(decoder)
+    h, w = 2, 2
     mirror = Mirror(decoder)
     for sid in "ab":
         mirror.add(sid)
@@ -195,7 +199,7 @@ def test_admission_by_the_decoders_state_size(decoder):
 
 
 def test_stream_decodes_latent_sources_and_a_bad_source_ends_alone(decoder):
-    h, w = latent_hw(decoder)
+    h, w = 2, 2
     clips = {sid: latents_of(decoder, 50 + i, 3, h, w) for i, sid in enumerate("ab")}
     broken = [*clips["b"][:1], torch.zeros(decoder.config.z_dim + 1, h, w)]
 
