@@ -11,6 +11,7 @@ from streamvae.bench.peers import DiffusersPeer
 from streamvae.bench.timing import Clock, cuda_event_time
 from streamvae.model import WanEncoder
 from streamvae.model import encoder as encoder_module
+from streamvae.model.kernels import onednn_bf16_available
 
 __all__ = ["count_flops", "diffusers_flops", "measure_peak_flops", "streamvae_flops"]
 
@@ -52,11 +53,21 @@ def diffusers_flops(encoder: WanEncoder, frames: int, height: int, width: int) -
 def measure_peak_flops(
     device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format, repeats: int = 5
 ) -> dict[str, float]:
-    """The device's achievable FLOP/s in ``dtype``: a large 3x3x3 conv3d and a large matmul."""
+    """The device's achievable FLOP/s in ``dtype``: a large 3x3x3 conv3d and a large matmul.
+
+    On a CPU without fast kernels for ``dtype`` (float16; bfloat16 without AVX-512, where
+    PyTorch's reference convolution runs at a fraction of a GFLOP/s) the problems are small,
+    so that the measurement takes a fraction of a second, not minutes.
+    """
     clock = Clock(device)
     cuda = device.type == "cuda"
     n = 8192 if cuda else 2048
     channels, frames, height, width = (384, 6, 128, 256) if cuda else (192, 6, 64, 64)
+    slow = device.type == "cpu" and (
+        dtype == torch.float16 or (dtype == torch.bfloat16 and not onednn_bf16_available())
+    )
+    if slow:
+        n, (channels, frames, height, width), repeats = 256, (16, 4, 16, 16), min(repeats, 2)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     x = torch.randn(1, channels, frames, height, width, device=device, dtype=dtype)
