@@ -39,7 +39,7 @@ from streamvae.bench.clips import synthetic_frames
 from streamvae.bench.options import parse_size
 from streamvae.bench.timing import Clock
 from streamvae.model import encoder as encoder_module
-from streamvae.model import kernels
+from streamvae.model import kernels, triton_kernels
 from streamvae.model.kernels import _fused_norm_applies, rms_silu_into
 
 CATEGORIES = (  # first match wins; kernel names differ between CPU, cuDNN and CUTLASS builds
@@ -55,6 +55,7 @@ LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 WITHOUT = (
     ("ring windows", encoder_module, "RING_DEVICES"),
     ("fused norms", kernels, "FUSED_NORM_DEVICES"),
+    ("triton kernels", triton_kernels, "TRITON_DEVICES"),
 )
 
 

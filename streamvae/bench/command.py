@@ -42,6 +42,7 @@ from streamvae.bench.pool import (
     stage_times,
     start_ticks,
 )
+from streamvae.bench.precision import PRECISIONS, bench_precision, format_precision
 from streamvae.bench.report import format_report, write_plot
 from streamvae.bench.run import run_bench
 from streamvae.model import WanEncoder
@@ -138,6 +139,16 @@ def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
         help="with --decode: stream lengths (latents) at which one stream's memory is read, "
         "comma-separated (--memory-size, default: one latent, 8x8 pixels); 0 skips it",
     )
+    parser.add_argument(
+        "--precision",
+        nargs="?",
+        const=",".join(PRECISIONS),
+        default=None,
+        metavar="LIST",
+        help="precision mode: one stream in each of float32 (TF32 off), tf32, float16, "
+        "bfloat16 (or LIST, comma-separated) at --size: frames/s and error against float32, "
+        "global and per latent channel (--frames, --repeats, --json)",
+    )
     add_pool_arguments(parser)  # --streams, --phases, --ticks, --sweep
     parser.set_defaults(run=bench_command)
 
@@ -168,6 +179,8 @@ def bench_command(args: argparse.Namespace) -> int:
         encoder = copy.deepcopy(reference).to(dtype)
     if getattr(args, "streams", None) or getattr(args, "sweep", None):
         return pool_bench_command(args, encoder)
+    if getattr(args, "precision", None):
+        return precision_command(args, choice.encoder)
     cuda = encoder.device.type == "cuda"
     options = BenchOptions(
         size=args.size,
@@ -204,6 +217,40 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.plot:
         write_plot(report, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def precision_command(args: argparse.Namespace, reference: WanEncoder) -> int:
+    """``--precision``: the table of :mod:`streamvae.bench.precision`; ``--json`` writes it."""
+    names = [p.strip() for p in args.precision.split(",") if p.strip()]
+    unknown = sorted(set(names) - set(PRECISIONS))
+    if unknown or not names:
+        usage_error(f"--precision {args.precision}: choose from {', '.join(PRECISIONS)}")
+    problem = reference.config.size_error(*args.size)
+    if problem is not None:
+        usage_error(f"--size {args.size[0]}x{args.size[1]}: {problem}")
+    cuda = reference.device.type == "cuda"
+    rows = bench_precision(
+        reference,
+        args.size,
+        args.frames,
+        args.repeats or (5 if cuda else 2),
+        precisions=names,
+        cuda_graphs=cuda and not args.no_cuda_graphs,
+    )
+    print(format_precision(rows), flush=True)
+    if args.json:
+        report = {
+            "device": str(reference.device),
+            "config": reference.config.name,
+            "size": list(args.size),
+            "frames": args.frames,
+            "precision": rows,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -123,7 +123,7 @@ def decode_bench(
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn((1, config.z_dim, latents, *latent_size), generator=generator)
     z = z.to(decoder.device)
-    raw = decoder.denormalize(z)
+    raw = decoder.denormalize(z).to(decoder.dtype)  # diffusers takes latents in its dtype
     frames_total = 1 + config.temporal_stride * (latents - 1)
     results: dict[str, dict[str, Any]] = {}
 
@@ -346,6 +346,7 @@ class _OfficialDecoder:
         version = "2_2" if config.residual else "2_1"
         extra = {"dec_dim": config.decoder_base_dim} if config.residual else {}
         self.model = wan_model(load_peer_file(OFFICIAL_WAN[version]), decoder, **extra)
+        self.dtype = decoder.dtype
         self.scale = [
             torch.tensor(config.latents_mean, device=decoder.device),
             1.0 / torch.tensor(config.latents_std, device=decoder.device),
@@ -353,7 +354,9 @@ class _OfficialDecoder:
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.model.decode(z, self.scale)
+        dtype = self.dtype  # latents and scale in the weights' dtype
+        scale = [s.to(dtype) for s in self.scale]
+        out: torch.Tensor = self.model.decode(z.to(dtype), scale)
         return out.float().clamp_(-1, 1)
 
 

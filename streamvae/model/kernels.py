@@ -27,6 +27,7 @@ __all__ = [
     "add_rms_silu_into",
     "cpu_slow_path_reason",
     "onednn_available",
+    "onednn_bf16_available",
     "rms_silu_into",
 ]
 
