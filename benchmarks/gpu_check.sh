@@ -158,14 +158,16 @@ grep -E "^(python|device|MISSING)" "$OUT/environment.txt"
 
 # 1. The CUDA tests (the modules that hold any): exactness on the GPU, own CUDA stream per
 #    encoder, CUDA graphs, attention at every size. The image's own pytest plugins are not
-#    loaded (only pytest-asyncio, which pyproject asks for).
+#    loaded (only pytest-asyncio, which pyproject asks for), so pyproject's addopts (xdist's -n)
+#    are replaced: the CUDA tests run in one process.
 PLUGINS=()
 if "$PYTHON" -c "import pytest_asyncio" 2>/dev/null; then
     PLUGINS=(-p pytest_asyncio.plugin)
 fi
 mapfile -t CUDA_TESTS < <(grep -l "pytest.mark.cuda" tests/test_*.py)
 step pytest_cuda 50 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$PYTHON" -u -m pytest \
-    ${PLUGINS[@]+"${PLUGINS[@]}"} -m cuda "${CUDA_TESTS[@]}" -q -rfEs -p no:cacheprovider \
+    ${PLUGINS[@]+"${PLUGINS[@]}"} -o addopts="--strict-markers" -m cuda "${CUDA_TESTS[@]}" \
+    -q -rfEs -p no:cacheprovider \
     --continue-on-collection-errors --junitxml="$OUT/pytest_cuda.xml"
 
 # If the CUDA graph tests failed, a capture failure would take every bench run down with it:

@@ -5,8 +5,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton's interpreter runs the CUDA kernels on the CPU (tests/test_triton_kernels.py), but
+    # only if TRITON_INTERPRET is set before anything imports triton (triton.language reads it
+    # at import): a bench test that imports triton first would otherwise leave the kernels'
+    # self-check failing for the rest of the process. Off a GPU nothing else uses Triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from helpers import random_encoder, require
 from streamvae import WAN21, narrow
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Tests run in several worker processes (pyproject's addopts: -n 2): one torch thread each,
+    # so that the workers share the cores instead of fighting over them.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

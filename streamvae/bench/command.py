@@ -137,7 +137,7 @@ def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
         type=parse_lengths,
         default="100,1000",
         help="with --decode: stream lengths (latents) at which one stream's memory is read, "
-        "comma-separated (--memory-size, default: one latent, 8x8 pixels); 0 skips it",
+        "comma-separated, at --memory-size (a latent of 8x8 pixels unless given); 0 skips it",
     )
     parser.add_argument(
         "--precision",

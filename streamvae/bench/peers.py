@@ -354,9 +354,10 @@ class StreamDiffusionV2Decoder:
                 f"not applicable to {config.name}: StreamDiffusionV2's VAE is Wan 2.1's"
             )
         self.model = wan_model(load_peer_file(STREAMDIFFUSIONV2), decoder)
+        self.dtype = decoder.dtype  # its convs take latents and scale in the weights' dtype
         self.scale = [
-            torch.tensor(config.latents_mean, device=decoder.device),
-            1.0 / torch.tensor(config.latents_std, device=decoder.device),
+            torch.tensor(config.latents_mean, device=decoder.device, dtype=self.dtype),
+            1.0 / torch.tensor(config.latents_std, device=decoder.device, dtype=self.dtype),
         ]
 
     @staticmethod
@@ -372,6 +373,7 @@ class StreamDiffusionV2Decoder:
         call's time, the frames on the host."""
         model = self.model
         model.first_decode = True  # the next call starts a stream (and clears its cache)
+        z = z.to(self.dtype)
         timed = timed_calls(
             self.calls(z.shape[2]),
             lambda start, stop: (

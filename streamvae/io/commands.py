@@ -491,7 +491,7 @@ def cuda_options(args: argparse.Namespace, device: torch.device) -> dict[str, bo
 
 WARMUP_HELP = (
     "run each stream size's first steps before the streams go live (cuDNN autotuning and "
-    "kernel setup off the live path): auto (default) on CUDA, where a cold first latent "
+    "kernel setup off the live path): auto warms up on CUDA only, where a cold first latent "
     "takes seconds; on; off"
 )
 
