@@ -148,7 +148,7 @@ def test_live_decode_writes_the_round_trip_beside_the_latents(tmp_path, run_cli)
     summary = json.loads(out)
     folder = tmp_path / "cam.decoded"
     assert summary["decoded"] == {"output": str(folder), "latents": 3, "frames": 9}
-    assert "the decoded frames (--decode) are meaningless" in err
+    assert "the decoded frames (the round trip) are meaningless" in err
     written = png_frames(folder)
     expected = expected_frames(output)  # the file's latents, decoded by StreamDecoder
     assert len(written) == len(expected) == 9
