@@ -78,7 +78,7 @@ def test_decode_to_video(latents_file, tmp_path):
         (["--config", "wan2.2-narrow8"], "holds 16-channel latents"),
         (["-o", "x.txt"], "expected a video"),
         ([], "no weights given"),
-        (["--fps", "0"], "must be > 0"),
+        (["--fps", "0"], "expected a number > 0, got '0'"),
     ],
 )
 def test_bad_command_lines_exit_2_without_traceback(latents_file, tmp_path, args, message):

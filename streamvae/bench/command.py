@@ -91,7 +91,7 @@ def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
         "--memory-size",
         type=parse_size,
         default=None,
-        help="frame size for memory vs length (CPU 32x32, CUDA: --size; --decode: 8x8)",
+        help="frame size for memory vs length (CPU 32x32, CUDA: --size; --decode: one latent)",
     )
     parser.add_argument(
         "--mode",
@@ -135,7 +135,8 @@ def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
         type=parse_lengths,
         default="100,1000",
         help="with --decode: stream lengths (latents) at which one stream's memory is read, "
-        "comma-separated (--memory-size, default: one latent, 8x8 pixels); 0 skips it",
+        "comma-separated, at --memory-size (with --decode, unless given: one latent, 8x8 "
+        "pixels for Wan 2.1); 0 skips it",
     )
     add_pool_arguments(parser)  # --streams, --phases, --ticks, --sweep
     parser.set_defaults(run=bench_command)
