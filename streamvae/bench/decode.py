@@ -14,8 +14,8 @@ latents (seeded, normalised, ``[1, z, T, h, w]`` for ``--frames`` frames at ``--
   streaming loop calls it (latents 0 and 1, then one latent a call): a latent's frames all
   arrive when its call returns.
 
-Also the error of a bfloat16 copy of the decoder (StreamDecoder, the same latents) against the
-float32 frames, and memory against stream length: one stream of tiny latents (``--memory-size``,
+Also the error of a bfloat16 copy of the decoder (StreamDecoder) against its float32 frames
+(on the GPU over the clip; on the CPU over three latents at ``--memory-size``), and memory against stream length: one stream of tiny latents (``--memory-size``,
 default 8x8 pixels) read at ``--memory-latents`` (default 100 and 1000 pushed latents): RSS
 (and on CUDA the allocator's bytes) with the stream's state, which must stay flat.
 
@@ -120,9 +120,7 @@ def decode_bench(
     (:func:`decode_memory_against_length`)."""
     config = decoder.config
     clock = Clock(decoder.device)
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn((1, config.z_dim, latents, *latent_size), generator=generator)
-    z = z.to(decoder.device)
+    z = _latents(decoder, latent_size, latents, seed)
     raw = decoder.denormalize(z)
     frames_total = 1 + config.temporal_stride * (latents - 1)
     results: dict[str, dict[str, Any]] = {}
@@ -192,10 +190,10 @@ def decode_bench(
         _stream_diffusion_v2(decoder, z, clock, repeats, frames_total, reference, results)
     extra: dict[str, Any] = {}
     if bf16 and decoder.dtype != torch.bfloat16:
-        half = copy.deepcopy(decoder).to(torch.bfloat16)
-        frames = [f.data for f in StreamDecoder(half).push_many(list(z[0].unbind(1)))]
-        extra["bf16_error"] = rel_err(torch.stack(frames, dim=1)[None], reference)
-        del half
+        # On the GPU over the clip; on the CPU, where bfloat16 convolutions may take PyTorch's
+        # slow path (no oneDNN bfloat16), over three latents of ``memory_size``.
+        cuda = decoder.device.type == "cuda"
+        extra.update(_bf16_error(decoder, z if cuda else _latents(decoder, memory_size, 3, seed)))
     if memory_latents:
         extra["memory_vs_length"] = decode_memory_against_length(
             decoder, memory_latents, memory_size, seed=seed
@@ -213,6 +211,29 @@ def decode_bench(
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": results,
         **extra,
+    }
+
+
+def _latents(
+    decoder: WanDecoder, latent_size: tuple[int, int], count: int, seed: int
+) -> torch.Tensor:
+    """Seeded normalised latents ``[1, z, count, h, w]`` on the decoder's device."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn((1, decoder.config.z_dim, count, *latent_size), generator=generator)
+    return z.to(decoder.device)
+
+
+def _bf16_error(decoder: WanDecoder, z: torch.Tensor) -> dict[str, Any]:
+    """The error of a bfloat16 copy of ``decoder`` (StreamDecoder) against its float32 frames
+    of the latents ``z``, and the size it was taken at."""
+    latents = list(z[0].unbind(1))
+    exact = torch.stack([f.data for f in StreamDecoder(decoder).push_many(latents)], dim=1)
+    half = copy.deepcopy(decoder).to(torch.bfloat16)
+    frames = torch.stack([f.data for f in StreamDecoder(half).push_many(latents)], dim=1)
+    stride = decoder.config.spatial_stride
+    return {
+        "bf16_error": rel_err(frames, exact),
+        "bf16_size": f"{z.shape[3] * stride}x{z.shape[4] * stride}, {z.shape[2]} latents",
     }
 
 
@@ -250,8 +271,7 @@ def decode_memory_against_length(
     memory read after latent 1 (the state allocated) and after each of ``lengths`` latents.
     A streaming decoder's memory is flat: what it holds does not grow with the stream."""
     config = decoder.config
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn((16, config.z_dim, *latent_size), generator=generator).to(decoder.device)
+    inputs = _latents(decoder, latent_size, 16, seed)[0]  # [z, 16, h, w], pushed in turn
     stream = StreamDecoder(decoder, output_device=None)
     points = sorted(set(lengths))
     rss: list[float] = []
@@ -259,7 +279,7 @@ def decode_memory_against_length(
     readings = sorted({1, *points})
     started = time.monotonic()
     for n in range(1, points[-1] + 1):
-        stream.push(inputs[n % len(inputs)])
+        stream.push(inputs[:, n % inputs.shape[1]])
         if n in readings:
             host, device = live_memory(decoder.device)
             rss.append(round(host / 2**20, 1))
@@ -406,7 +426,10 @@ def format_decode_report(report: dict[str, Any]) -> str:
                 "call for that latent (steady state)"
             )
     if "bf16_error" in report:
-        lines.append(f"bfloat16 decoder: error {report['bf16_error']:.2e} against float32")
+        lines.append(
+            f"bfloat16 decoder: error {report['bf16_error']:.2e} against float32 "
+            f"({report['bf16_size']})"
+        )
     memory = report.get("memory_vs_length")
     if memory:
         readings = ", ".join(f"{n}: {mb} MB" for n, mb in zip(memory["latents"], memory["rss_mb"]))
