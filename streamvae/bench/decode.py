@@ -35,7 +35,8 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -125,69 +126,80 @@ def decode_bench(
     frames_total = 1 + config.temporal_stride * (latents - 1)
     results: dict[str, dict[str, Any]] = {}
 
-    # streamvae, latent by latent, frame by frame.
-    runs = []
-    reference: torch.Tensor | None = None
-    for _ in range(repeats + 1):  # the first run warms up (weight packing, allocation)
+    runners: dict[str, Callable[[], _Run]] = {}
+
+    def ours() -> _Run:  # streamvae, latent by latent, each frame as soon as it is complete
         stream = StreamDecoder(decoder, output_device=None)
         firsts, lasts, frames = [], [], []
         start = clock.now()
         for i in range(latents):
             arrived = clock.now()
             for k, frame in enumerate(stream.iter_push(z[0, :, i])):
-                done = clock.now()
                 if k == 0:
-                    firsts.append(done - arrived)
+                    firsts.append(clock.now() - arrived)
                 frames.append(frame.data)
             lasts.append(clock.now() - arrived)
-        runs.append((clock.now() - start, firsts, lasts))
-        reference = torch.stack(frames, dim=1)[None].cpu()
-    assert reference is not None
-    timed = runs[1:]
-    results["streamvae"] = _entry(
-        [t for t, _, _ in timed],
-        frames_total,
-        first=[median([r[1][i] for r in timed]) for i in range(latents)],
-        last=[median([r[2][i] for r in timed]) for i in range(latents)],
-    )
-    results["streamvae"]["error"] = 0.0
+        seconds = clock.now() - start
+        return _Run(seconds, torch.stack(frames, dim=1)[None], firsts, lasts)
 
-    def batch_run(name: str, fn: Any) -> None:
-        try:
-            out = fn()  # warm-up, and the frames the error is taken on
-        except PeerUnavailable as exc:
-            results[name] = {"unavailable": str(exc)}
-            return
-        seconds = []
-        for _ in range(repeats):
-            start = clock.now()
-            fn()
-            seconds.append(clock.now() - start)
-        results[name] = _entry(seconds, frames_total)
-        results[name]["error"] = rel_err(out.float().clamp(-1, 1).cpu(), reference)
-
-    batch_run("streamvae_batch", lambda: decoder.decode(z))
+    runners["streamvae"] = ours
+    runners["streamvae_batch"] = lambda: _timed(clock, lambda: decoder.decode(z))
     if peers:
         twin = _diffusers_twin(decoder)
         if twin is not None:
-            batch_run("diffusers", lambda: _no_grad(lambda: twin.decode(raw).sample))
-            calls: list[list[float]] = []  # per run, each latent's call (the first warms up)
+            runners["diffusers"] = lambda: _timed(
+                clock, lambda: _no_grad(lambda: twin.decode(raw).sample)
+            )
 
-            def stepped() -> torch.Tensor:
+            def stepped() -> _Run:  # a latent's frames all arrive when its call returns
+                start = clock.now()
                 out, times = _diffusers_per_latent(twin, raw, clock)
-                calls.append(times)
-                return out
+                return _Run(clock.now() - start, out, times, times)
 
-            batch_run("diffusers_per_latent", stepped)
-            if len(calls) > 1:
-                # A latent's frames all arrive when its call returns: first = last.
-                per = [median([run[i] for run in calls[1:]]) for i in range(latents)]
-                results["diffusers_per_latent"]["first_frame_ms"] = _ms(per)
-                results["diffusers_per_latent"]["last_frame_ms"] = _ms(per)
+            runners["diffusers_per_latent"] = stepped
         else:
             results["diffusers"] = {"unavailable": "diffusers is not installed"}
-        batch_run("official_wan", lambda: _official(decoder).decode(z))
-        _stream_diffusion_v2(decoder, z, clock, repeats, frames_total, reference, results)
+        runners["official_wan"] = lambda: _timed(clock, lambda: _official(decoder).decode(z))
+        try:
+            sdv2 = StreamDiffusionV2Decoder(decoder)
+        except PeerUnavailable as exc:
+            results["streamdiffusionv2"] = {"unavailable": str(exc)}
+        else:
+
+            def sdv2_run() -> _Run:  # its first call holds latents 0 and 1: both arrive then
+                start = clock.now()
+                times, out = sdv2.latents(z, clock)
+                per = [times[0], *times]
+                return _Run(clock.now() - start, out, per, per)
+
+            runners["streamdiffusionv2"] = sdv2_run
+    # A warm-up run of each (weight packing, allocation; the frames the errors are taken on),
+    # then the timed runs interleaved (streamvae, its batch, diffusers, ..., streamvae, ...), so
+    # that a burst of load from another process hits every decoder, not the one timed then.
+    warm: dict[str, _Run] = {}
+    for name, runner in list(runners.items()):
+        try:
+            warm[name] = runner()
+        except PeerUnavailable as exc:
+            results[name] = {"unavailable": str(exc)}
+            del runners[name]
+    timed: dict[str, list[_Run]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, runner in runners.items():
+            timed[name].append(runner())
+    reference = warm["streamvae"].frames.cpu()
+    for name, runs in timed.items():
+        first = last = None
+        if runs[0].first is not None and runs[0].last is not None:
+            first = [median([r.first[i] for r in runs if r.first]) for i in range(latents)]
+            last = [median([r.last[i] for r in runs if r.last]) for i in range(latents)]
+        results[name] = _entry([r.seconds for r in runs], frames_total, first=first, last=last)
+        if name != "streamvae":
+            # A latent's frames all arrive together: no share of first to last to report.
+            results[name].pop("first_of_last_share", None)
+        frames = warm[name].frames.float().clamp(-1, 1).cpu()
+        results[name]["error"] = 0.0 if name == "streamvae" else rel_err(frames, reference)
+    results = {name: results[name] for name in [*runners, *results] if name in results}
     extra: dict[str, Any] = {}
     if bf16 and decoder.dtype != torch.bfloat16:
         # On the GPU over the clip; on the CPU, where bfloat16 convolutions may take PyTorch's
@@ -214,6 +226,24 @@ def decode_bench(
     }
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One timed run of a decoder over the clip: its seconds and frames ``[1, 3, T, H, W]``,
+    and where it hands frames out as latents arrive, each latent's time from its arrival to
+    its first and to its last frame."""
+
+    seconds: float
+    frames: torch.Tensor
+    first: list[float] | None = None
+    last: list[float] | None = None
+
+
+def _timed(clock: Clock, fn: Callable[[], torch.Tensor]) -> _Run:
+    start = clock.now()
+    out = fn()
+    return _Run(clock.now() - start, out)
+
+
 def _latents(
     decoder: WanDecoder, latent_size: tuple[int, int], count: int, seed: int
 ) -> torch.Tensor:
@@ -235,32 +265,6 @@ def _bf16_error(decoder: WanDecoder, z: torch.Tensor) -> dict[str, Any]:
         "bf16_error": rel_err(frames, exact),
         "bf16_size": f"{z.shape[3] * stride}x{z.shape[4] * stride}, {z.shape[2]} latents",
     }
-
-
-def _stream_diffusion_v2(
-    decoder: WanDecoder,
-    z: torch.Tensor,
-    clock: Clock,
-    repeats: int,
-    frames_total: int,
-    reference: torch.Tensor,
-    results: dict[str, dict[str, Any]],
-) -> None:
-    """StreamDiffusionV2's ``stream_decode`` over the clip (its first run warms up): frames/s,
-    each call's time as its latents' first and last frame, its error."""
-    try:
-        peer = StreamDiffusionV2Decoder(decoder)
-    except PeerUnavailable as exc:
-        results["streamdiffusionv2"] = {"unavailable": str(exc)}
-        return
-    runs = [peer.latents(z, clock) for _ in range(repeats + 1)][1:]
-    # Its first call holds latents 0 and 1: both arrive when it returns.
-    per_latent = [[times[0], *times] for times, _ in runs]
-    entry = _entry([sum(times) for times, _ in runs], frames_total)
-    per = [median([run[i] for run in per_latent]) for i in range(z.shape[2])]
-    entry["first_frame_ms"] = entry["last_frame_ms"] = _ms(per)
-    entry["error"] = rel_err(runs[0][1], reference)
-    results["streamdiffusionv2"] = entry
 
 
 def decode_memory_against_length(
