@@ -38,6 +38,7 @@ __all__ = [
     "non_negative_seconds",
     "plain_text",
     "positive_int",
+    "positive_number",
     "positive_seconds",
     "usage_error",
     "user_errors",
@@ -121,9 +122,18 @@ def positive_int(text: str) -> int:
 
 def positive_seconds(text: str) -> float:
     """An argparse ``type``: a number of seconds > 0."""
-    value = _seconds(text)
+    return _positive(text, "a number of seconds")
+
+
+def positive_number(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (a frame rate, say)."""
+    return _positive(text, "a number")
+
+
+def _positive(text: str, what: str) -> float:
+    value = _seconds(text, what)
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what} > 0, got {text!r}")
     return value
 
 
@@ -135,13 +145,14 @@ def non_negative_seconds(text: str) -> float:
     return value
 
 
-def _seconds(text: str) -> float:
+def _seconds(text: str, what: str = "a number of seconds") -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, got {text!r}")
+        finite = what.replace("a number", "a finite number", 1)
+        raise argparse.ArgumentTypeError(f"expected {finite}, got {text!r}")
     return value
 
 

@@ -78,7 +78,7 @@ def test_decode_to_video(latents_file, tmp_path):
         (["--config", "wan2.2-narrow8"], "holds 16-channel latents"),
         (["-o", "x.txt"], "expected a video"),
         ([], "no weights given"),
-        (["--fps", "0"], "must be > 0"),
+        (["--fps", "0"], "expected a number > 0, got '0'"),
     ],
 )
 def test_bad_command_lines_exit_2_without_traceback(latents_file, tmp_path, args, message):
@@ -148,7 +148,7 @@ def test_live_decode_writes_the_round_trip_beside_the_latents(tmp_path, run_cli)
     summary = json.loads(out)
     folder = tmp_path / "cam.decoded"
     assert summary["decoded"] == {"output": str(folder), "latents": 3, "frames": 9}
-    assert "the decoded frames (--decode) are meaningless" in err
+    assert "the decoded frames (the round trip) are meaningless" in err
     written = png_frames(folder)
     expected = expected_frames(output)  # the file's latents, decoded by StreamDecoder
     assert len(written) == len(expected) == 9

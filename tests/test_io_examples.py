@@ -91,6 +91,7 @@ def test_webcam_to_mqtt_and_subscriber_examples(broker: Broker, test_video: Path
 
 
 @pytest.mark.network
+@pytest.mark.slow  # 18 s on the loaded 2-core box (live, the example and mosquitto in one run)
 def test_mqtt_decode_example_decodes_what_live_publishes(
     broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):

@@ -179,6 +179,12 @@ async def test_browser_tabs_stream_exactly_to_mqtt_and_the_page_shows_the_server
                 assert streaming["plot"]["bottom"] <= streaming["view"]["bottom"], streaming
                 numbers = page_numbers(driver)
                 assert float(numbers["fps"]) > 0 and float(numbers["lps"]) > 0
+                # The round trip beside the camera preview; random weights still said.
+                assert int(numbers["decoded-count"]) > 0 and banner_shown(driver)
+                assert (
+                    driver.execute_script("return document.getElementById('decoded').naturalWidth")
+                    == 64
+                )
                 assert re.fullmatch(
                     r"MQTT \d+ of \d+ published, file \d+ written", numbers["outputs"]
                 )
@@ -203,6 +209,7 @@ async def test_browser_tabs_stream_exactly_to_mqtt_and_the_page_shows_the_server
     assert int(final["latents"]) == one["latents"] == int(final["latents-seen"])
     assert int(final["frames"]) == one["frames_received"]
     assert int(final["dropped-groups"]) == one["dropped_groups"]
+    assert int(final["decoded-count"]) == one["decoded"]["frames"] > 0
     assert final["resolution"] == one["resolution"] == "64x64"
     # Every latent reached MQTT and the file, and equals a StreamEncoder over the frames the
     # server received (recorded losslessly), drops and all.

@@ -4,6 +4,7 @@ camera switch, the data channel's numbers, and no secrets on the page."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 from fractions import Fraction
@@ -280,7 +281,9 @@ async def test_the_page_and_its_info_hold_no_secrets(narrow_encoder):
         "z_dim",
         "sinks",
         "clocks",
+        "decodes",
     }
+    assert info["decodes"] is False  # no decoder given: no round trip
     assert "monotonic" in info["clocks"]
     assert icon.status == 204
 
@@ -529,3 +532,74 @@ async def test_finished_sessions_are_freed_beyond_a_bounded_history(narrow_encod
         assert server.forgotten == 4 and server.forgotten_lost_output == 0
         gc.collect()
         assert [ref() is None for ref in kept] == [True] * 4 + [False] * 2  # freed, not kept
+
+
+@pytest.mark.network
+async def test_the_page_gets_the_round_trip_from_the_servers_decoder(narrow_encoder, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from streamvae import StreamDecoder, narrow, random_decoder
+    from streamvae.web import server as server_module
+
+    monkeypatch.setattr(server_module, "ROUND_TRIP_QUEUE", 10_000)  # never behind: exact
+    decoder = random_decoder(narrow(8), seed=0)
+    sinks = Sinks()
+    pool = StreamPool(narrow_encoder, max_streams=2)
+    server = WebServer(pool, INFO, sinks, SessionSettings(size=(64, 64)), decoder=decoder)
+    async with server, TestServer(server.app) as http, aiohttp.ClientSession() as client:
+        peer = Peer(Pattern())
+        status, _ = await peer.connect(client, http)
+        assert status == 200
+        await until(lambda: len(peer.of_type("decoded")) >= 3, 60, "3 decoded frames")
+        peer.channel.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(peer.ended.wait(), 30)
+        await peer.close()
+    hello = peer.of_type("hello")[0]
+    assert hello["decodes"] is True and hello["random_weights"] is True
+    latents = sinks.by_stream["web-1"].latents
+    decoded = peer.of_type("decoded")
+    frames = 1 + 4 * (len(latents) - 1)
+    assert peer.of_type("ended")[0]["decoded"] == {
+        "latents": len(latents), "frames": frames, "restarts": 0, "skipped": 0, "error": None,
+    }  # fmt: skip
+    # Every latent decoded in order (all before "ended"); each message its latent's last frame.
+    assert [m["latent"] for m in decoded] == [x.index for x in latents]
+    assert [m["frame"] for m in decoded] == [0, *range(4, frames, 4)]
+    assert all(m["exact"] for m in decoded) and decoded[-1]["count"] == frames
+    # The pictures are StreamDecoder's frames of the latents the sinks got (JPEG: close).
+    expected = {f.index: f.to_rgb() for f in StreamDecoder(decoder).push_many(latents)}
+    for m in decoded:
+        picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(m["jpeg"]))).convert("RGB"))
+        assert (m["height"], m["width"]) == picture.shape[:2] == (64, 64)
+        assert np.abs(picture.astype(int) - expected[m["frame"]].astype(int)).mean() < 12
+
+
+async def test_a_decoder_that_falls_behind_restarts_at_the_next_latent():
+    import torch
+
+    from streamvae import Latent, narrow, random_decoder
+    from streamvae.web import server as server_module
+
+    latents = [
+        Latent(data=torch.randn(16, 2, 2), index=i, frames=range(max(0, 4 * i - 3), 4 * i + 1))
+        for i in range(6)
+    ]
+    sent: list[dict] = []
+
+    class Session:
+        id = "web-1"
+        send = staticmethod(sent.append)
+
+    trip = server_module._RoundTrip(random_decoder(narrow(8)), True, Session())  # type: ignore[arg-type]
+    for latent in latents[:4]:  # taken as they come: nothing runs before the next await
+        trip.offer(latent)
+    trip.offer(latents[4])  # a 5th waiting, more than ROUND_TRIP_QUEUE: 0-3 go, 4 restarts it
+    trip.offer(latents[5])
+    await trip.finish()
+    assert server_module.ROUND_TRIP_QUEUE == 4
+    assert [m["latent"] for m in sent] == [4, 5]
+    assert [m["frames"] for m in sent] == [1, 4]  # latent 4 decoded as a first latent
+    assert not any(m["exact"] for m in sent)
+    assert trip.numbers() == {"latents": 2, "frames": 5, "restarts": 1, "skipped": 4, "error": None}

@@ -94,6 +94,8 @@ def page_numbers(driver: Any) -> dict[str, str]:
         "dtype",
         "size",
         "config",
+        "decoded-count",
+        "decoded-restarts",
     )
     script = "return Object.fromEntries(arguments[0].map((id) => [id, document.getElementById(id).textContent]));"
     return driver.execute_script(script, list(ids))

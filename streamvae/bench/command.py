@@ -93,7 +93,7 @@ def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
         "--memory-size",
         type=parse_size,
         default=None,
-        help="frame size for memory vs length (CPU 32x32, CUDA: --size; --decode: 8x8)",
+        help="frame size for memory vs length (CPU 32x32, CUDA: --size; --decode: one latent)",
     )
     parser.add_argument(
         "--mode",
@@ -137,7 +137,8 @@ def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
         type=parse_lengths,
         default="100,1000",
         help="with --decode: stream lengths (latents) at which one stream's memory is read, "
-        "comma-separated, at --memory-size (a latent of 8x8 pixels unless given); 0 skips it",
+        "comma-separated, at --memory-size (with --decode, unless given: one latent, 8x8 "
+        "pixels for Wan 2.1); 0 skips it",
     )
     parser.add_argument(
         "--precision",

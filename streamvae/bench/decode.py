@@ -14,8 +14,8 @@ latents (seeded, normalised, ``[1, z, T, h, w]`` for ``--frames`` frames at ``--
   streaming loop calls it (latents 0 and 1, then one latent a call): a latent's frames all
   arrive when its call returns.
 
-Also the error of a bfloat16 copy of the decoder (StreamDecoder, the same latents) against the
-float32 frames, and memory against stream length: one stream of tiny latents (``--memory-size``,
+Also the error of a bfloat16 copy of the decoder (StreamDecoder) against its float32 frames
+(on the GPU over the clip; on the CPU over three latents at ``--memory-size``), and memory against stream length: one stream of tiny latents (``--memory-size``,
 default 8x8 pixels) read at ``--memory-latents`` (default 100 and 1000 pushed latents): RSS
 (and on CUDA the allocator's bytes) with the stream's state, which must stay flat.
 
@@ -35,7 +35,8 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -120,82 +121,91 @@ def decode_bench(
     (:func:`decode_memory_against_length`)."""
     config = decoder.config
     clock = Clock(decoder.device)
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn((1, config.z_dim, latents, *latent_size), generator=generator)
-    z = z.to(decoder.device)
+    z = _latents(decoder, latent_size, latents, seed)
     raw = decoder.denormalize(z).to(decoder.dtype)  # diffusers takes latents in its dtype
     frames_total = 1 + config.temporal_stride * (latents - 1)
     results: dict[str, dict[str, Any]] = {}
 
-    # streamvae, latent by latent, frame by frame.
-    runs = []
-    reference: torch.Tensor | None = None
-    for _ in range(repeats + 1):  # the first run warms up (weight packing, allocation)
+    runners: dict[str, Callable[[], _Run]] = {}
+
+    def ours() -> _Run:  # streamvae, latent by latent, each frame as soon as it is complete
         stream = StreamDecoder(decoder, output_device=None)
         firsts, lasts, frames = [], [], []
         start = clock.now()
         for i in range(latents):
             arrived = clock.now()
             for k, frame in enumerate(stream.iter_push(z[0, :, i])):
-                done = clock.now()
                 if k == 0:
-                    firsts.append(done - arrived)
+                    firsts.append(clock.now() - arrived)
                 frames.append(frame.data)
             lasts.append(clock.now() - arrived)
-        runs.append((clock.now() - start, firsts, lasts))
-        reference = torch.stack(frames, dim=1)[None].cpu()
-    assert reference is not None
-    timed = runs[1:]
-    results["streamvae"] = _entry(
-        [t for t, _, _ in timed],
-        frames_total,
-        first=[median([r[1][i] for r in timed]) for i in range(latents)],
-        last=[median([r[2][i] for r in timed]) for i in range(latents)],
-    )
-    results["streamvae"]["error"] = 0.0
+        seconds = clock.now() - start
+        return _Run(seconds, torch.stack(frames, dim=1)[None], firsts, lasts)
 
-    def batch_run(name: str, fn: Any) -> None:
-        try:
-            out = fn()  # warm-up, and the frames the error is taken on
-        except PeerUnavailable as exc:
-            results[name] = {"unavailable": str(exc)}
-            return
-        seconds = []
-        for _ in range(repeats):
-            start = clock.now()
-            fn()
-            seconds.append(clock.now() - start)
-        results[name] = _entry(seconds, frames_total)
-        results[name]["error"] = rel_err(out.float().clamp(-1, 1).cpu(), reference)
-
-    batch_run("streamvae_batch", lambda: decoder.decode(z))
+    runners["streamvae"] = ours
+    runners["streamvae_batch"] = lambda: _timed(clock, lambda: decoder.decode(z))
     if peers:
         twin = _diffusers_twin(decoder)
         if twin is not None:
-            batch_run("diffusers", lambda: _no_grad(lambda: twin.decode(raw).sample))
-            calls: list[list[float]] = []  # per run, each latent's call (the first warms up)
+            runners["diffusers"] = lambda: _timed(
+                clock, lambda: _no_grad(lambda: twin.decode(raw).sample)
+            )
 
-            def stepped() -> torch.Tensor:
+            def stepped() -> _Run:  # a latent's frames all arrive when its call returns
+                start = clock.now()
                 out, times = _diffusers_per_latent(twin, raw, clock)
-                calls.append(times)
-                return out
+                return _Run(clock.now() - start, out, times, times)
 
-            batch_run("diffusers_per_latent", stepped)
-            if len(calls) > 1:
-                # A latent's frames all arrive when its call returns: first = last.
-                per = [median([run[i] for run in calls[1:]]) for i in range(latents)]
-                results["diffusers_per_latent"]["first_frame_ms"] = _ms(per)
-                results["diffusers_per_latent"]["last_frame_ms"] = _ms(per)
+            runners["diffusers_per_latent"] = stepped
         else:
             results["diffusers"] = {"unavailable": "diffusers is not installed"}
-        batch_run("official_wan", lambda: _official(decoder).decode(z))
-        _stream_diffusion_v2(decoder, z, clock, repeats, frames_total, reference, results)
+        runners["official_wan"] = lambda: _timed(clock, lambda: _official(decoder).decode(z))
+        try:
+            sdv2 = StreamDiffusionV2Decoder(decoder)
+        except PeerUnavailable as exc:
+            results["streamdiffusionv2"] = {"unavailable": str(exc)}
+        else:
+
+            def sdv2_run() -> _Run:  # its first call holds latents 0 and 1: both arrive then
+                start = clock.now()
+                times, out = sdv2.latents(z, clock)
+                per = [times[0], *times]
+                return _Run(clock.now() - start, out, per, per)
+
+            runners["streamdiffusionv2"] = sdv2_run
+    # A warm-up run of each (weight packing, allocation; the frames the errors are taken on),
+    # then the timed runs interleaved (streamvae, its batch, diffusers, ..., streamvae, ...), so
+    # that a burst of load from another process hits every decoder, not the one timed then.
+    warm: dict[str, _Run] = {}
+    for name, runner in list(runners.items()):
+        try:
+            warm[name] = runner()
+        except PeerUnavailable as exc:
+            results[name] = {"unavailable": str(exc)}
+            del runners[name]
+    timed: dict[str, list[_Run]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, runner in runners.items():
+            timed[name].append(runner())
+    reference = warm["streamvae"].frames.cpu()
+    for name, runs in timed.items():
+        first = last = None
+        if runs[0].first is not None and runs[0].last is not None:
+            first = [median([r.first[i] for r in runs if r.first]) for i in range(latents)]
+            last = [median([r.last[i] for r in runs if r.last]) for i in range(latents)]
+        results[name] = _entry([r.seconds for r in runs], frames_total, first=first, last=last)
+        if name != "streamvae":
+            # A latent's frames all arrive together: no share of first to last to report.
+            results[name].pop("first_of_last_share", None)
+        frames = warm[name].frames.float().clamp(-1, 1).cpu()
+        results[name]["error"] = 0.0 if name == "streamvae" else rel_err(frames, reference)
+    results = {name: results[name] for name in [*runners, *results] if name in results}
     extra: dict[str, Any] = {}
     if bf16 and decoder.dtype != torch.bfloat16:
-        half = copy.deepcopy(decoder).to(torch.bfloat16)
-        frames = [f.data for f in StreamDecoder(half).push_many(list(z[0].unbind(1)))]
-        extra["bf16_error"] = rel_err(torch.stack(frames, dim=1)[None], reference)
-        del half
+        # On the GPU over the clip; on the CPU, where bfloat16 convolutions may take PyTorch's
+        # slow path (no oneDNN bfloat16), over three latents of ``memory_size``.
+        cuda = decoder.device.type == "cuda"
+        extra.update(_bf16_error(decoder, z if cuda else _latents(decoder, memory_size, 3, seed)))
     if memory_latents:
         extra["memory_vs_length"] = decode_memory_against_length(
             decoder, memory_latents, memory_size, seed=seed
@@ -216,30 +226,45 @@ def decode_bench(
     }
 
 
-def _stream_diffusion_v2(
-    decoder: WanDecoder,
-    z: torch.Tensor,
-    clock: Clock,
-    repeats: int,
-    frames_total: int,
-    reference: torch.Tensor,
-    results: dict[str, dict[str, Any]],
-) -> None:
-    """StreamDiffusionV2's ``stream_decode`` over the clip (its first run warms up): frames/s,
-    each call's time as its latents' first and last frame, its error."""
-    try:
-        peer = StreamDiffusionV2Decoder(decoder)
-    except PeerUnavailable as exc:
-        results["streamdiffusionv2"] = {"unavailable": str(exc)}
-        return
-    runs = [peer.latents(z, clock) for _ in range(repeats + 1)][1:]
-    # Its first call holds latents 0 and 1: both arrive when it returns.
-    per_latent = [[times[0], *times] for times, _ in runs]
-    entry = _entry([sum(times) for times, _ in runs], frames_total)
-    per = [median([run[i] for run in per_latent]) for i in range(z.shape[2])]
-    entry["first_frame_ms"] = entry["last_frame_ms"] = _ms(per)
-    entry["error"] = rel_err(runs[0][1], reference)
-    results["streamdiffusionv2"] = entry
+@dataclass(frozen=True)
+class _Run:
+    """One timed run of a decoder over the clip: its seconds and frames ``[1, 3, T, H, W]``,
+    and where it hands frames out as latents arrive, each latent's time from its arrival to
+    its first and to its last frame."""
+
+    seconds: float
+    frames: torch.Tensor
+    first: list[float] | None = None
+    last: list[float] | None = None
+
+
+def _timed(clock: Clock, fn: Callable[[], torch.Tensor]) -> _Run:
+    start = clock.now()
+    out = fn()
+    return _Run(clock.now() - start, out)
+
+
+def _latents(
+    decoder: WanDecoder, latent_size: tuple[int, int], count: int, seed: int
+) -> torch.Tensor:
+    """Seeded normalised latents ``[1, z, count, h, w]`` on the decoder's device."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn((1, decoder.config.z_dim, count, *latent_size), generator=generator)
+    return z.to(decoder.device)
+
+
+def _bf16_error(decoder: WanDecoder, z: torch.Tensor) -> dict[str, Any]:
+    """The error of a bfloat16 copy of ``decoder`` (StreamDecoder) against its float32 frames
+    of the latents ``z``, and the size it was taken at."""
+    latents = list(z[0].unbind(1))
+    exact = torch.stack([f.data for f in StreamDecoder(decoder).push_many(latents)], dim=1)
+    half = copy.deepcopy(decoder).to(torch.bfloat16)
+    frames = torch.stack([f.data for f in StreamDecoder(half).push_many(latents)], dim=1)
+    stride = decoder.config.spatial_stride
+    return {
+        "bf16_error": rel_err(frames, exact),
+        "bf16_size": f"{z.shape[3] * stride}x{z.shape[4] * stride}, {z.shape[2]} latents",
+    }
 
 
 def decode_memory_against_length(
@@ -250,8 +275,7 @@ def decode_memory_against_length(
     memory read after latent 1 (the state allocated) and after each of ``lengths`` latents.
     A streaming decoder's memory is flat: what it holds does not grow with the stream."""
     config = decoder.config
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn((16, config.z_dim, *latent_size), generator=generator).to(decoder.device)
+    inputs = _latents(decoder, latent_size, 16, seed)[0]  # [z, 16, h, w], pushed in turn
     stream = StreamDecoder(decoder, output_device=None)
     points = sorted(set(lengths))
     rss: list[float] = []
@@ -259,7 +283,7 @@ def decode_memory_against_length(
     readings = sorted({1, *points})
     started = time.monotonic()
     for n in range(1, points[-1] + 1):
-        stream.push(inputs[n % len(inputs)])
+        stream.push(inputs[:, n % inputs.shape[1]])
         if n in readings:
             host, device = live_memory(decoder.device)
             rss.append(round(host / 2**20, 1))
@@ -409,7 +433,10 @@ def format_decode_report(report: dict[str, Any]) -> str:
                 "call for that latent (steady state)"
             )
     if "bf16_error" in report:
-        lines.append(f"bfloat16 decoder: error {report['bf16_error']:.2e} against float32")
+        lines.append(
+            f"bfloat16 decoder: error {report['bf16_error']:.2e} against float32 "
+            f"({report['bf16_size']})"
+        )
     memory = report.get("memory_vs_length")
     if memory:
         readings = ", ".join(f"{n}: {mb} MB" for n, mb in zip(memory["latents"], memory["rss_mb"]))

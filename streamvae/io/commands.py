@@ -224,7 +224,7 @@ def decoder_for_round_trip(args: argparse.Namespace) -> WanDecoder:
     decoder, _, random = decoder_from_args(args)
     if random:
         print(
-            "streamvae: RANDOM WEIGHTS: the decoded frames (--decode) are meaningless too",
+            "streamvae: RANDOM WEIGHTS: the decoded frames (the round trip) are meaningless too",
             file=sys.stderr,
         )
     return decoder

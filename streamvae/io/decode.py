@@ -40,7 +40,7 @@ from streamvae.io.wire import WireError
 from streamvae.model import WanDecoder
 from streamvae.model_args import add_model_arguments, decoder_from_args
 from streamvae.stream import Latent
-from streamvae.usage import check_output_dir, check_output_file, usage_error
+from streamvae.usage import check_output_dir, check_output_file, positive_number, usage_error
 
 __all__ = [
     "DECODE_FORMATS",
@@ -73,22 +73,12 @@ def add_decode_command(
         "-o", "--output", required=True, help="OUT.mp4 (.mkv, .avi, .webm) or a folder for PNGs"
     )
     parser.add_argument(
-        "--fps", type=_positive_float, default=16.0, help="frame rate of the video (Wan: 16)"
+        "--fps", type=positive_number, default=16.0, help="frame rate of the video (Wan: 16)"
     )
     add_model_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     parser.set_defaults(run=run_decode)
     return parser
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 def _is_folder(output: str) -> bool:

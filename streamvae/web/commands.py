@@ -43,6 +43,7 @@ from streamvae.io.commands import (
     add_resize_argument,
     add_warmup_argument,
     cuda_options,
+    decoder_for_round_trip,
     model_labels,
     mqtt_settings,
     warmup_wanted,
@@ -73,7 +74,8 @@ def add_web_command(commands: Any) -> argparse.ArgumentParser:
         help="a page whose camera (WebRTC) is encoded live, to MQTT and/or files",
         description="Serve a page that sends the browser's camera over WebRTC; each tab is a "
         "stream of one pool, published like `streamvae serve` does. The page shows frames in, "
-        "latents out, latency, drops and a picture of the latents.",
+        "latents out, latency, drops, a picture of the latents and the frames decoded back "
+        "from them (the round trip).",
         epilog="Off localhost, browsers give the camera only to HTTPS pages: pass --certfile and "
         "--keyfile, or put a TLS reverse proxy in front of the loopback port.",
     )
@@ -127,6 +129,12 @@ def add_web_command(commands: Any) -> argparse.ArgumentParser:
         type=non_negative_seconds,
         default=0.025,
         help="seconds a tick waits for late sessions once one has a frame",
+    )
+    parser.add_argument(
+        "--no-decode",
+        action="store_true",
+        help="do not decode the latents for the page (the round trip beside the camera "
+        "preview): the decoder costs more than the encoder",
     )
     group = parser.add_argument_group("source")
     group.add_argument(
@@ -203,6 +211,7 @@ def run_web(args: argparse.Namespace) -> int:
     )
     if size is not None and warmup_wanted(args, choice.encoder.device):  # before going live
         pool.warmup(size)
+    decoder = None if args.no_decode else decoder_for_round_trip(args)
     labels = model_labels(choice, normalize=not args.no_normalize)
     kinds = (("mqtt",) if settings is not None else ()) + (("file",) if args.output_dir else ())
     info = PageInfo(
@@ -245,6 +254,8 @@ def run_web(args: argparse.Namespace) -> int:
             deadline=args.deadline,
             allowed_hosts=args.allow_host,
             first_session=first,
+            decoder=decoder,
+            normalized=not args.no_normalize,
         )
         async with server:
             with _stop_on_signals(server.stop):

@@ -30,6 +30,14 @@ live ones and the most recent :data:`HISTORY` finished ones (older finished ones
 ``3 x z_dim`` matrix, the same for every latent and run; not a decoder: colours mean nothing by
 themselves, but a change of the scene changes them), ``128 + 64 * P z`` clipped to bytes.
 
+**The round trip.** With a ``decoder`` (``streamvae web`` passes the weights' own, unless
+``--no-decode``), each session's latents are also decoded by a
+:class:`~streamvae.StreamDecoder` of its own, in a worker thread, and the last frame of each
+latent goes to the page as a JPEG (``decoded`` messages) beside the camera preview. A decoder
+that falls behind (more than :data:`ROUND_TRIP_QUEUE` latents waiting) lets the waiting ones go
+and starts again at the next latent (counted as a restart: its frames are then not exact); the
+latents sent to the sinks are never held back by it.
+
 Nothing secret reaches the page: it is told the model's label, config, dtype and size, and
 which kinds of sink there are (never a broker URL, user or password).
 """
@@ -52,6 +60,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -62,9 +71,11 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdatachannel import RTCDataChannel
 
+from streamvae.decoding import StreamDecoder
 from streamvae.frames import SPATIAL_MULTIPLE
 from streamvae.io.pipeline import LatentSink, PipelineStats, SinkError, latent_latency, percentiles
 from streamvae.io.sources import ResizeMode, SourceError, SourceFrame
+from streamvae.model import WanDecoder
 from streamvae.pool import AdmissionError, PoolStream, StreamPool
 from streamvae.stream import Latent
 from streamvae.web.record import FrameRecorder
@@ -77,6 +88,7 @@ __all__ = [
     "SessionSettings",
     "WebServer",
     "allowed_host",
+    "jpeg_bytes",
     "latent_picture",
     "make_app",
 ]
@@ -107,6 +119,14 @@ HISTORY = 100
 """Finished sessions kept (the most recent) for ``/api/sessions``; older ones are freed."""
 
 
+ROUND_TRIP_QUEUE = 4
+"""Latents a session's decoder may have waiting; beyond, it restarts at the next one."""
+
+JPEG_BYTES = 48 * 1024
+"""The most a decoded frame's JPEG may take in a data channel message (halved in size until
+it fits: SCTP messages of 64 KiB reach every browser)."""
+
+
 class EncoderStopped(RuntimeError):
     """The pool's stream stopped on an error: the server takes no more sessions."""
 
@@ -125,9 +145,12 @@ class PageInfo:
     random_weights: bool = False
     z_dim: int = 16
     sinks: tuple[str, ...] = ()
+    decodes: bool = False
+    """Whether the page gets the decoded frames (the round trip)."""
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "decodes": self.decodes,
             "model": self.model,
             "config": self.config,
             "dtype": self.dtype,
@@ -174,6 +197,104 @@ def latent_picture(data: np.ndarray, seed: int = 0) -> np.ndarray:
     return picture
 
 
+def jpeg_bytes(rgb: np.ndarray, limit: int = JPEG_BYTES) -> tuple[bytes, int, int]:
+    """``[h, w, 3]`` uint8 as a JPEG (PyAV's MJPEG encoder: no other dependency) of at most
+    ``limit`` bytes, halving the size until it fits; the bytes and the height and width."""
+    import av
+
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+    height, width = rgb.shape[:2]
+    while True:
+        codec: Any = av.CodecContext.create("mjpeg", "w")
+        codec.width, codec.height = width, height
+        codec.pix_fmt = "yuvj420p"
+        codec.time_base = Fraction(1, 25)
+        codec.options = {"qmin": "2", "qmax": "8"}
+        scaled = frame.reformat(width=width, height=height, format="yuvj420p")
+        data = b"".join(bytes(p) for p in [*codec.encode(scaled), *codec.encode(None)])
+        if len(data) <= limit or min(height, width) < 16:
+            return data, height, width
+        height, width = height // 2 // 2 * 2, width // 2 // 2 * 2
+
+
+class _RoundTrip:
+    """One session's decoder: its latents decoded in order in a worker thread, the last frame of
+    each sent to the page (module docstring)."""
+
+    def __init__(self, decoder: WanDecoder, normalized: bool, session: _Session) -> None:
+        self.stream = StreamDecoder(decoder, normalized=normalized)
+        self.session = session
+        self.queue: asyncio.Queue[Latent | None] = asyncio.Queue()
+        self.latents = 0
+        self.frames = 0
+        self.restarts = 0
+        self.skipped = 0
+        self.error: str | None = None
+        self._restart = False
+        self.task = asyncio.ensure_future(self._run())
+
+    def offer(self, latent: Latent) -> None:
+        """Queue a latent; with :data:`ROUND_TRIP_QUEUE` waiting, let them go and restart."""
+        if self.error is not None:
+            return
+        if self.queue.qsize() >= ROUND_TRIP_QUEUE:
+            while not self.queue.empty():
+                self.queue.get_nowait()
+                self.skipped += 1
+            self._restart = True
+        self.queue.put_nowait(latent)
+
+    async def finish(self) -> None:
+        """Decode what is queued, then stop."""
+        self.queue.put_nowait(None)
+        await self.task
+
+    def numbers(self) -> dict[str, Any]:
+        return {
+            "latents": self.latents,
+            "frames": self.frames,
+            "restarts": self.restarts,
+            "skipped": self.skipped,
+            "error": self.error,
+        }
+
+    async def _run(self) -> None:
+        while (latent := await self.queue.get()) is not None:
+            restart, self._restart = self._restart, False
+            try:
+                message = await asyncio.to_thread(self._decode, latent, restart)
+            except Exception as exc:  # the round trip only: the session streams on
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.warning("%s: decoding stopped: %s", self.session.id, self.error)
+                return
+            self.session.send(message)
+
+    def _decode(self, latent: Latent, restart: bool) -> dict[str, Any]:
+        if restart:
+            self.stream.reset()  # the next latent is decoded as a first one: not exact
+            self.restarts += 1
+        started = time.monotonic()
+        frames = self.stream.push(latent)
+        took = time.monotonic() - started
+        self.latents += 1
+        self.frames += len(frames)
+        last = frames[-1]
+        data, height, width = jpeg_bytes(last.to_rgb())
+        return {
+            "type": "decoded",
+            "latent": last.latent,
+            "frame": last.index,
+            "frames": len(frames),
+            "height": height,
+            "width": width,
+            "decode_ms": round(took * 1000, 2),
+            "exact": self.restarts == 0 and not last.approximate,
+            "count": self.frames,
+            "restarts": self.restarts,
+            "jpeg": base64.b64encode(data).decode("ascii"),
+        }
+
+
 @dataclass
 class _Session:
     id: str
@@ -196,6 +317,7 @@ class _Session:
         default_factory=lambda: deque(maxlen=round(RATE_WINDOW / STATS_INTERVAL))
     )
     end_to_end: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    round_trip: _RoundTrip | None = None
 
     clocked: dict[float, None] = field(default_factory=dict)
     """Timestamps of the recent frames stamped with the browser's capture time (the newest
@@ -243,6 +365,7 @@ class _Session:
             "capture_to_receive_ms": _ms(list(self.source.transits)[-LATENCY_WINDOW:]),
             "capture_to_ready_ms": _ms(list(self.end_to_end)[-LATENCY_WINDOW:]),
             "sinks": [_sink_status(sink) for sink in self.sinks],
+            "decoded": None if self.round_trip is None else self.round_trip.numbers(),
         }
 
     held: deque[str] = field(default_factory=lambda: deque(maxlen=HELD_MESSAGES))
@@ -316,6 +439,8 @@ class WebServer:
         allowed_hosts: Sequence[str] = (),
         history: int = HISTORY,
         first_session: int = 1,
+        decoder: WanDecoder | None = None,
+        normalized: bool = True,
     ) -> None:
         if history < 0:
             raise ValueError(f"history must be >= 0 sessions, got {history}")
@@ -328,7 +453,11 @@ class WebServer:
         """Of those, the ones whose output failed or was not all delivered."""
         self.allowed_hosts = tuple(allowed_hosts)
         """More names a ``Host`` header may give (a reverse proxy's public name)."""
-        self.info = info
+        self.decoder = decoder
+        """Decodes each session's latents for the page (the round trip); ``None``: not."""
+        self.normalized = normalized
+        """Whether the pool's latents carry Wan's normalisation (what the decoder is told)."""
+        self.info = dataclasses.replace(info, decodes=decoder is not None)
         self.settings = settings or SessionSettings(size=info.size)
         self._open_sinks = open_sinks
         self._deadline = deadline
@@ -428,6 +557,7 @@ class WebServer:
         if self.failure is not None:
             raise EncoderStopped(self.failure)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        session: _Session | None = None
         tracks: list[Any] = []
         channels: list[RTCDataChannel] = []
         pc.on("track", lambda track: tracks.append(track) if track.kind == "video" else None)
@@ -457,6 +587,8 @@ class WebServer:
                 capture_clock=None if clock is None else clock.capture_time,
             )
             session = _Session(sid, pc, source)
+            if self.decoder is not None:
+                session.round_trip = _RoundTrip(self.decoder, self.normalized, session)
             try:
                 ended = await self._latents.add(sid, self._frames(session), size=settings.size)
             except AdmissionError:
@@ -471,6 +603,8 @@ class WebServer:
                 raise
         except BaseException:
             await pc.close()
+            if session is not None and session.round_trip is not None:
+                await session.round_trip.finish()
             raise
         self.sessions[sid] = session
         pc.on("datachannel", lambda channel: self._attach(session, channel))
@@ -588,6 +722,8 @@ class WebServer:
             except Exception as exc:
                 _output_failed(session, "closing its outputs", "outputs", exc)
                 outcome = "failed"
+            if session.round_trip is not None:
+                await session.round_trip.finish()  # the page gets every decoded frame first
             if session.error is not None:  # an output failed, though the stream ended cleanly
                 outcome = "failed"
             session.state = outcome  # "ended" / "failed" once its outputs are closed
@@ -670,6 +806,8 @@ class WebServer:
         }
         session.last_latent = {k: v for k, v in message.items() if k != "rgb"}
         session.send(message)
+        if session.round_trip is not None:
+            session.round_trip.offer(latent)
 
     async def _tick(self) -> None:
         while True:

@@ -1,4 +1,5 @@
-// streamvae web: send the camera over WebRTC, show the server's numbers and the latents.
+// streamvae web: send the camera over WebRTC, show the server's numbers, the latents and the
+// frames the server decoded back from them (the round trip).
 // Every number on this page comes from the server (its data channel messages), except
 // "latent pictures seen here", which counts the pictures this page received.
 "use strict";
@@ -27,6 +28,9 @@ async function loadInfo() {
   setText("sinks", info.sinks.length ? info.sinks.join(", ") : "none");
   setText("clocks", "Clocks: " + info.clocks + ".");
   $("banner").style.display = info.random_weights ? "block" : "none";
+  // The round trip beside the camera preview (unless the server runs with --no-decode).
+  $("decoded-figure").style.display = info.decodes ? "block" : "none";
+  setText("decoded-note", info.random_weights ? ": meaningless (random weights)" : "");
 }
 
 function videoConstraints(deviceId) {
@@ -162,6 +166,10 @@ function showNumbers(m) {
     (s.written !== undefined ? ` ${s.written} written` : "")).join(", ") || "none";
   setText("outputs", outputs);
   $("outputs").title = outputs;
+  if (m.decoded) {
+    setText("decoded-count", m.decoded.frames);
+    setText("decoded-restarts", m.decoded.restarts);
+  }
 }
 
 function onMessage(m) {
@@ -186,6 +194,13 @@ function onMessage(m) {
       if (state.latencies.length > PLOT_POINTS) state.latencies.shift();
       drawPlot();
     }
+  } else if (m.type === "decoded") {
+    $("decoded").src = "data:image/jpeg;base64," + m.jpeg;
+    setText("decoded-frame", m.frame);
+    setText("decoded-latent", m.latent);
+    setText("decoded-shape", `${m.height}x${m.width}`);
+    setText("decoded-count", m.count);
+    setText("decoded-restarts", m.restarts);
   } else if (m.type === "ended") {
     showNumbers(m);
     say(m.state === "ended" ? "ended (flushed)" : m.state);
