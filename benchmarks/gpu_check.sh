@@ -2,7 +2,7 @@
 # The GPU check: CUDA tests, `streamvae bench` for the targets (480x832 bfloat16), many
 # streams through one pool, a kernel profile, the bench variants that decide the GPU defaults
 # (without peers), Wan 2.2 at 704x1280, the precision table (float32, TF32, float16, bfloat16),
-# streaming decode, 720x1280. Every step has its own time limit; the limits sum to under
+# streaming decode, what a starting stream costs a live one, 720x1280. Every step has its own time limit; the limits sum to under
 # 7 minutes on one H200 (GPU_CHECK_BUDGET_S, 420, is a hard stop on top). A progress line per
 # step as it runs (and each bench's own progress lines), the summary last. Everything lands in
 # OUTDIR: logs, JSON, PNG, summary.md, status.txt.
@@ -96,7 +96,7 @@ fi
 
 elapsed() { echo $(($(date +%s) - START)); }
 STEP=0
-STEPS=11
+STEPS=12
 
 # step NAME LIMIT_S COMMAND...: run with a time limit if the budget allows; log and record.
 # The step's own progress lines (`bench [12.3 s] ...`) are shown as they come.
@@ -165,7 +165,7 @@ if "$PYTHON" -c "import pytest_asyncio" 2>/dev/null; then
     PLUGINS=(-p pytest_asyncio.plugin)
 fi
 mapfile -t CUDA_TESTS < <(grep -l "pytest.mark.cuda" tests/test_*.py)
-step pytest_cuda 50 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$PYTHON" -u -m pytest \
+step pytest_cuda 40 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$PYTHON" -u -m pytest \
     ${PLUGINS[@]+"${PLUGINS[@]}"} -o addopts="--strict-markers" -m cuda "${CUDA_TESTS[@]}" \
     -q -rfEs -p no:cacheprovider \
     --continue-on-collection-errors --junitxml="$OUT/pytest_cuda.xml"
@@ -225,20 +225,25 @@ bench22 "bench_wan22_${SIZE22}_bf16" 45 --dtype bfloat16 --size "$SIZE22" \
 
 # 7. Precision: float32 (true float32, TF32 off), TF32, float16, bfloat16 at SIZE: frames/s
 #    and error against float32, global and per latent channel.
-bench "precision_${SIZE}" 50 --precision --size "$SIZE" --frames $FRAMES_SHORT \
+bench "precision_${SIZE}" 45 --precision --size "$SIZE" --frames $FRAMES_SHORT \
     --repeats $REPEATS
 
 # 8. Streaming decode, Wan 2.1 in bfloat16 at SIZE, against diffusers' and Wan's decode.
 bench "decode_${SIZE}_bf16" 35 --decode --dtype bfloat16 --size "$SIZE" \
     --frames $FRAMES_SHORT --repeats $REPEATS
 
-# 9. 720x1280, streamvae alone.
+# 9. What a starting stream costs a live one at SIZE (30 frames/s): alone, then while another
+#    stream joins warmed up (as serve, web and fleet worker start one) and cold.
+bench "warmup_stall_${SIZE}_bf16" 25 --warmup-stall 30 --dtype bfloat16 --size "$SIZE" \
+    --live-frames 25
+
+# 10. 720x1280, streamvae alone.
 bench "bench_${SIZE_LARGE}_bf16" 25 --dtype bfloat16 --size "$SIZE_LARGE" \
     --frames $FRAMES_SHORT --repeats $REPEATS --fps 0 --lengths 0 --no-peers
 
 {
     "$PYTHON" benchmarks/summarize.py "$OUT"/bench_*.json 2>&1 || true
-    for table in "precision_${SIZE}" "decode_${SIZE}_bf16"; do
+    for table in "precision_${SIZE}" "decode_${SIZE}_bf16" "warmup_stall_${SIZE}_bf16"; do
         if [[ -s "$OUT/$table.log" ]]; then
             echo
             echo "$table:"

@@ -36,7 +36,13 @@ BENCH_STEPS = (
     "bench_wan22_32x32_bf16",
     "bench_16x24_bf16",
 )
-OTHER_STEPS = ("pytest_cuda", "pool_bf16", "profile_16x16_bf16", "precision_16x16")
+OTHER_STEPS = (
+    "pytest_cuda",
+    "pool_bf16",
+    "profile_16x16_bf16",
+    "precision_16x16",
+    "warmup_stall_16x16_bf16",
+)
 DECODE_STEP = "decode_16x16_bf16"
 
 
@@ -48,7 +54,7 @@ def test_the_steps_limits_sum_to_under_seven_minutes():
         int(match.group(1))
         for match in re.finditer(r"^(?:step|bench|bench22) \S+ (\d+) ", text, re.MULTILINE)
     ]
-    assert len(limits) == 11, limits
+    assert len(limits) == 12, limits
     assert sum(limits) <= 420, (sum(limits), limits)
     assert "GPU_CHECK_BUDGET_S:-420}" in text
 
@@ -77,7 +83,7 @@ def test_gpu_check_smoke_runs_every_step_and_bundles_its_results(tmp_path):
     # A progress line per step as it ran (numbered), the benches' own progress, summary last.
     printed = done.stdout
     for i, name in enumerate(["pytest_cuda", "bench_16x16_bf16", "pool_bf16"], start=1):
-        assert f"== [{i}/11] {name} (limit " in printed, printed[-3000:]
+        assert f"== [{i}/12] {name} (limit " in printed, printed[-3000:]
     assert "   bench [" in printed and "repeat 1/" in printed
     assert printed.index("== summary") > printed.index(f"{DECODE_STEP}: rc=")
     for name in BENCH_STEPS:
@@ -98,11 +104,13 @@ def test_gpu_check_smoke_runs_every_step_and_bundles_its_results(tmp_path):
     precision = json.loads((out / "precision_16x16.json").read_text())["precision"]
     assert [row["precision"] for row in precision] == ["float32", "tf32", "float16", "bfloat16"]
     assert json.loads((out / f"{DECODE_STEP}.json").read_text())
+    stall = json.loads((out / "warmup_stall_16x16_bf16.json").read_text())["warmup_stall"]
+    assert [row["join"] for row in stall] == ["alone", "warmed", "cold"]
 
     summary = (out / "summary.md").read_text()
     assert sum(line.startswith("| bench_") for line in summary.splitlines()) == len(BENCH_STEPS)
     assert "precision_16x16:" in summary and "bfloat16" in summary
-    assert f"{DECODE_STEP}:" in summary
+    assert f"{DECODE_STEP}:" in summary and "warmup_stall_16x16_bf16:" in summary
     with tarfile.open(bundle) as archive:
         names = set(archive.getnames())
     assert {"gpu/summary.md", "gpu/status.txt", "gpu/environment.txt"} <= names

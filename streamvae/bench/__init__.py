@@ -57,7 +57,10 @@ Modules: :mod:`~streamvae.bench.options` (what a run measures), :mod:`~streamvae
 (streamvae's driver and the peers), :mod:`~streamvae.bench.probes` (memory),
 :mod:`~streamvae.bench.flops` (FLOPs, device peak), :mod:`~streamvae.bench.live` (live mode),
 :mod:`~streamvae.bench.run` (the run), :mod:`~streamvae.bench.report` (targets, table, plots),
-:mod:`~streamvae.bench.pool` (many streams, ``--streams`` / ``--sweep``) and
+:mod:`~streamvae.bench.pool` (many streams, ``--streams`` / ``--sweep``),
+:mod:`~streamvae.bench.precision` (``--precision``), :mod:`~streamvae.bench.decode`
+(``--decode``), :mod:`~streamvae.bench.stall` (what a starting stream costs a live one,
+``--warmup-stall``) and
 :mod:`~streamvae.bench.command` (the CLI subcommand, imported by :mod:`streamvae.cli` only).
 """
 

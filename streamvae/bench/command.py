@@ -45,6 +45,7 @@ from streamvae.bench.pool import (
 from streamvae.bench.precision import PRECISIONS, bench_precision, format_precision
 from streamvae.bench.report import format_report, write_plot
 from streamvae.bench.run import run_bench
+from streamvae.bench.stall import bench_warmup_stall, format_stall
 from streamvae.model import WanEncoder
 from streamvae.model_args import DTYPES, add_model_arguments, model_from_args
 from streamvae.usage import check_output_file, positive_int, usage_error
@@ -150,6 +151,17 @@ def add_bench_command(subparsers: Any, **parser_options: Any) -> None:
         "bfloat16 (or LIST, comma-separated) at --size: frames/s and error against float32, "
         "global and per latent channel (--frames, --repeats, --json)",
     )
+    parser.add_argument(
+        "--warmup-stall",
+        nargs="?",
+        type=float,
+        const=30.0,
+        default=None,
+        metavar="FPS",
+        help="what a starting stream costs a live one: a stream fed at FPS frames/s (30 unless "
+        "given) alone, then while another joins warmed up and cold, at --size; its latency, "
+        "the stall, the other's warm-up (--live-frames, --json)",
+    )
     add_pool_arguments(parser)  # --streams, --phases, --ticks, --sweep
     parser.set_defaults(run=bench_command)
 
@@ -182,6 +194,8 @@ def bench_command(args: argparse.Namespace) -> int:
         return pool_bench_command(args, encoder)
     if getattr(args, "precision", None):
         return precision_command(args, choice.encoder)
+    if getattr(args, "warmup_stall", None) is not None:
+        return stall_command(args, encoder)
     cuda = encoder.device.type == "cuda"
     options = BenchOptions(
         size=args.size,
@@ -247,6 +261,39 @@ def precision_command(args: argparse.Namespace, reference: WanEncoder) -> int:
             "size": list(args.size),
             "frames": args.frames,
             "precision": rows,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def stall_command(args: argparse.Namespace, encoder: WanEncoder) -> int:
+    """``--warmup-stall``: the table of :mod:`streamvae.bench.stall`; ``--json`` writes it."""
+    if not args.warmup_stall > 0:
+        usage_error(f"--warmup-stall {args.warmup_stall:g}: frames/s > 0")
+    problem = encoder.config.size_error(*args.size)
+    if problem is not None:
+        usage_error(f"--size {args.size[0]}x{args.size[1]}: {problem}")
+    frames = args.live_frames or max(args.frames, 33)
+    rows = bench_warmup_stall(
+        encoder,
+        args.size,
+        args.warmup_stall,
+        frames,
+        cuda_graphs=not args.no_cuda_graphs,
+    )
+    print(format_stall(rows), flush=True)
+    if args.json:
+        report = {
+            "device": str(encoder.device),
+            "dtype": str(encoder.dtype).removeprefix("torch."),
+            "config": encoder.config.name,
+            "size": list(args.size),
+            "warmup_stall": [
+                asdict(row) | {"within_one_frame": row.within_one_frame} for row in rows
+            ],
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
