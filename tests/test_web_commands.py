@@ -312,3 +312,26 @@ async def test_a_restarted_server_never_replaces_a_recording(tmp_path: Path):
         assert (out / name).read_bytes() == data  # untouched
     written = read_latents(out / "web-3.latents")
     assert len(written) == summary["sessions"]["web-3"]["latents"] >= 2
+
+
+def test_web_warms_up_before_it_listens_when_asked(tmp_path: Path):
+    """Issue 25 item 5: ``web --warmup on --size HxW`` runs the first steps before the server
+    listens (``auto``, the default, only on CUDA: not here)."""
+    server = WebServer(tmp_path, "--random-weights", "--config", "narrow8", "--size", "32x32",
+                       "--warmup", "on")  # fmt: skip
+    try:
+        server.wait_listening()
+        log = server.log.read_text()
+        assert "streamvae web: warmed up 32x32 in " in log
+        assert log.index("warmed up") < log.index("open http://")
+        code, _ = server.stop()
+        assert code == 0
+    finally:
+        server.kill()
+    (tmp_path / "cold").mkdir()
+    cold = WebServer(tmp_path / "cold", "--random-weights", "--config", "narrow8")
+    try:
+        cold.wait_listening()
+        assert "warmed up" not in cold.log.read_text()
+    finally:
+        cold.kill()

@@ -25,6 +25,7 @@ import re
 import socket
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,12 @@ def run_web(args: argparse.Namespace) -> int:
         cuda_graphs=options["cuda_graphs"],
     )
     if size is not None and warmup_wanted(args, choice.encoder.device):  # before going live
+        began = time.monotonic()
         pool.warmup(size)
+        print(
+            f"streamvae web: warmed up {size[0]}x{size[1]} in {time.monotonic() - began:.1f} s",
+            file=sys.stderr,
+        )
     decoder = None if args.no_decode else decoder_for_round_trip(args)
     labels = model_labels(choice, normalize=not args.no_normalize)
     kinds = (("mqtt",) if settings is not None else ()) + (("file",) if args.output_dir else ())
