@@ -17,7 +17,8 @@ import torch
 from fleet_fixtures import FleetProcess, NatsServer, fleet_env, read_latents
 
 from streamvae import StreamEncoder, narrow
-from streamvae.fleet.messages import decode_frame, is_end
+from streamvae.fleet.messages import decode_frame, is_end, latent_headers
+from streamvae.fleet.names import LEASES_BUCKET, WORKERS_BUCKET
 from streamvae.frames import Frame
 from streamvae.weights import random_encoder
 
@@ -67,6 +68,18 @@ def wait_progress(url: str, stream_id: str, at_least: int, timeout: float) -> di
     raise AssertionError(f"{stream_id}: progress did not reach latent {at_least} in {timeout} s")
 
 
+def wait_for_kv(url: str, bucket: str, key: str, timeout: float) -> dict:
+    """The JSON value of ``key`` in KV ``bucket`` once it exists (polled; a hung test ends at
+    ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = asyncio.run(_kv_get(url, bucket, key))
+        if value is not None:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{bucket}/{key} did not appear in {timeout} s")
+
+
 async def _frames_of(url: str, stream_id: str) -> list:
     """The retained frame messages of the stream's (last) run, decoded, in order."""
     import nats
@@ -107,15 +120,22 @@ def reference_latents(frames) -> dict:
 
 
 def check_against_reference(received, reference) -> dict:
-    """Every reference latent arrives exactly once per (stream, run, index), equal within 1e-5."""
+    """Every reference latent arrives exactly once per (stream, run, index), equal within 1e-5,
+    in a message whose ``Nats-Msg-Id`` is ``<stream>:<run>:<index>`` (the header by which
+    JetStream drops a latent published twice around a takeover): duplicates and losses are
+    counted from what JetStream holds, and both must be zero."""
     keys = [(lat.meta["stream"], lat.meta["run"], lat.index) for _, lat in received]
+    for (headers, _), (stream, run, index) in zip(received, keys, strict=True):
+        assert headers.get("Nats-Msg-Id") == f"{stream}:{run}:{index}", headers
     duplicates = len(keys) - len(set(keys))
     by_key = {}
     for _, latent in received:
         run = latent.meta["run"]
         segment = int(run.rpartition("~")[2]) if "~" in run else 0
         by_key.setdefault((segment, latent.index), latent)
-    assert sorted(by_key) == sorted(reference), sorted(by_key)
+    lost = sorted(set(reference) - set(by_key))
+    unexpected = sorted(set(by_key) - set(reference))
+    assert duplicates == 0 and not lost and not unexpected, (duplicates, lost, unexpected)
     worst = 0.0
     for key, ref in reference.items():
         got = by_key[key]
@@ -126,7 +146,7 @@ def check_against_reference(received, reference) -> dict:
     return {
         "latents": len(reference),
         "segments": 1 + max(segment for segment, _ in reference),
-        "lost": 0,
+        "lost": len(lost),
         "duplicates_received": duplicates,
         "max_rel_err": worst,
     }
@@ -329,13 +349,53 @@ def test_nats_outage_the_worker_keeps_its_state_and_goes_on(server, tmp_path):
         for proc in (ingest, a):
             if proc is not None:
                 proc.stop()
-    assert [e["event"] for e in a.events()].count("claimed") == 1  # never lost, never replayed
+    # The lease was never lost, re-created after expiring, or handed over; nothing replayed.
+    events = [e["event"] for e in a.events()]
+    assert events.count("claimed") == 1, events
+    assert "lease_reclaimed" not in events and "lease_lost" not in events, events
     assert ended["takeovers"] == [] and ended["suppressed"] == 0
     frames = asyncio.run(_frames_of(server.url, "camo"))
     received = asyncio.run(read_latents(server.url, "camo"))
     figures = check_against_reference(received, reference_latents(frames))
     assert "reconnected" in a.stderr_path.read_text()
     print("\nOUTAGE", json.dumps({**figures, "frames": len(frames)}))
+
+
+async def _kv_delete(url: str, bucket: str, key: str) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        await (await nc.jetstream().key_value(bucket)).delete(key)
+    finally:
+        await nc.close()
+
+
+def test_a_lease_that_expired_under_its_worker_is_reclaimed_visibly(server, tmp_path):
+    """What the outage test rules out, shown to be visible: a worker whose lease vanished (it
+    expired during an outage longer than the TTL; here deleted) creates it again on its next
+    renewal and says so with a ``lease_reclaimed`` event; the stream goes on exactly."""
+    a = FleetProcess("wA", worker_args(server.url, "wA"), tmp_path).start()
+    ingest = None
+    try:
+        a.wait_event(lambda e: e["event"] == "worker_started", 120)
+        ingest = FleetProcess("ingest", ingest_args(server.url, "caml", 200, 25), tmp_path).start()
+        a.wait_event(lambda e: e["event"] == "claimed", 60)
+        wait_progress(server.url, "caml", 4, 120)
+        asyncio.run(_kv_delete(server.url, LEASES_BUCKET, "caml"))
+        a.wait_event(lambda e: e["event"] == "lease_reclaimed" and e["stream"] == "caml", 30)
+        assert wait_for_kv(server.url, LEASES_BUCKET, "caml", timeout=30)["worker"] == "wA"
+        a.wait_event(lambda e: e["event"] == "ended", 120)
+        assert ingest.wait(60) == 0
+    finally:
+        for proc in (ingest, a):
+            if proc is not None:
+                proc.stop()
+    events = [e["event"] for e in a.events()]
+    assert events.count("claimed") == 1 and "lease_lost" not in events, events
+    frames = asyncio.run(_frames_of(server.url, "caml"))
+    received = asyncio.run(read_latents(server.url, "caml"))
+    check_against_reference(received, reference_latents(frames))
 
 
 def test_credentials_come_from_the_environment_or_a_file_and_are_never_shown(tmp_path):
@@ -397,7 +457,9 @@ def test_a_new_stream_goes_to_the_least_loaded_worker(server, tmp_path):
         a.wait_event(lambda e: e["event"] == "claimed" and e["stream"] == "cam1", 60)
         b = FleetProcess("wB", worker_args(server.url, "wB"), tmp_path).start()
         b.wait_event(lambda e: e["event"] == "worker_started", 120)
-        time.sleep(2 * LEASE_TTL / 3)  # B's load record is written on its first renewal
+        # Claims go by the workers' load records: wait until B's is there (written when it
+        # renews its leases) before the second stream starts.
+        wait_for_kv(server.url, WORKERS_BUCKET, "wB", timeout=60)
         second = FleetProcess("ingest2", ingest_args(server.url, "cam2", 40, 25), tmp_path).start()
         b.wait_event(lambda e: e["event"] == "claimed" and e["stream"] == "cam2", 60)
         b.wait_event(lambda e: e["event"] == "ended" and e["stream"] == "cam2", 60)
@@ -476,7 +538,9 @@ def test_takeover_within_a_later_segment_keeps_its_label_and_indices(server, tmp
 
 
 def test_a_latent_published_twice_is_stored_once_by_its_msg_id(server):
-    """The de-dup rule on the JetStream side: a second publish of (stream, run, index) is a no-op."""
+    """The de-dup rule on the JetStream side: a second publish of (stream, run, index) with the
+    headers the worker sends (``latent_headers``, which ``_StreamTask.publish`` uses) is a
+    no-op."""
     import nats
 
     from streamvae import Latent
@@ -489,7 +553,7 @@ def test_a_latent_published_twice_is_stored_once_by_its_msg_id(server):
             js = nc.jetstream()
             await ensure_latents_stream(js)
             latent = Latent(torch.zeros(16, 2, 2), index=7, frames=range(25, 29))
-            headers = {"Nats-Msg-Id": "camd:r1:7"}
+            headers = latent_headers(stream_id="camd", run="r1", index=7)
             acks = []
             for ready in (1.0, 2.0):  # the copy differs only in ready_time
                 payload = encode_latent(

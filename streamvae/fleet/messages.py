@@ -48,6 +48,7 @@ __all__ = [
     "encode_frame",
     "end_headers",
     "is_end",
+    "latent_headers",
 ]
 
 CODECS = ("raw", "png", "jpeg")
@@ -112,6 +113,24 @@ def end_headers(*, run: str, frames: int, stream_id: str) -> dict[str, str]:
         HEADER_RUN: run,
         HEADER_INDEX: str(frames),
         "Nats-Msg-Id": f"{stream_id}:{run}:end",
+    }
+
+
+def latent_headers(*, stream_id: str, run: str, index: int) -> dict[str, str]:
+    """Headers of latent ``index`` of run ``run`` on ``svae.latents.<stream_id>``.
+
+    ``Nats-Msg-Id`` (``<stream>:<run>:<index>``) is what makes a latent published twice (by a
+    worker that died after publishing, then by the one that took over) stored once: JetStream
+    drops a message whose id it has seen within the stream's duplicate window.
+
+    >>> latent_headers(stream_id="door", run="r1", index=7)["Nats-Msg-Id"]
+    'door:r1:7'
+    """
+    return {
+        "Nats-Msg-Id": f"{stream_id}:{run}:{index}",
+        "Svae-Stream": stream_id,
+        HEADER_RUN: run,
+        HEADER_INDEX: str(index),
     }
 
 

@@ -85,11 +85,16 @@ from streamvae.fleet.broker import (
     open_buckets,
     retrying,
 )
-from streamvae.fleet.messages import FrameMessage, FrameMessageError, decode_frame, is_end
+from streamvae.fleet.messages import (
+    FrameMessage,
+    FrameMessageError,
+    decode_frame,
+    is_end,
+    latent_headers,
+)
 from streamvae.fleet.names import (
     CONTROL_SUBJECT,
     FRAMES_STREAM,
-    HEADER_INDEX,
     HEADER_RUN,
     frames_subject,
     latents_subject,
@@ -683,12 +688,7 @@ class _StreamTask:
         labels = {**worker.options.labels, "stream": self.sid, "run": label}
         if worker.options.jetstream_latents:
             payload = encode_latent(latent, labels, dtype=worker.options.latent_dtype)
-            headers = {
-                "Nats-Msg-Id": f"{self.sid}:{label}:{latent.index}",
-                "Svae-Stream": self.sid,
-                HEADER_RUN: label,
-                HEADER_INDEX: str(latent.index),
-            }
+            headers = latent_headers(stream_id=self.sid, run=label, index=latent.index)
             subject = latents_subject(self.sid)
             ack = await retrying(
                 f"stream {self.sid}: publishing latent {latent.index}",
@@ -947,6 +947,7 @@ class FleetWorker:
                 try:
                     task.lease_revision = await self.buckets.leases.create(sid, self._lease_value())
                     log.warning("stream %s: lease had expired; claimed it again", sid)
+                    self.event("lease_reclaimed", stream=sid)
                     continue
                 except KeyWrongLastSequenceError:
                     holder = await _get_json(self.buckets.leases, sid)
