@@ -91,12 +91,11 @@ def _push_paced(
     record: _Paced,
     *,
     until: threading.Event | None = None,
-    first: int = 0,
 ) -> int:
     """Push ``frames`` (cycled) at ``fps``, each due ``i / fps`` after the first; record each
     latent's latency from its last frame's due time. Stops after ``len(frames)`` frames, or,
     with ``until``, once that is set and at least ``len(frames)`` were pushed. Returns the
-    frames pushed. ``first`` is the stream's frame count before (the cycle's phase)."""
+    frames pushed."""
     start = time.perf_counter()
     i = 0
     while i < len(frames) or (until is not None and not until.is_set()):
@@ -104,7 +103,7 @@ def _push_paced(
         wait = due - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        latents = stream.push(frames[(first + i) % len(frames)])
+        latents = stream.push(frames[i % len(frames)])
         ready = time.perf_counter()
         for _ in latents:
             record.due.append(due)
