@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from streamvae.model import triton_kernels
+import streamvae.model.triton_kernels as triton_kernels
 
 __all__ = [
     "PackedConv",

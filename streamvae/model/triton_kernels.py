@@ -67,7 +67,7 @@ def _interpreting() -> bool:
 @functools.cache
 def _kernel(interpret: bool) -> Any:
     """The kernel, compiled for the GPU or wrapped by Triton's interpreter (CPU tensors)."""
-    from streamvae.model import _triton_norm
+    import streamvae.model._triton_norm as _triton_norm
 
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
