@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -43,7 +42,7 @@ from streamvae.bench.pool import (
     start_ticks,
 )
 from streamvae.bench.precision import PRECISIONS, bench_precision, format_precision
-from streamvae.bench.report import format_report, write_plot
+from streamvae.bench.report import format_report, write_json, write_plot
 from streamvae.bench.run import run_bench
 from streamvae.bench.stall import bench_warmup_stall, format_stall
 from streamvae.model import WanEncoder
@@ -226,8 +225,7 @@ def bench_command(args: argparse.Namespace) -> int:
     report = run_bench(encoder, options, reference)
     print(format_report(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     if args.plot:
         write_plot(report, args.plot)
@@ -263,8 +261,7 @@ def precision_command(args: argparse.Namespace, reference: WanEncoder) -> int:
             "precision": rows,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     return 0
 
@@ -296,8 +293,7 @@ def stall_command(args: argparse.Namespace, encoder: WanEncoder) -> int:
             ],
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     return 0
 
@@ -379,6 +375,5 @@ def pool_bench_command(args: argparse.Namespace, encoder: WanEncoder) -> int:
         print(format_sweep(sweep), flush=True)
         report["sweep"] = [asdict(r) for r in sweep]
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(Path(args.json), report)
     return 0

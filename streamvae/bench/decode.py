@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 import time
@@ -50,6 +49,7 @@ from streamvae.bench.peers import (
     wan_model,
 )
 from streamvae.bench.probes import live_memory
+from streamvae.bench.report import write_json
 from streamvae.bench.timing import Clock, median, rel_err
 from streamvae.decoding import StreamDecoder
 from streamvae.model import WanDecoder
@@ -96,8 +96,7 @@ def decode_bench_command(args: argparse.Namespace) -> int:
     report["command"] = "streamvae " + " ".join(sys.argv[1:]) if sys.argv else ""
     print(format_decode_report(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     return 0
 
