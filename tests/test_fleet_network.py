@@ -332,31 +332,44 @@ def test_bad_frames_are_refused_counted_logged_and_the_stream_goes_on_with_a_gap
         assert float((got.data - ref.data).abs().max() / ref.data.abs().max()) <= TOLERANCE
 
 
-def test_nats_outage_the_worker_keeps_its_state_and_goes_on(server, tmp_path):
+def one_worker_interrupted(server, tmp_path, stream_id, at_latent, interrupt):
+    """One worker and one ingest (200 frames at 25 frames/s) on stream ``stream_id``; once the
+    stream's progress reaches latent ``at_latent``, ``interrupt(worker)`` runs; then both run
+    to the end. Returns the worker, its ``ended`` event, the stream's frames and what
+    :func:`check_against_reference` found (every latent once, exact)."""
     a = FleetProcess("wA", worker_args(server.url, "wA"), tmp_path).start()
     ingest = None
     try:
         a.wait_event(lambda e: e["event"] == "worker_started", 120)
-        ingest = FleetProcess("ingest", ingest_args(server.url, "camo", 200, 25), tmp_path).start()
+        ingest = FleetProcess(
+            "ingest", ingest_args(server.url, stream_id, 200, 25), tmp_path
+        ).start()
         a.wait_event(lambda e: e["event"] == "claimed", 60)
-        wait_progress(server.url, "camo", 12, 120)
-        server.stop()  # the broker goes away for about a second (less than the lease TTL)
-        time.sleep(1.0)
-        server.start()
+        wait_progress(server.url, stream_id, at_latent, 120)
+        interrupt(a)
         ended = a.wait_event(lambda e: e["event"] == "ended", 120)
         assert ingest.wait(60) == 0
     finally:
         for proc in (ingest, a):
             if proc is not None:
                 proc.stop()
+    frames = asyncio.run(_frames_of(server.url, stream_id))
+    received = asyncio.run(read_latents(server.url, stream_id))
+    return a, ended, frames, check_against_reference(received, reference_latents(frames))
+
+
+def test_nats_outage_the_worker_keeps_its_state_and_goes_on(server, tmp_path):
+    def outage(_worker):
+        server.stop()  # the broker goes away for about a second (less than the lease TTL)
+        time.sleep(1.0)
+        server.start()
+
+    a, ended, frames, figures = one_worker_interrupted(server, tmp_path, "camo", 12, outage)
     # The lease was never lost, re-created after expiring, or handed over; nothing replayed.
     events = [e["event"] for e in a.events()]
     assert events.count("claimed") == 1, events
     assert "lease_reclaimed" not in events and "lease_lost" not in events, events
     assert ended["takeovers"] == [] and ended["suppressed"] == 0
-    frames = asyncio.run(_frames_of(server.url, "camo"))
-    received = asyncio.run(read_latents(server.url, "camo"))
-    figures = check_against_reference(received, reference_latents(frames))
     assert "reconnected" in a.stderr_path.read_text()
     print("\nOUTAGE", json.dumps({**figures, "frames": len(frames)}))
 
@@ -375,27 +388,15 @@ def test_a_lease_that_expired_under_its_worker_is_reclaimed_visibly(server, tmp_
     """What the outage test rules out, shown to be visible: a worker whose lease vanished (it
     expired during an outage longer than the TTL; here deleted) creates it again on its next
     renewal and says so with a ``lease_reclaimed`` event; the stream goes on exactly."""
-    a = FleetProcess("wA", worker_args(server.url, "wA"), tmp_path).start()
-    ingest = None
-    try:
-        a.wait_event(lambda e: e["event"] == "worker_started", 120)
-        ingest = FleetProcess("ingest", ingest_args(server.url, "caml", 200, 25), tmp_path).start()
-        a.wait_event(lambda e: e["event"] == "claimed", 60)
-        wait_progress(server.url, "caml", 4, 120)
+
+    def lease_deleted(worker):
         asyncio.run(_kv_delete(server.url, LEASES_BUCKET, "caml"))
-        a.wait_event(lambda e: e["event"] == "lease_reclaimed" and e["stream"] == "caml", 30)
+        worker.wait_event(lambda e: e["event"] == "lease_reclaimed" and e["stream"] == "caml", 30)
         assert wait_for_kv(server.url, LEASES_BUCKET, "caml", timeout=30)["worker"] == "wA"
-        a.wait_event(lambda e: e["event"] == "ended", 120)
-        assert ingest.wait(60) == 0
-    finally:
-        for proc in (ingest, a):
-            if proc is not None:
-                proc.stop()
+
+    a, _, _, _ = one_worker_interrupted(server, tmp_path, "caml", 4, lease_deleted)
     events = [e["event"] for e in a.events()]
     assert events.count("claimed") == 1 and "lease_lost" not in events, events
-    frames = asyncio.run(_frames_of(server.url, "caml"))
-    received = asyncio.run(read_latents(server.url, "caml"))
-    check_against_reference(received, reference_latents(frames))
 
 
 def test_credentials_come_from_the_environment_or_a_file_and_are_never_shown(tmp_path):
